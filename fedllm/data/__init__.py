@@ -1,0 +1,1 @@
+"""Site data: loading and schema checks, formatting and label masking, partitioning."""

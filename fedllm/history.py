@@ -1,0 +1,98 @@
+"""The run's history: per round, per site, what was trained, refused, rejected and evaluated.
+
+Written to ``history.json`` in the run's output folder after every round (atomically), so a run
+that stops half-way still leaves a readable record. Pure: stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedllm import keys
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _weighted(sites: Mapping[str, Mapping[str, float]], key: str, weight: str) -> float | None:
+    pairs = [(m[key], m[weight]) for m in sites.values() if m.get(key, -1) >= 0 and m.get(weight, 0) > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+class RunHistory:
+    """Accumulates rounds and saves them; ``data`` is exactly what ``history.json`` holds."""
+
+    def __init__(self, path: Path, *, run_id: str, num_rounds: int) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {
+            "run-id": run_id,
+            "status": "running",
+            "num-server-rounds": num_rounds,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rounds": [],
+        }
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        for entry in self.data["rounds"]:
+            if entry["round"] == server_round:
+                return entry
+        entry = {"round": server_round}
+        self.data["rounds"].append(entry)
+        return entry
+
+    def record_train(self, server_round: int, *, sites: dict[str, dict], refused: dict[str, str],
+                     rejected: dict[str, str], failed: list[dict], seconds: float) -> dict[str, Any]:
+        """One round's training replies and their aggregate (returned)."""
+        epsilons = [m[keys.EPSILON] for m in sites.values() if m.get(keys.EPSILON, -1) >= 0]
+        aggregate = {
+            "sites-trained": len(sites),
+            keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values()),
+            keys.TRAIN_LOSS: _weighted(sites, keys.TRAIN_LOSS, keys.NUM_EXAMPLES),
+            keys.TOKENS: sum(int(m[keys.TOKENS]) for m in sites.values()),
+            "max-epsilon": max(epsilons) if epsilons else None,
+        }
+        self._round(server_round)["train"] = {
+            "sites": sites, "refused": refused, "rejected": rejected, "failed": failed, "aggregate": aggregate,
+        }
+        self._round(server_round)["train-seconds"] = seconds
+        return aggregate
+
+    def record_evaluate(self, server_round: int, *, sites: dict[str, dict], failed: list[dict]) -> dict[str, Any]:
+        """One round's held-out evaluation per site and aggregated (token-weighted)."""
+        loss = _weighted(sites, keys.EVAL_LOSS, keys.EVAL_TOKENS)
+        aggregate = {keys.EVAL_LOSS: loss, keys.PERPLEXITY: math.exp(loss) if loss is not None else None,
+                     keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values())}
+        self._round(server_round)["evaluate"] = {"sites": sites, "failed": failed, "aggregate": aggregate}
+        return aggregate
+
+    def finish(self, status: str, error: str = "") -> None:
+        self.data["status"] = status
+        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if error:
+            self.data["error"] = error
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)

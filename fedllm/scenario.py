@@ -1,0 +1,148 @@
+"""Scenario folders (``simulations/<name>/``) -> the virtual sites of a simulated federation.
+
+A scenario folder holds:
+
+* ``run.toml``: run-config overrides (only keys of ``[tool.flwr.app.config]``);
+* ``sites.toml``: the virtual sites, in one of three forms:
+  - ``[[site]]`` tables with ``name``, ``data`` (a file, relative to the folder) and optionally
+    ``max-epsilon`` (the site's own cap, which can only tighten the run's);
+  - ``[partition]`` with ``data``, ``num-sites``, ``method`` ("iid" or "dirichlet"), ``label``
+    (field for dirichlet), ``alpha``, ``seed``: one dataset split into simulated sites;
+  - ``[pubmedqa]`` with ``path`` (the shared PubMedQA folder, relative to the scenario folder;
+    ``$FEDLLM_PUBMEDQA_DIR`` overrides it) plus ``[[site]]`` tables naming population sites;
+* ``README.md``: the command, the expected runtime and the expected final ε.
+
+Sites built from a partition or from PubMedQA are written as JSONL files into the run's output
+folder (``data/<site>.jsonl``) before the run starts; the scenario folder is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import SiteConfig, load_run_overrides, read_toml
+from fedllm.errors import ConfigError
+
+SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "simulations"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scenario folder, read but not yet materialised."""
+
+    name: str
+    folder: Path
+    run_overrides: dict[str, Any]
+    sites_spec: dict[str, Any]
+
+
+def find_scenario(name_or_path: str) -> Path:
+    """A path to a scenario folder, or a name under ``simulations/``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    candidate = SCENARIOS_DIR / name_or_path
+    if candidate.is_dir():
+        return candidate
+    available = sorted(p.name for p in SCENARIOS_DIR.iterdir() if (p / "sites.toml").is_file()) if SCENARIOS_DIR.is_dir() else []
+    raise ConfigError(f"scenario {name_or_path!r} not found; give a folder or one of: {', '.join(available) or '(none)'}")
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    folder = find_scenario(name_or_path)
+    sites_file = folder / "sites.toml"
+    if not sites_file.is_file():
+        raise ConfigError(f"{folder}: no sites.toml; a scenario folder needs run.toml and sites.toml")
+    run_file = folder / "run.toml"
+    overrides = load_run_overrides(run_file) if run_file.is_file() else {}
+    return Scenario(name=folder.name, folder=folder, run_overrides=overrides, sites_spec=read_toml(sites_file))
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _site_entries(spec: dict[str, Any], where: Path) -> list[dict[str, Any]]:
+    entries = spec.get("site", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: 'site' must be an array of tables ([[site]])")
+    names = []
+    for i, entry in enumerate(entries, start=1):
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise ConfigError(f"{where}: site {i}: 'name' is required (a non-empty string)")
+        unknown = set(entry) - {"name", "data", "max-epsilon", "device"}
+        if unknown:
+            raise ConfigError(f"{where}: site {entry['name']!r}: unknown keys {sorted(unknown)}; allowed: name, data, max-epsilon, device")
+        names.append(entry["name"])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: site names must be unique, found {names}")
+    return entries
+
+
+def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
+    """The scenario's virtual sites, in partition-id order, with absolute data paths."""
+    spec, where = scenario.sites_spec, scenario.folder / "sites.toml"
+    if "partition" in spec:
+        return _partition_sites(spec["partition"], scenario.folder, output, where)
+    entries = _site_entries(spec, where)
+    if not entries:
+        raise ConfigError(f"{where}: no sites; add [[site]] tables or a [partition] table")
+    if "pubmedqa" in spec:
+        from fedllm.data.pubmedqa import pubmedqa_site_records
+
+        folder = Path(os.environ.get("FEDLLM_PUBMEDQA_DIR") or scenario.folder / spec["pubmedqa"].get("path", ""))
+        records = pubmedqa_site_records(folder)
+        sites = []
+        for entry in entries:
+            if entry["name"] not in records:
+                raise ConfigError(f"{where}: PubMedQA has no site {entry['name']!r}; use {', '.join(records)}")
+            data = output / "data" / f"{entry['name']}.jsonl"
+            _write_jsonl(data, records[entry["name"]])
+            sites.append(SiteConfig.from_dict({**entry, "data": str(data)}))
+        return sites
+    sites = []
+    for entry in entries:
+        if "data" not in entry:
+            raise ConfigError(f"{where}: site {entry['name']!r}: 'data' (a file path) is required")
+        sites.append(SiteConfig.from_dict({**entry, "data": str((scenario.folder / entry["data"]).resolve())}))
+    return sites
+
+
+def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Path) -> list[SiteConfig]:
+    from fedllm.data.loading import load_records
+    from fedllm.data.partition import partition_dirichlet, partition_iid
+
+    for key in ("data", "num-sites"):
+        if key not in part:
+            raise ConfigError(f"{where}: [partition] needs '{key}'")
+    source = (folder / part["data"]).resolve()
+    num_sites, method, seed = int(part["num-sites"]), part.get("method", "iid"), int(part.get("seed", 0))
+    records = load_records(source)
+    if method == "iid":
+        parts = partition_iid(records, num_sites=num_sites, seed=seed)
+    elif method == "dirichlet":
+        label = part.get("label")
+        if not label:
+            raise ConfigError(f"{where}: [partition] method 'dirichlet' needs 'label' (a record field)")
+        raw = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        idx = partition_dirichlet([r.get(label) for r in raw], num_sites=num_sites,
+                                  alpha=float(part.get("alpha", 0.5)), seed=seed)
+        parts = [[records[i] for i in site] for site in idx]
+    else:
+        raise ConfigError(f"{where}: [partition] method {method!r}: use 'iid' or 'dirichlet'")
+    sites = []
+    for i, site_records in enumerate(parts):
+        name = f"site-{i:03d}" if num_sites > 99 else f"site-{i:02d}"
+        data = output / "data" / f"{name}.jsonl"
+        _write_jsonl(data, site_records)
+        sites.append(SiteConfig(name=name, data_path=str(data), max_epsilon=float(part.get("max-epsilon", 0.0))))
+    return sites

@@ -1,0 +1,23 @@
+"""Flower ServerApp: glue between Flower's ``Grid``/``Context`` and the round loop in ``server``."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm.config import RunConfig
+from fedllm.errors import ConfigError
+from fedllm.logs import configure_app_logging
+from fedllm.server import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    configure_app_logging()
+    config = RunConfig.from_flat(context.run_config)
+    if not config.output_dir:
+        raise ConfigError("output-dir is not set: run through `fedllm simulate` / `fedllm run`, or pass "
+                          "--run-config \"output-dir='/abs/path'\" to flwr run")
+    run_federation(grid, config, run_id=str(context.run_id))

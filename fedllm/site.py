@@ -1,0 +1,152 @@
+"""One site's side of a round, without Flower: check the budget, train, record the spend, evaluate.
+
+A ``SiteRuntime`` holds one site's tokenized train/held-out data and its privacy ledger. The base
+model with its LoRA adapter is loaded once per process (``model.shared_model``) and reused by every site
+and round that process serves; only adapter tensors are swapped in and out.
+
+Order of a training round (``train_round``):
+1. noise multiplier: given (``privacy.noise-multiplier``) or calibrated once per run so that the
+   site's whole planned run (all remaining rounds) lands on min(target ε, the site's cap);
+2. budget check against the ledger: a round that would cross the cap raises
+   ``BudgetExceededError`` before any training;
+3. local DP-SGD steps;
+4. the release is written to the ledger (atomically), and only then is the update returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedllm import keys
+from fedllm.config import RunConfig, SiteConfig
+from fedllm.data.formatting import TokenizedExample, tokenize_records
+from fedllm.data.loading import load_records
+from fedllm.data.partition import split_holdout, stable_seed
+from fedllm.errors import BudgetExceededError
+from fedllm.model import get_adapter_state, set_adapter_state, shared_model
+from fedllm.privacy.accounting import DPEvent, noise_multiplier_for
+from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.train import DPSettings, StepInfo, evaluate_loss, train_local
+
+log = logging.getLogger(__name__)
+
+def load_site_examples(config: RunConfig, site: SiteConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """A site's (train, held-out) tokenized examples; bad data raises ``DataError``."""
+    records = load_records(site.data_path, format=config.data.format)
+    examples = tokenize_records(records, tokenizer, max_length=config.data.max_length, source=site.data_path)
+    return split_holdout(examples, eval_fraction=config.data.eval_fraction,
+                         seed=stable_seed(config.data.seed, site.name), max_eval=config.data.max_eval_examples)
+
+
+@dataclass
+class RoundOutcome:
+    """A trained round: the adapter to send and the agreed numeric metrics."""
+
+    adapter: dict[str, torch.Tensor]
+    metrics: dict[str, float | int]
+
+
+class SiteRuntime:
+    """One site in this process: its data, ledger and cached noise calibration."""
+
+    def __init__(self, config: RunConfig, site: SiteConfig, *, ledger_path: Path) -> None:
+        self.config, self.site = config, site
+        self.model, self.tokenizer = shared_model(config)
+        self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer)
+        self.ledger_path = ledger_path
+        self.cap = site.effective_max_epsilon(config.privacy)
+        self._sigma: dict[str, float] = {}
+        threads = config.train.threads or config.simulation.client_cpus
+        torch.set_num_threads(max(1, threads))
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    def noise_multiplier(self, ledger: PrivacyLedger, *, run_id: str, server_round: int, sample_rate: float) -> float:
+        """σ for this run: given, reused from this run's ledger entries, or calibrated."""
+        p = self.config.privacy
+        if p.noise_multiplier > 0:
+            return p.noise_multiplier
+        for entry in ledger.entries:
+            if entry.run_id == run_id and entry.noise_multiplier > 0:
+                return entry.noise_multiplier
+        if run_id not in self._sigma:
+            remaining = (self.config.num_server_rounds - server_round + 1) * self.config.train.local_steps
+            target = min(p.target_epsilon, self.cap)
+            self._sigma[run_id] = noise_multiplier_for(
+                target_epsilon=target, target_delta=p.target_delta, sample_rate=sample_rate,
+                steps=remaining, accountant=p.accountant, spent=ledger.events())
+        return self._sigma[run_id]
+
+    def train_round(self, *, run_id: str, server_round: int, adapter: dict[str, torch.Tensor],
+                    proximal_mu: float = 0.0) -> RoundOutcome:
+        """Budget check, local training, ledger record; raises ``BudgetExceededError`` to refuse."""
+        cfg, p = self.config, self.config.privacy
+        ledger = PrivacyLedger.open(self.ledger_path, site=self.name)
+        steps = cfg.train.local_steps
+        sample_rate = min(1.0, cfg.train.batch_size / len(self.train_examples))
+        dp = None
+        spent = ledger.epsilon(target_delta=p.target_delta, accountant=p.accountant)
+        if p.enabled:
+            try:
+                sigma = self.noise_multiplier(ledger, run_id=run_id, server_round=server_round, sample_rate=sample_rate)
+            except BudgetExceededError as exc:
+                raise BudgetExceededError(f"Site '{self.name}': {exc}") from None
+            after = ledger.check(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
+                                 target_delta=p.target_delta, max_epsilon=self.cap, accountant=p.accountant)
+            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm)
+        else:
+            sigma, after = 0.0, math.inf
+        set_adapter_state(self.model, adapter)
+        prefix = f"[round {server_round}/{cfg.num_server_rounds}] site {self.name}"
+        eps_text = f"ε {spent:.2f}→{after:.2f} (cap {self.cap:g})" if dp else "no DP"
+
+        def show(info: StepInfo) -> None:
+            loss = "   -  " if math.isnan(info.loss) else f"{info.loss:.3f}"
+            log.info("%s | step %d/%d | batch %d | loss %s | %s", prefix, info.step, info.steps, info.batch_size, loss, eps_text)
+
+        result = train_local(self.model, self.train_examples, steps=steps, batch_size=cfg.train.batch_size,
+                             learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                             pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
+                             device=self.site.device, on_step=show)
+        entry = ledger.record(run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,
+                              noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, target_delta=p.target_delta,
+                              num_examples=len(self.train_examples), accountant=p.accountant)
+        log.info("%s | trained %d steps in %.1fs | loss %.3f | ε spent %.3f (δ=%g)", prefix, steps,
+                 result.seconds, result.train_loss, entry.epsilon, p.target_delta)
+        return RoundOutcome(
+            adapter=get_adapter_state(self.model),
+            metrics={
+                keys.NUM_EXAMPLES: len(self.train_examples),
+                keys.TRAIN_LOSS: _finite(result.train_loss),
+                keys.LOCAL_STEPS: steps,
+                keys.EXAMPLES_SEEN: result.examples_seen,
+                keys.TOKENS: result.tokens,
+                keys.TRAIN_SECONDS: result.seconds,
+                keys.EPSILON: _finite(entry.epsilon),
+                keys.DELTA: p.target_delta,
+                keys.NOISE_MULTIPLIER: sigma,
+                keys.SAMPLE_RATE: sample_rate,
+                keys.MAX_GRAD_NORM: p.max_grad_norm,
+            },
+        )
+
+    def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float | int]:
+        """Held-out loss and perplexity of ``adapter`` on this site's evaluation split."""
+        set_adapter_state(self.model, adapter)
+        res = evaluate_loss(self.model, self.eval_examples, batch_size=self.config.train.eval_batch_size,
+                            pad_id=self.tokenizer.pad_token_id, device=self.site.device)
+        return {keys.NUM_EXAMPLES: res.num_examples, keys.EVAL_LOSS: _finite(res.loss),
+                keys.PERPLEXITY: _finite(res.perplexity), keys.EVAL_TOKENS: res.tokens}
+
+
+def _finite(value: float) -> float:
+    """Metrics must be finite numbers on the wire: inf/nan become -1 (documented: 'not defined')."""
+    return float(value) if math.isfinite(value) else -1.0

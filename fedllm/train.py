@@ -1,0 +1,221 @@
+"""Local training at one site: ``steps`` DP-SGD steps on the LoRA adapter, and held-out evaluation.
+
+The loop is written out in plain PyTorch + Opacus so that its privacy can be reviewed here:
+
+* **Poisson sampling**: every step includes each training record independently with probability
+  ``q = batch_size / n``, which is what the accountant assumes. An empty batch still takes a
+  noise-only step (skipping it would make the run depend on the data).
+* **Per-example gradients** from Opacus in hooks mode on the LoRA ``nn.Linear`` layers only (peft
+  freezes the base; with FFA-LoRA ``lora_A`` is frozen too).
+* **Per-sequence loss**: each example's loss is the mean over its own response tokens, so its
+  gradient depends on that example only (Hugging Face's ``labels=`` loss averages over the whole
+  batch and couples examples).
+* Each per-example gradient is clipped to ``max_grad_norm`` (C), the clipped sum gets Gaussian
+  noise of std ``noise_multiplier * C`` and is divided by the expected batch size.
+* The sampling and the noise draw on fresh OS entropy unless a test passes a generator: a seed
+  known to the coordinator would let it recompute (and remove) the noise.
+
+No Flower imports: the Flower ClientApp calls ``train_local`` and ``evaluate_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """The DP-SGD mechanism of one release (one round at one site)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress of one local step, for the caller to show."""
+
+    step: int
+    steps: int
+    batch_size: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local round produced. ``sample_rate``/``steps`` plus the DP settings are the DP
+    event the site's ledger records before the adapter leaves."""
+
+    train_loss: float
+    steps: int
+    sample_rate: float
+    examples_seen: int
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out loss (mean NLL per response token) and perplexity."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    num_examples: int
+
+
+def fresh_generator() -> torch.Generator:
+    """A CPU generator seeded from the OS entropy pool."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example: (input_ids, attention_mask, labels)."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL per position and the mask of positions that count: (B, T-1) each."""
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return nll, (targets != IGNORE_INDEX).float()
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean loss over its own label tokens: shape (B,), no coupling."""
+    nll, mask = token_losses(logits, labels)
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> list[int]:
+    return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist()
+
+
+def train_local(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    pad_id: int,
+    dp: DPSettings | None,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[StepInfo], None] | None = None,
+    sampling_generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> TrainResult:
+    """Run ``steps`` local steps on ``model``'s trainable (adapter) parameters, in place.
+
+    With ``dp`` set this is DP-SGD with Poisson sampling at ``q = batch_size / len(examples)``;
+    without it, the same loop with plain gradients (no privacy guarantee). ``proximal_mu > 0``
+    adds FedProx's proximal term after clipping and noise (it does not touch the data)."""
+    if not examples:
+        raise ValueError("no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    sample_rate = min(1.0, batch_size / len(examples))
+    expected_batch = max(1, round(sample_rate * len(examples)))
+    sampler = sampling_generator or fresh_generator()
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    net: torch.nn.Module = model
+    if dp is not None:
+        from opacus.grad_sample import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                expected_batch_size=expected_batch, loss_reduction="mean",
+                                generator=noise_generator or fresh_generator())
+    model.train()
+    losses, seen, tokens, start = [], 0, 0, time.perf_counter()
+    try:
+        for step in range(1, steps + 1):
+            batch = _poisson_batch(len(examples), sample_rate, sampler)
+            optimizer.zero_grad(set_to_none=True)
+            if batch:
+                ids, mask, labels = collate([examples[i] for i in batch], pad_id, device)
+                loss = per_sequence_loss(net(input_ids=ids, attention_mask=mask).logits, labels).mean()
+                loss.backward()
+                losses.append(loss.item())
+                seen += len(batch)
+                tokens += int(mask.sum())
+            elif dp is not None:  # noise-only step: zero-size per-example gradients
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            else:
+                continue  # without DP an empty batch has nothing to learn from
+            _step(optimizer, params, anchor, proximal_mu, dp is not None)
+            if on_step:
+                on_step(StepInfo(step, steps, len(batch), losses[-1] if batch else math.nan))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if dp is not None:
+            net._close()  # removes the hooks and per-example attributes; the model stays usable
+        model.eval()
+    return TrainResult(
+        train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
+        steps=steps,
+        sample_rate=sample_rate,
+        examples_seen=seen,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _step(optimizer, params, anchor, proximal_mu: float, private: bool) -> None:
+    """One optimizer step; FedProx's proximal gradient is added after clipping and noise."""
+    if private:
+        if not optimizer.pre_step():
+            return
+        inner = optimizer.original_optimizer
+    else:
+        inner = optimizer
+    if proximal_mu > 0:
+        for p, p0 in zip(params, anchor):
+            p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+    inner.step()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Mean NLL per response token over ``examples`` and its perplexity."""
+    if not examples:
+        return EvalResult(math.nan, math.nan, 0, 0)
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, mask, labels = collate(examples[start:start + batch_size], pad_id, device)
+        nll, label_mask = token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+        total += float((nll * label_mask).sum())
+        count += int(label_mask.sum())
+    loss = total / max(count, 1)
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, num_examples=len(examples))
