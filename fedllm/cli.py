@@ -105,7 +105,6 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         raise FedLLMError(f"{path}: no such ledger file")
     site = json.loads(path.read_text(encoding="utf-8")).get("site", "") if path.stat().st_size else ""
     ledger = PrivacyLedger.open(path, site=str(site))
-    _echo(f"Privacy ledger of site '{ledger.site}' ({path})")
     for line in ledger.summary_lines():
         _echo(line)
     return 0

@@ -68,6 +68,7 @@ class TrainConfig:
 
     local_steps: int = 10
     batch_size: int = 8
+    optimizer: str = "adamw"
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 8
@@ -161,6 +162,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "instruction", "chat", "text"),
+    "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
     "strategy.name": ("fedavg", "fedprox", "fedadam"),
 }

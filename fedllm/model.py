@@ -214,31 +214,39 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     return peft_model
 
 
-def get_adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
-    """The adapter tensors (LoRA A and B) as contiguous fp32 CPU copies, PEFT key names."""
+def _trainable_keys(peft_model: Any) -> set[str]:
+    """Adapter state-dict keys (PEFT naming, no adapter name) of the parameters being trained."""
+    adapter = getattr(peft_model, "active_adapter", "default")
+    return {n.replace(f".{adapter}.", ".") for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def get_adapter_state(peft_model: Any, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter tensors as contiguous fp32 CPU copies, PEFT key names. ``trainable_only``
+    keeps just the tensors being trained: what sites and server exchange (with FFA-LoRA only B;
+    A is rebuilt identically everywhere from ``lora.seed`` and never changes)."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(peft_model)
+    if trainable_only:
+        keep = _trainable_keys(peft_model)
+        state = {k: v for k, v in state.items() if k in keep}
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
 
 
 def set_adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors (as produced by ``get_adapter_state``) into ``peft_model``."""
-    from peft import set_peft_model_state_dict
+    """Load adapter tensors into ``peft_model``: either the whole adapter or exactly its trainable
+    part (the frozen rest stays as it is)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = set(get_adapter_state_keys(peft_model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise ModelError(f"adapter keys do not match this model: missing {missing}, unexpected {extra}")
-    result = set_peft_model_state_dict(peft_model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise ModelError(f"adapter has unexpected keys: {result.unexpected_keys[:3]}")
-
-
-def get_adapter_state_keys(peft_model: Any) -> list[str]:
-    from peft import get_peft_model_state_dict
-
-    return list(get_peft_model_state_dict(peft_model).keys())
+    current = get_peft_model_state_dict(peft_model)
+    given = set(state)
+    if given != set(current) and given != (_trainable_keys(peft_model) & set(current)):
+        missing, extra = sorted(set(current) - given)[:3], sorted(given - set(current))[:3]
+        raise ModelError(f"adapter tensors do not match this model and LoRA config: missing {missing}, unexpected {extra}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ModelError(f"adapter tensor {key} has shape {tuple(value.shape)}, expected {tuple(current[key].shape)}")
+    set_peft_model_state_dict(peft_model, {**current, **state})
 
 
 def save_adapter(peft_model: Any, state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -118,23 +118,30 @@ def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
 
 
 def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Path) -> list[SiteConfig]:
-    from fedllm.data.loading import load_records
+    from fedllm.data.loading import _read_raw, load_records
     from fedllm.data.partition import partition_dirichlet, partition_iid
 
     for key in ("data", "num-sites"):
         if key not in part:
             raise ConfigError(f"{where}: [partition] needs '{key}'")
     source = (folder / part["data"]).resolve()
-    num_sites, method, seed = int(part["num-sites"]), part.get("method", "iid"), int(part.get("seed", 0))
+    num_sites, method, seed = part["num-sites"], part.get("method", "iid"), part.get("seed", 0)
+    if not isinstance(num_sites, int) or isinstance(num_sites, bool) or num_sites < 1:
+        raise ConfigError(f"{where}: [partition] num-sites = {num_sites!r}: must be an integer >= 1")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: [partition] seed = {seed!r}: must be an integer")
     records = load_records(source)
+    if num_sites > len(records):
+        raise ConfigError(f"{where}: [partition] num-sites = {num_sites} but {source} has only {len(records)} "
+                          "records; every site needs at least one")
     if method == "iid":
         parts = partition_iid(records, num_sites=num_sites, seed=seed)
     elif method == "dirichlet":
         label = part.get("label")
         if not label:
             raise ConfigError(f"{where}: [partition] method 'dirichlet' needs 'label' (a record field)")
-        raw = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-        idx = partition_dirichlet([r.get(label) for r in raw], num_sites=num_sites,
+        labels = [_raw_field(raw, label) for _, raw in _read_raw(source, source.suffix.lower())]
+        idx = partition_dirichlet(labels, num_sites=num_sites,
                                   alpha=float(part.get("alpha", 0.5)), seed=seed)
         parts = [[records[i] for i in site] for site in idx]
     else:
@@ -146,3 +153,7 @@ def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Pa
         _write_jsonl(data, site_records)
         sites.append(SiteConfig(name=name, data_path=str(data), max_epsilon=float(part.get("max-epsilon", 0.0))))
     return sites
+
+
+def _raw_field(raw: Any, label: str) -> Any:
+    return raw.get(label) if isinstance(raw, dict) else None

@@ -38,7 +38,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
     (out / "config.toml").write_text(to_toml(config, header=f"fedllm run {run_id}: fully resolved configuration"), encoding="utf-8")
     history = RunHistory(out / "history.json", run_id=run_id, num_rounds=config.num_server_rounds)
     peft_model, _ = shared_model(config)
-    arrays = ArrayRecord(get_adapter_state(peft_model))
+    arrays = ArrayRecord(get_adapter_state(peft_model, trainable_only=True))
     strategy = build_strategy(config.strategy)
     timeout = config.federation.round_timeout
     names: dict[int, str] = {}

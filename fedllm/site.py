@@ -114,6 +114,7 @@ class SiteRuntime:
 
         result = train_local(self.model, self.train_examples, steps=steps, batch_size=cfg.train.batch_size,
                              learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                             optimizer=cfg.train.optimizer,
                              pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
                              device=self.site.device, on_step=show)
         entry = ledger.record(run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,
@@ -122,7 +123,7 @@ class SiteRuntime:
         log.info("%s | trained %d steps in %.1fs | loss %.3f | ε spent %.3f (δ=%g)", prefix, steps,
                  result.seconds, result.train_loss, entry.epsilon, p.target_delta)
         return RoundOutcome(
-            adapter=get_adapter_state(self.model),
+            adapter=get_adapter_state(self.model, trainable_only=True),
             metrics={
                 keys.NUM_EXAMPLES: len(self.train_examples),
                 keys.TRAIN_LOSS: _finite(result.train_loss),

@@ -120,6 +120,7 @@ def train_local(
     pad_id: int,
     dp: DPSettings | None,
     weight_decay: float = 0.0,
+    optimizer: str = "adamw",
     proximal_mu: float = 0.0,
     device: torch.device | str = "cpu",
     on_step: Callable[[StepInfo], None] | None = None,
@@ -138,7 +139,10 @@ def train_local(
     sample_rate = min(1.0, batch_size / len(examples))
     expected_batch = max(1, round(sample_rate * len(examples)))
     sampler = sampling_generator or fresh_generator()
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     net: torch.nn.Module = model
     if dp is not None:
         from opacus.grad_sample import GradSampleModule

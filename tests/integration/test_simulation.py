@@ -1,0 +1,133 @@
+"""Real federations on Flower's simulation engine (SuperLink + Ray), driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Processes whose environment carries ``marker`` (inherited by everything a run starts)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:120]!r}")
+        except OSError:
+            continue
+    return found
+
+
+def simulate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    marker = f"FEDLLM_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEDLLM_TEST_RUN": marker.split("=", 1)[1]}
+    res = subprocess.run([sys.executable, "-m", "fedllm.cli", "simulate", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    leftover = _processes_with(marker)
+    assert not leftover, f"processes left behind: {leftover}"
+    return res
+
+
+def _ledger(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["entries"]
+
+
+def test_smoke_federation_produces_a_loadable_adapter_history_and_ledgers(tmp_path):
+    out = tmp_path / "run"
+    res = simulate("smoke", "--output", str(out), "--rounds", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[round 2/2]" in res.stdout and "step 3/3" in res.stdout  # progress was shown
+
+    # history: round 0 (before) + every round, every site
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "completed"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    sites = sorted(json.loads((out / "sites.json").read_text()), key=lambda s: s["name"])
+    names = [s["name"] for s in sites]
+    assert len(names) == 3
+    for r in history["rounds"]:
+        assert sorted(r["evaluate"]["sites"]) == names
+        if r["round"] > 0:
+            assert sorted(r["train"]["sites"]) == names
+            for m in r["train"]["sites"].values():
+                assert m["local-steps"] == 3 and m["tokens"] >= 0 and m["train-seconds"] > 0
+            assert r["evaluate"]["aggregate"]["perplexity"] > 1
+
+    # ledgers: ε strictly increases, stays under the cap, equals what the site reported
+    config = tomllib.loads((out / "config.toml").read_text())
+    cap = config["privacy"]["max-epsilon"]
+    for name in names:
+        entries = _ledger(out / "ledgers" / f"{name}.json")
+        eps = [e["epsilon"] for e in entries]
+        assert [e["server_round"] for e in entries] == [1, 2]
+        assert eps[0] < eps[1] <= cap
+        assert history["rounds"][2]["train"]["sites"][name]["epsilon"] == pytest.approx(eps[1])
+
+    # adapter: PEFT format, loads onto the base model, and differs from the initial adapter
+    from peft import PeftModel
+
+    from fedllm.config import LoraConfig, RunConfig
+    from fedllm.model import apply_lora, build_tiny_model, get_adapter_state
+
+    run_cfg = RunConfig.from_flat({"model.name": "tiny-random-llama", "lora.r": 4, "lora.alpha": 8})
+    initial = get_adapter_state(apply_lora(build_tiny_model("llama"), run_cfg.lora))
+    loaded = PeftModel.from_pretrained(build_tiny_model("llama"), out / "adapter")
+    final = get_adapter_state(loaded)
+    assert set(final) == set(initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial if "lora_B" in k)
+    for k in initial:
+        if "lora_A" in k:  # FFA-LoRA: A is shared and frozen
+            assert torch.equal(final[k], initial[k])
+    for k in (1, 2):
+        assert (out / "checkpoints" / f"round-{k}" / "adapter_model.safetensors").is_file()
+    assert isinstance(LoraConfig(), LoraConfig)
+
+
+def test_sites_refuse_rounds_past_their_cap_and_the_run_records_it(tmp_path):
+    out = tmp_path / "run"
+    # σ fixed at 0.8, q = 4/24, 3 steps a round: round 1 costs ε≈4.45 (under the cap of 5),
+    # round 2 would bring it to ≈5.50, so every site refuses round 2
+    res = simulate("smoke", "--output", str(out), "--rounds", "3", "--set", "privacy.noise-multiplier=0.8",
+                   "--set", "privacy.max-epsilon=5.0", "--set", "privacy.target-epsilon=3.0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "completed"
+    assert "stopped-early" in history
+    second = history["rounds"][2]["train"]
+    assert second["sites"] == {} and len(second["refused"]) == 3
+    assert all("would exceed its privacy budget" in reason for reason in second["refused"].values())
+    for ledger in (out / "ledgers").glob("*.json"):
+        entries = _ledger(ledger)
+        assert len(entries) == 1 and entries[0]["epsilon"] <= 5.0  # the refused round spent nothing
+
+
+def test_a_failing_site_fails_the_run_with_a_non_zero_exit(tmp_path):
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    (ledgers / "site-01.json").write_text('{"format": "fedllm-privacy-ledger", "version": 1, "site": "site-01", "entr')
+    out = tmp_path / "run"
+    res = simulate("smoke", "--output", str(out), "--rounds", "1", "--set", f"privacy.ledger-dir={ledgers}")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "site-01" in res.stderr and "failed" in res.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "failed"
+
+
+def test_bad_configuration_fails_before_anything_starts(tmp_path):
+    out = tmp_path / "run"
+    res = simulate("smoke", "--output", str(out), "--set", "privacy.max-epsilom=4")
+    assert res.returncode == 2
+    assert "did you mean 'privacy.max-epsilon'" in res.stderr
+    assert not out.exists()

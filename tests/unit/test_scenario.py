@@ -1,0 +1,176 @@
+"""Scenario folders -> virtual sites: shipped scenarios materialise with real data files, partitions
+lose and duplicate nothing, and a bad sites.toml is rejected with an error naming the file."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fedllm.config import RunConfig
+from fedllm.data.loading import load_records
+from fedllm.errors import ConfigError, DataError
+from fedllm.scenario import SCENARIOS_DIR, find_scenario, load_scenario, materialise_sites
+
+PUBMEDQA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "pubmedqa"
+
+
+def _key(record: dict) -> str:
+    return json.dumps(record, sort_keys=True)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_demo_scenario_sites(tmp_path):
+    scenario = load_scenario("demo")
+    before = {p: p.read_bytes() for p in _files(scenario.folder)}
+    sites = materialise_sites(scenario, tmp_path / "out")
+    assert [s.name for s in sites] == ["st-ada-cardiology", "northbridge-pediatrics", "lakeside-oncology"]
+    for site in sites:
+        path = Path(site.data_path)
+        assert path.is_absolute() and path.is_file(), site
+        assert len(load_records(path)) >= 2
+    assert {s.name: s.max_epsilon for s in sites} == {
+        "st-ada-cardiology": 0.0, "northbridge-pediatrics": 0.0, "lakeside-oncology": 6.0}
+    # the run's cap is 8 (run.toml); Lakeside's own 6 tightens it, the others inherit it
+    run_cap = scenario.run_overrides["privacy.max-epsilon"]
+    privacy = RunConfig.from_flat(scenario.run_overrides).privacy
+    assert [s.effective_max_epsilon(privacy) for s in sites] == [run_cap, run_cap, 6.0]
+    assert {p: p.read_bytes() for p in _files(scenario.folder)} == before  # scenario folder untouched
+
+
+def test_smoke_scenario_partitions_the_source_into_output(tmp_path):
+    scenario = load_scenario("smoke")
+    source = load_records(scenario.folder / scenario.sites_spec["partition"]["data"])
+    sites = materialise_sites(scenario, tmp_path / "out")
+    assert [s.name for s in sites] == ["site-00", "site-01", "site-02"]
+    parts = []
+    for site in sites:
+        path = Path(site.data_path)
+        assert path.parent == tmp_path / "out" / "data" and path.is_file()
+        records = load_records(path)
+        assert records, site.name
+        parts.append(records)
+    assert sum(map(len, parts)) == len(source)
+    # together the sites hold exactly the source records: none lost, none duplicated
+    assert Counter(_key(r) for p in parts for r in p) == Counter(_key(r) for r in source)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # iid: equal shares
+    # reproducible: the same scenario writes the same files
+    again = materialise_sites(scenario, tmp_path / "again")
+    assert [Path(s.data_path).read_bytes() for s in again] == [Path(s.data_path).read_bytes() for s in sites]
+    assert not list(tmp_path.rglob("*.tmp"))  # no half-written files left behind
+
+
+def test_pubmedqa_scenario_writes_population_sites(tmp_path, monkeypatch):
+    if not (PUBMEDQA_DIR / "ori_pqal.json").is_file():
+        pytest.skip(f"shared PubMedQA copy not present at {PUBMEDQA_DIR}")
+    monkeypatch.delenv("FEDLLM_PUBMEDQA_DIR", raising=False)  # use the path in sites.toml
+    sites = materialise_sites(load_scenario("pubmedqa"), tmp_path)
+    counts = {s.name: len(load_records(s.data_path)) for s in sites}
+    assert counts == {"pediatric": 276, "geriatric": 335, "adult": 208, "other": 181}
+    assert all(Path(s.data_path).parent == tmp_path / "data" for s in sites)
+
+
+def test_pubmedqa_env_var_overrides_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLLM_PUBMEDQA_DIR", str(tmp_path / "elsewhere"))
+    with pytest.raises(DataError, match="elsewhere"):
+        materialise_sites(load_scenario("pubmedqa"), tmp_path / "out")
+
+
+def test_find_scenario_by_name_and_by_path(tmp_path):
+    assert find_scenario("demo") == SCENARIOS_DIR / "demo"
+    assert find_scenario(str(SCENARIOS_DIR / "smoke")) == (SCENARIOS_DIR / "smoke").resolve()
+
+
+def test_unknown_scenario_lists_the_available_ones():
+    with pytest.raises(ConfigError) as exc:
+        find_scenario("no-such-scenario")
+    message = str(exc.value)
+    assert "'no-such-scenario' not found" in message
+    assert "demo, pubmedqa, smoke" in message
+
+
+# --------------------------------------------------------------------------------- bad sites.toml
+
+
+def _scenario(tmp_path: Path, sites_toml: str, *, run_toml: str | None = None) -> Path:
+    folder = tmp_path / "scn"
+    (folder / "data").mkdir(parents=True)
+    rows = [{"instruction": f"Q{i}?", "output": f"A{i}.", "topic": "ab"[i % 2]} for i in range(12)]
+    (folder / "data" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with open(folder / "data" / "a.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["instruction", "output", "topic"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "sites.toml").write_text(sites_toml, encoding="utf-8")
+    if run_toml is not None:
+        (folder / "run.toml").write_text(run_toml, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "sites_toml, detail",
+    [
+        pytest.param('[[site]]\nname = "a"\ndata = "data/a.jsonl"\n[[site]]\nname = "a"\ndata = "data/a.jsonl"\n',
+                     "site names must be unique", id="duplicate-names"),
+        pytest.param('[[site]]\nname = "a"\ndata = "data/a.jsonl"\nmax-epsilom = 4.0\n',
+                     "site 'a': unknown keys ['max-epsilom']", id="unknown-key"),
+        pytest.param('[[site]]\nname = "a"\n', "site 'a': 'data' (a file path) is required", id="missing-data"),
+        pytest.param('[[site]]\ndata = "data/a.jsonl"\n', "site 1: 'name' is required", id="missing-name"),
+        pytest.param("# nothing here\n", "no sites", id="no-sites"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\n', "[partition] needs 'num-sites'", id="partition-no-count"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "kmeans"\n',
+                     "method 'kmeans': use 'iid' or 'dirichlet'", id="partition-bad-method"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n',
+                     "method 'dirichlet' needs 'label'", id="dirichlet-no-label"),
+    ],
+)
+def test_bad_sites_toml_names_the_file(tmp_path, sites_toml, detail):
+    folder = _scenario(tmp_path, sites_toml)
+    with pytest.raises(ConfigError) as exc:
+        materialise_sites(load_scenario(str(folder)), tmp_path / "out")
+    assert str(exc.value).startswith(f"{folder / 'sites.toml'}: ")
+    assert detail in str(exc.value)
+
+
+def test_invalid_sites_toml_and_run_toml_name_the_file(tmp_path):
+    folder = _scenario(tmp_path, "[[site]\n")
+    with pytest.raises(ConfigError, match="sites.toml: not valid TOML"):
+        load_scenario(str(folder))
+    folder = _scenario(tmp_path / "b", '[[site]]\nname = "a"\ndata = "data/a.jsonl"\n',
+                       run_toml="[privacy]\nmax-epsilom = 3.0\n")
+    with pytest.raises(ConfigError) as exc:
+        load_scenario(str(folder))
+    assert str(folder / "run.toml") in str(exc.value)
+    assert "did you mean 'privacy.max-epsilon'" in str(exc.value)
+
+
+def test_folder_without_sites_toml_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="no sites.toml"):
+        load_scenario(str(tmp_path))
+
+
+def test_dirichlet_partition_of_a_jsonl_file(tmp_path):
+    folder = _scenario(tmp_path, '[partition]\ndata = "data/a.jsonl"\nnum-sites = 3\nmethod = "dirichlet"\n'
+                                 'label = "topic"\nalpha = 0.3\nseed = 1\nmax-epsilon = 2.0\n')
+    sites = materialise_sites(load_scenario(str(folder)), tmp_path / "out")
+    assert len(sites) == 3 and all(s.max_epsilon == 2.0 for s in sites)
+    assert sum(len(load_records(s.data_path)) for s in sites) == 12
+
+
+def test_partition_with_more_sites_than_records_names_the_file(tmp_path):
+    folder = _scenario(tmp_path, '[partition]\ndata = "data/a.jsonl"\nnum-sites = 20\n')
+    with pytest.raises(ConfigError, match="sites.toml"):
+        materialise_sites(load_scenario(str(folder)), tmp_path / "out")
+
+
+def test_dirichlet_partition_of_a_csv_file(tmp_path):
+    folder = _scenario(tmp_path, '[partition]\ndata = "data/a.csv"\nnum-sites = 2\nmethod = "dirichlet"\n'
+                                 'label = "topic"\n')
+    sites = materialise_sites(load_scenario(str(folder)), tmp_path / "out")
+    assert sum(len(load_records(s.data_path)) for s in sites) == 12

@@ -1,0 +1,131 @@
+"""Aggregation maths and update screening on hand-made adapter updates (no processes)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+
+from fedllm import keys
+from fedllm.config import StrategyConfig
+from fedllm.errors import InvalidUpdateError
+from fedllm.strategy import build_strategy, triage_replies, validate_update
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages built outside a Flower process need a run id (set by Flower at run time)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2)}
+
+
+def _ar(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _arrays(fill: float) -> ArrayRecord:
+    return _ar({k: np.full(s, fill, dtype=np.float32) for k, s in SHAPES.items()})
+
+
+def _reply(node: int, *, arrays: ArrayRecord | None = None, examples: int = 10, name: str = "", error: Error | None = None):
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    if error is not None:
+        return make_message(meta, error=error)
+    content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: examples, keys.TRAIN_LOSS: 1.0 * node}),
+                          keys.SITE: ConfigRecord({keys.SITE_NAME: name or f"site{node}"})})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return make_message(meta, content=content)
+
+
+def test_fedavg_weights_updates_by_examples():
+    strategy = build_strategy(StrategyConfig(name="fedavg"))
+    replies = [_reply(1, arrays=_arrays(1.0), examples=10), _reply(2, arrays=_arrays(4.0), examples=30)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    for key in SHAPES:
+        np.testing.assert_allclose(arrays[key].numpy(), np.full(SHAPES[key], (1 * 10 + 4 * 30) / 40))
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx((1 * 10 + 2 * 30) / 40)
+
+
+def test_fedadam_moves_the_global_adapter_towards_the_average():
+    strategy = build_strategy(StrategyConfig(name="fedadam", server_learning_rate=0.1))
+    current = _arrays(0.0)
+    list(strategy.configure_train(1, current, ConfigRecord(), _FakeGrid([1, 2])))
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, arrays=_arrays(1.0)), _reply(2, arrays=_arrays(1.0))])
+    values = arrays["layer.lora_A.weight"].numpy()
+    assert np.all(values > 0) and np.all(values <= 1.0)  # an Adam step of size ~eta towards +1
+
+
+def test_fedprox_sends_the_proximal_term():
+    strategy = build_strategy(StrategyConfig(name="fedprox", proximal_mu=0.25))
+    messages = list(strategy.configure_train(3, _arrays(0.0), ConfigRecord(), _FakeGrid([7])))
+    assert messages[0].content[keys.CONFIG][keys.PROXIMAL_MU] == 0.25
+    assert messages[0].content[keys.CONFIG][keys.SERVER_ROUND] == 3
+
+
+def test_a_one_site_federation_is_sampled_without_waiting():
+    strategy = build_strategy(StrategyConfig())
+    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), _FakeGrid([42])))
+    assert [m.metadata.dst_node_id for m in messages] == [42]
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (_ar({"layer.lora_A.weight": np.zeros((2, 3), np.float32)}), "keys"),
+        (_ar({"layer.lora_A.weight": np.zeros((3, 3), np.float32), "layer.lora_B.weight": np.zeros((3, 2), np.float32)}), "shape"),
+        (_ar({"layer.lora_A.weight": np.zeros((2, 3), np.float64), "layer.lora_B.weight": np.zeros((3, 2), np.float32)}), "dtype"),
+        (_ar({"layer.lora_A.weight": np.full((2, 3), np.nan, np.float32), "layer.lora_B.weight": np.zeros((3, 2), np.float32)}), "NaN"),
+        (_ar({"layer.lora_A.weight": np.full((2, 3), np.inf, np.float32), "layer.lora_B.weight": np.zeros((3, 2), np.float32)}), "Inf"),
+    ],
+)
+def test_invalid_updates_are_rejected(bad, reason):
+    with pytest.raises(InvalidUpdateError, match=reason):
+        validate_update(bad, _arrays(0.0))
+    validate_update(_arrays(2.0), _arrays(0.0))  # a well-formed update passes
+
+
+def test_triage_separates_refusals_failures_and_bad_updates_and_aggregates_the_rest():
+    names: dict[int, str] = {}
+    bad = _ar({"layer.lora_A.weight": np.full((2, 3), np.nan, np.float32),
+                       "layer.lora_B.weight": np.zeros((3, 2), np.float32)})
+    replies = [
+        _reply(1, arrays=_arrays(1.0), name="good-a"),
+        _reply(2, arrays=_arrays(3.0), name="good-b"),
+        _reply(3, error=Error(code=keys.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
+        _reply(4, error=Error(code=2, reason="boom")),
+        _reply(5, arrays=bad, name="poisoned"),
+    ]
+    names[3] = "capped"
+    triage = triage_replies(replies, reference=_arrays(0.0), names=names)
+    assert sorted(triage.metrics) == ["good-a", "good-b"]
+    assert list(triage.refused) == ["capped"] and "privacy budget" in triage.refused["capped"]
+    assert triage.failed == [{"site": "node-4", "code": 2, "reason": "boom"}]
+    assert "NaN" in triage.rejected["poisoned"]
+    arrays, _ = build_strategy(StrategyConfig()).aggregate_train(1, triage.accepted)
+    np.testing.assert_allclose(arrays["layer.lora_B.weight"].numpy(), 2.0)
+
+
+class _FakeGrid:
+    """Just enough of a Grid for a strategy's sampling."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def create_message(self, *a, **k):  # pragma: no cover - not used by the strategies here
+        raise NotImplementedError

@@ -1,0 +1,169 @@
+"""The DP-SGD mechanism of the local loop, checked exactly on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedllm.config import LoraConfig, ModelConfig
+from fedllm.data.formatting import tokenize_records
+from fedllm.model import apply_lora, get_adapter_state, load_model_and_tokenizer, set_adapter_state
+from fedllm.train import DPSettings, _poisson_batch, collate, evaluate_loss, per_sequence_loss, train_local
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                  {"role": "assistant", "content": f"The answer is {2 * i}" + "!" * (i % 5)}]}
+    for i in range(24)
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=False))
+    # random B so that A also gets a gradient (B = 0 at init would zero A's gradient)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    examples = tokenize_records(RECORDS, tokenizer, max_length=64)
+    return peft_model, tokenizer, examples
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run(model, examples, pad_id, *, sigma, clip, seed=0, noise_seed=1, lr=1.0, steps=1, batch=8, **kw):
+    return train_local(model, examples, steps=steps, batch_size=batch, learning_rate=lr, pad_id=pad_id,
+                       dp=None if sigma is None else DPSettings(sigma, clip), optimizer="sgd",
+                       sampling_generator=torch.Generator().manual_seed(seed),
+                       noise_generator=torch.Generator().manual_seed(noise_seed), **kw)
+
+
+def test_dp_step_changes_every_lora_parameter_and_no_base_parameter(setup):
+    model, tok, examples = setup
+    start = get_adapter_state(model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    _run(model, examples, tok.pad_token_id, sigma=1.0, clip=1.0, lr=0.01)
+    after = {n: p for n, p in model.named_parameters()}
+    lora = [n for n in after if "lora_" in n]
+    assert lora and all(after[n].requires_grad for n in lora)
+    state = get_adapter_state(model)
+    assert all(not torch.equal(state[k], start[k]) for k in start), "a LoRA tensor did not move"
+    assert all(torch.equal(after[n], base[n]) for n in base), "a base parameter moved"
+    set_adapter_state(model, start)
+
+
+def test_ffa_lora_keeps_a_frozen():
+    model, tok = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=True))
+    examples = tokenize_records(RECORDS, tok, max_length=64)
+    start = get_adapter_state(peft_model)
+    _run(peft_model, examples, tok.pad_token_id, sigma=1.0, clip=1.0, lr=0.01)
+    state = get_adapter_state(peft_model)
+    for key in start:
+        moved = not torch.equal(state[key], start[key])
+        assert moved == ("lora_B" in key), key
+
+
+def _manual_clipped_sum(model, examples, batch, pad_id, clip):
+    """Σ_i clip(g_i) from one backward pass per example (independent of Opacus)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in batch:
+        model.zero_grad(set_to_none=True)
+        ids, mask, labels = collate([examples[i]], pad_id)
+        per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels).sum().backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        norms.append(float(norm))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads)]
+    model.zero_grad(set_to_none=True)
+    return total, norms
+
+
+def test_per_example_gradients_are_clipped_to_c(setup):
+    model, tok, examples = setup
+    clip = 0.05
+    start = get_adapter_state(model)
+    params_before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
+    assert len(batch) >= 2
+    expected, norms = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
+    assert min(norms) > clip, "test needs every example to be clipped"
+    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3)  # no noise: Δθ = -Σclip(g_i)/B
+    params_after = [p.detach() for p in model.parameters() if p.requires_grad]
+    expected_batch = round(8 / len(examples) * len(examples))
+    for before, after, want in zip(params_before, params_after, expected):
+        torch.testing.assert_close(before - after, want / expected_batch, rtol=1e-4, atol=1e-7)
+    step_norm = math.sqrt(sum(float(((b - a) ** 2).sum()) for b, a in zip(params_before, params_after)))
+    assert step_norm <= clip * len(batch) / expected_batch + 1e-6
+    set_adapter_state(model, start)
+
+
+def test_noise_std_is_sigma_times_c(setup):
+    model, tok, examples = setup
+    sigma, clip = 1.3, 0.7
+    start = get_adapter_state(model)
+    p0 = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    _run(model, examples, tok.pad_token_id, sigma=sigma, clip=clip, noise_seed=11)
+    p1 = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    set_adapter_state(model, start)
+    _run(model, examples, tok.pad_token_id, sigma=sigma, clip=clip, noise_seed=22)  # same batch, other noise
+    p2 = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    set_adapter_state(model, start)
+    diff = torch.cat([(a - b).flatten() for a, b in zip(p1, p2)])  # = (n2 - n1) / B
+    expected_batch = 8
+    measured = float(diff.std()) * expected_batch / math.sqrt(2)
+    assert diff.numel() > 5000
+    assert measured == pytest.approx(sigma * clip, rel=0.05)
+    assert abs(float(diff.mean())) < 0.05 * float(diff.std())
+    assert not all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_empty_poisson_batch_takes_a_noise_only_step(setup):
+    model, tok, examples = setup
+    start = get_adapter_state(model)
+    # a seed whose Poisson draw at q = 1/20 selects nobody
+    many = examples[:20]
+    empty_seed = next(s for s in range(5000) if not _poisson_batch(20, 1 / 20, torch.Generator().manual_seed(s)))
+    result = train_local(model, many, steps=1, batch_size=1, learning_rate=1.0, pad_id=tok.pad_token_id,
+                         dp=DPSettings(1.0, 1.0), optimizer="sgd",
+                         sampling_generator=torch.Generator().manual_seed(empty_seed))
+    assert result.examples_seen == 0 and result.steps == 1 and math.isnan(result.train_loss)
+    state = get_adapter_state(model)
+    moved = torch.cat([(state[k] - start[k]).flatten() for k in start if "lora_B" in k or "lora_A" in k])
+    assert float(moved.abs().max()) > 0, "an empty batch must still release noise"
+    assert float(moved.std()) == pytest.approx(1.0, rel=0.1)  # noise σC / B with B = 1
+    set_adapter_state(model, start)
+
+
+def test_per_sequence_loss_does_not_couple_examples(setup):
+    model, tok, examples = setup
+    a, b, c = examples[0], examples[1], examples[7]
+    with torch.no_grad():
+        ids, mask, labels = collate([a, b], tok.pad_token_id)
+        first = per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        ids, mask, labels = collate([a, c], tok.pad_token_id)
+        second = per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    torch.testing.assert_close(first[0], second[0], rtol=1e-5, atol=1e-5)
+
+
+def test_training_without_dp_lowers_held_out_loss(setup):
+    model, tok, examples = setup
+    start = get_adapter_state(model)
+    before = evaluate_loss(model, examples, batch_size=8, pad_id=tok.pad_token_id)
+    train_local(model, examples, steps=30, batch_size=8, learning_rate=0.01, pad_id=tok.pad_token_id, dp=None)
+    after = evaluate_loss(model, examples, batch_size=8, pad_id=tok.pad_token_id)
+    assert after.loss < before.loss - 0.1
+    assert after.perplexity == pytest.approx(math.exp(after.loss))
+    set_adapter_state(model, start)
