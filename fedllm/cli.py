@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,17 +35,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if output.exists() and any(output.iterdir()):
         raise FedLLMError(f"output folder {output} is not empty; choose another --output (site ledgers can be kept "
                           "across runs with --set privacy.ledger-dir=DIR)")
-    sites = materialise_sites(scenario, output)
-    overrides.setdefault("strategy.min-available-sites", len(sites))
-    config = config.with_overrides({
-        **overrides,
-        "output-dir": str(output),
-        "simulation.sites-file": str(output / "sites.json"),
-        "strategy.min-available-sites": min(int(overrides["strategy.min-available-sites"]), len(sites)),
-    })
+    created = not output.exists()
+    try:
+        sites = materialise_sites(scenario, output)
+        config = _finalise_config(config, overrides, output, sites)
+        _check_sites(config, sites)
+    except BaseException:
+        if created:  # nothing half-written: remove what this command created before the run
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     _echo(f"fedllm simulate {scenario.name}: {len(sites)} sites, {config.num_server_rounds} rounds, "
           f"model {config.model.name}, DP {'on' if config.privacy.enabled else 'OFF'} -> {output}")
-    _check_sites(config, sites)
     from fedllm.report import summary_text
     from fedllm.simulation import run_simulation
 
@@ -56,11 +57,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finalise_config(config, overrides: dict, output: Path, sites: list):
+    """Add what only the simulate command knows: output paths and the number of sites (all
+    virtual sites are online from the start, so the strategy waits for every one of them)."""
+    wanted = int(overrides.get("strategy.min-available-sites", len(sites)))
+    return config.with_overrides({
+        "output-dir": str(output),
+        "simulation.sites-file": str(output / "sites.json"),
+        "strategy.min-available-sites": min(wanted, len(sites)),
+    })
+
+
 def _check_sites(config, sites) -> None:
     """Load the model once (converting it on first use) and every site's data before any
     process starts: bad data fails here with file, record and field."""
+    from transformers.utils import logging as hf_logging
+
     from fedllm.model import load_model_and_tokenizer
     from fedllm.site import load_site_examples
+
+    hf_logging.disable_progress_bar()
 
     _echo(f"Checking the model ({config.model.name}) and {len(sites)} sites' data ...")
     _, tokenizer = load_model_and_tokenizer(config.model)
