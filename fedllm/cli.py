@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fedllm import __version__
-from fedllm.errors import FedLLMError, RunFailedError
+from fedllm.errors import ConfigError, FedLLMError, RunFailedError
 
 
 def _echo(text: str) -> None:
@@ -61,6 +61,11 @@ def _finalise_config(config, overrides: dict, output: Path, sites: list):
     """Add what only the simulate command knows: output paths and the number of sites (all
     virtual sites are online from the start, so the strategy waits for every one of them)."""
     wanted = int(overrides.get("strategy.min-available-sites", len(sites)))
+    for key, value in (("strategy.min-train-sites", config.strategy.min_train_sites),
+                       ("strategy.min-evaluate-sites", config.strategy.min_evaluate_sites)):
+        if value > len(sites):
+            raise ConfigError(f"{key} = {value} but the scenario has only {len(sites)} sites; the run would "
+                              "wait forever for the missing ones")
     return config.with_overrides({
         "output-dir": str(output),
         "simulation.sites-file": str(output / "sites.json"),

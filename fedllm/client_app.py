@@ -21,15 +21,17 @@ _SITES: dict[tuple, SiteRuntime] = {}
 def site_runtime(context: Context) -> SiteRuntime:
     """The cached runtime for the site this node serves in this run."""
     config = RunConfig.from_flat(context.run_config)
-    if "partition-id" in context.node_config:  # simulation: partition-id -> scenario site
+    simulated = "partition-id" in context.node_config
+    if simulated:  # simulation: partition-id -> scenario site; ledgers under the run's ledger dir
         sites = json.loads(Path(config.simulation.sites_file).read_text(encoding="utf-8"))
         site = SiteConfig.from_dict(sites[int(context.node_config["partition-id"])])
-    else:
+        ledger_dir = Path(config.privacy.ledger_dir or Path(config.output_dir) / "ledgers")
+    else:  # a real site: its ledger location is its own, never the coordinator's
         site = SiteConfig.from_node_config(context.node_config)
+        ledger_dir = Path.home() / ".local" / "share" / "fedllm" / "ledgers"
     key = (context.run_id, site.name)
     if key not in _SITES:
         configure_app_logging()
-        ledger_dir = Path(config.privacy.ledger_dir or Path(config.output_dir) / "ledgers")
         ledger = Path(site.ledger_path) if site.ledger_path else ledger_dir / f"{site.name}.json"
         _SITES[key] = SiteRuntime(config, site, ledger_path=ledger)
     return _SITES[key]

@@ -69,7 +69,7 @@ class TrainConfig:
     local_steps: int = 10
     batch_size: int = 8
     optimizer: str = "adamw"
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-2
     weight_decay: float = 0.0
     eval_batch_size: int = 8
     threads: int = 0
@@ -375,6 +375,10 @@ class SiteConfig:
     def from_node_config(cls, node: Mapping[str, Any]) -> SiteConfig:
         """From a SuperNode's ``--node-config`` (deployment)."""
         problems = []
+        for key in sorted(set(node) - set(cls.NODE_KEYS)):
+            close = difflib.get_close_matches(key, cls.NODE_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{key}: unknown site key{hint}; allowed: {', '.join(cls.NODE_KEYS)}")
         for key in ("site-name", "data-path"):
             if not isinstance(node.get(key), str) or not node.get(key):
                 problems.append(f"{key}: required (a non-empty string) in the site's node config")

@@ -108,6 +108,8 @@ def ensure_model_available(config: ModelConfig) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json)")
         return str(path)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder {path} not found; pass an existing local folder or a Hugging Face id")
     return name
 
 

@@ -48,9 +48,15 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
         _evaluate(history, 0, replies, names, config)
         for server_round in range(1, rounds + 1):
             start = time.perf_counter()
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             triage = triage_replies(replies, reference=arrays, names=names)
+            answered = {m.metadata.src_node_id for m in replies}
+            for msg in messages:  # a site that did not answer within round-timeout is a failure
+                if msg.metadata.dst_node_id not in answered:
+                    node = msg.metadata.dst_node_id
+                    triage.failed.append({"site": names.get(node, f"node-{node}"), "code": -1,
+                                          "reason": f"no reply within federation.round-timeout = {timeout:g}s"})
             if len(triage.failed) > config.federation.tolerated_failures:
                 first = triage.failed[0]
                 raise RunFailedError(f"round {server_round}: site {first['site']} failed: {first['reason']}")

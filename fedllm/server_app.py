@@ -18,6 +18,6 @@ def main(grid: Grid, context: Context) -> None:
     configure_app_logging()
     config = RunConfig.from_flat(context.run_config)
     if not config.output_dir:
-        raise ConfigError("output-dir is not set: run through `fedllm simulate` / `fedllm run`, or pass "
+        raise ConfigError("output-dir is not set: run through `fedllm simulate`, or pass "
                           "--run-config \"output-dir='/abs/path'\" to flwr run")
     run_federation(grid, config, run_id=str(context.run_id))

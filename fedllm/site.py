@@ -58,6 +58,7 @@ class SiteRuntime:
     def __init__(self, config: RunConfig, site: SiteConfig, *, ledger_path: Path) -> None:
         self.config, self.site = config, site
         self.model, self.tokenizer = shared_model(config)
+        self.model.to(site.device)
         self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer)
         self.ledger_path = ledger_path
         self.cap = site.effective_max_epsilon(config.privacy)

@@ -1,7 +1,7 @@
 """PubMedQA (PQA-L, Jin et al. 2019, MIT) as a natural four-hospital federation.
 
 Sites by patient population from MeSH terms, first match wins (see the data folder's README):
-pediatric, geriatric, adult, other. Task: prompt = question + abstract contexts, response =
+pediatric, geriatric, adult, other. Task: prompt = abstract contexts + question, response =
 ``final_decision`` then ``LONG_ANSWER``; the loss is on the response only.
 """
 
@@ -36,8 +36,8 @@ def pubmedqa_site_records(folder: Path) -> dict[str, list[dict]]:
     if not path.is_file():
         raise DataError(
             f"PubMedQA data not found at {path}. The pubmedqa scenario reads the shared copy in "
-            "../shared/data/pubmedqa/ beside the repository (or the folder given by --set-data / "
-            "FEDLLM_PUBMEDQA_DIR); it is never downloaded. Use the demo scenario instead."
+            "../shared/data/pubmedqa/ beside the repository (or the folder in "
+            "$FEDLLM_PUBMEDQA_DIR); it is never downloaded. Use the demo scenario instead."
         )
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
@@ -45,9 +45,9 @@ def pubmedqa_site_records(folder: Path) -> dict[str, list[dict]]:
     for pmid, rec in sorted(data.items()):
         try:
             contexts = "\n".join(rec["CONTEXTS"])
-            record = {
-                "instruction": f"Answer yes, no or maybe, then explain briefly.\nQuestion: {rec['QUESTION']}",
-                "input": f"Context:\n{contexts}",
+            record = {  # context first: truncation drops the start of the prompt, never the question
+                "instruction": f"Context:\n{contexts}\n\nQuestion: {rec['QUESTION']}\n"
+                               "Answer yes, no or maybe, then explain briefly.",
                 "output": f"{rec['final_decision']}. {rec['LONG_ANSWER']}",
             }
             sites[site_of(rec.get("MESHES", []))].append(record)
