@@ -124,7 +124,10 @@ def run_simulation(
     sites_file = Path(config.simulation.sites_file)
     sites_file.write_text(json.dumps([s.to_dict() for s in sites], indent=2) + "\n", encoding="utf-8")
     work = Path(tempfile.mkdtemp(prefix="fedllm-sim-"))
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "flwr-home")}
+    # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this
+    # environment's scripts first on PATH, also when the virtualenv is not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "flwr-home"), "PATH": path}
     port = free_port()
     (work / "flwr-home").mkdir()
     (work / "flwr-home" / "config.toml").write_text(
