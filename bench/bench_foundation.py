@@ -123,7 +123,10 @@ def bench_bytes() -> dict:
     full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     model = apply_lora(base, config.lora)
     everything = get_adapter_state(model)
-    sent = get_adapter_state(model, trainable_only=True)
+    # a trained update is dense: B is all zeros at initialisation, and Flower de-duplicates identical
+    # chunks, so measure on random values of the right shapes
+    g = torch.Generator().manual_seed(0)
+    sent = {k: torch.randn(v.shape, generator=g) for k, v in get_adapter_state(model, trainable_only=True).items()}
     raw_all = sum(t.numel() * t.element_size() for t in everything.values())
     raw_sent = sum(t.numel() * t.element_size() for t in sent.values())
     metrics = {k: 1.0 for k in keys.TRAIN_METRIC_KEYS}
