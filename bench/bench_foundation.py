@@ -81,35 +81,69 @@ def bench_round_vs_plain_loop(round_steps: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "site.jsonl"
         rows = []
-        for ex in _examples(tok, 64):
+        for ex in _examples(tok, BATCH):  # q = 1: every step trains on exactly the same 8 records
             half = len(ex.input_ids) // 2
             rows.append({"instruction": tok.decode(ex.input_ids[:half]), "output": tok.decode(ex.input_ids[half:])})
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out = Path(tmp) / "run"
         run = RunConfig.from_flat({
-            "num-server-rounds": 1, "output-dir": str(out), "simulation.sites-file": str(out / "sites.json"),
+            "num-server-rounds": 2, "output-dir": str(out), "simulation.sites-file": str(out / "sites.json"),
             "simulation.client-cpus": threads, "train.local-steps": round_steps, "train.batch-size": BATCH,
             "data.max-length": SEQ + 64, "data.eval-fraction": 0.0, "strategy.fraction-evaluate": 0.0,
             "strategy.min-evaluate-sites": 0, "privacy.target-epsilon": 8.0,
         })
         history = run_simulation(run, [SiteConfig(name="bench", data_path=str(data))], echo=lambda _: None)
-        round_s = history["rounds"][1]["train-seconds"]
-        local_s = history["rounds"][1]["train"]["sites"]["bench"]["train-seconds"]
-        tokens = history["rounds"][1]["train"]["sites"]["bench"]["tokens"]
-        # the same steps in a plain loop: same data, same sampling rate, no Flower, model already loaded
+        rounds = {r["round"]: r for r in history["rounds"] if r.get("train")}
+        site = {k: rounds[k]["train"]["sites"]["bench"] for k in rounds}
+        # the same steps in a plain loop: same data, same sampling rate, same σ, no Flower, model loaded
         torch.set_num_threads(threads)
         from fedllm.model import shared_model
         from fedllm.site import load_site_examples
 
         model, tok2 = shared_model(run)
         train, _ = load_site_examples(run, SiteConfig(name="bench", data_path=str(data)), tok2)
+        dp = DPSettings(site[1]["noise-multiplier"], 1.0)
+        kw = dict(steps=round_steps, batch_size=BATCH, learning_rate=2e-3, pad_id=tok2.pad_token_id, dp=dp)
+        train_local(model, train, **{**kw, "steps": 1})  # warm-up, as the site's first round had
         start = time.perf_counter()
-        plain = train_local(model, train, steps=round_steps, batch_size=BATCH, learning_rate=2e-3,
-                            pad_id=tok2.pad_token_id, dp=DPSettings(history["rounds"][1]["train"]["sites"]["bench"]["noise-multiplier"], 1.0))
+        plain = train_local(model, train, **kw)
         plain_s = time.perf_counter() - start
-    return {"round-wall-s": round(round_s, 2), "site-train-s": round(local_s, 2), "plain-loop-s": round(plain_s, 2),
-            "ratio-round-vs-plain": round(round_s / plain_s, 3), "tokens-round": tokens, "tokens-plain": plain.tokens,
-            "note": "Poisson batches differ between the two runs; compare tokens"}
+        cold = _plain_loop_cold(run, data, round_steps, site[1]["noise-multiplier"], threads)
+    out = {"plain-loop-s": round(plain_s, 2), "tokens-plain": plain.tokens, **cold}
+    for k, name in ((1, "first"), (2, "warm")):
+        out[f"{name}-round-wall-s"] = round(rounds[k]["train-seconds"], 2)
+        out[f"{name}-round-site-train-s"] = round(site[k]["train-seconds"], 2)
+        out[f"{name}-round-tokens"] = site[k]["tokens"]
+        out[f"ratio-{name}-round-vs-plain"] = round(rounds[k]["train-seconds"] / plain_s, 3)
+    out["ratio-first-round-vs-cold-plain"] = round(rounds[1]["train-seconds"] / cold["cold-plain-loop-s"], 3)
+    out["note"] = ("q = 1: every step trains on the same 8 records in both; the first round includes the "
+                   "worker's model load and tokenization, the warm round is a steady-state round")
+    return out
+
+
+def _plain_loop_cold(run: RunConfig, data: Path, steps: int, sigma: float, threads: int) -> dict:
+    """The plain loop in a fresh process, timed from loading the model to the last step: what the
+    site's first round pays for too (model load, tokenization, first-step kernel warm-up)."""
+    import subprocess
+
+    code = f"""
+import json, sys, time, torch
+sys.path.insert(0, {str(ROOT)!r})
+from fedllm.config import RunConfig, SiteConfig
+from fedllm.model import shared_model
+from fedllm.site import load_site_examples
+from fedllm.train import DPSettings, train_local
+torch.set_num_threads({threads})
+run = RunConfig.from_flat(json.loads({json.dumps(json.dumps(run.to_flat()))}))
+start = time.perf_counter()
+model, tok = shared_model(run)
+train, _ = load_site_examples(run, SiteConfig(name="bench", data_path={str(data)!r}), tok)
+res = train_local(model, train, steps={steps}, batch_size={BATCH}, learning_rate=2e-3, pad_id=tok.pad_token_id,
+                  dp=DPSettings({sigma!r}, 1.0))
+print(json.dumps({{"cold-plain-loop-s": round(time.perf_counter() - start, 2), "cold-plain-tokens": res.tokens}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_bytes() -> dict:
@@ -144,6 +178,7 @@ def main() -> None:
     parser.add_argument("--round-steps", type=int, default=8, help="local steps in the round of (b)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-round", action="store_true", help="skip (b), which starts Flower")
+    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. 'b'")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
@@ -151,25 +186,33 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "setup": f"SmolLM2-135M-Instruct fp32, LoRA r=8 all-linear, batch {BATCH} x {SEQ} tokens, {args.threads} threads"}
-    report["c-bytes"] = bench_bytes()
-    report["a-dp-vs-no-dp"] = bench_dp_overhead(args.steps, args.threads)
-    if not args.skip_round:
+    if "c" in args.parts:
+        report["c-bytes"] = bench_bytes()
+    if "a" in args.parts:
+        report["a-dp-vs-no-dp"] = bench_dp_overhead(args.steps, args.threads)
+    if "b" in args.parts and not args.skip_round:
         report["b-round-vs-plain-loop"] = bench_round_vs_plain_loop(args.round_steps, args.threads)
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(report["setup"])
-    for name, r in report["a-dp-vs-no-dp"].items():
+    for name, r in report.get("a-dp-vs-no-dp", {}).items():
         print(f"(a) {name:<13} DP step {r['dp-step-s']:.2f}s vs no-DP {r['no-dp-step-s']:.2f}s -> ratio {r['ratio']:.2f}"
               f"  ({r['trainable-params']:,} trainable params)")
     if "b-round-vs-plain-loop" in report:
         b = report["b-round-vs-plain-loop"]
-        print(f"(b) federated round {b['round-wall-s']:.1f}s vs plain loop {b['plain-loop-s']:.1f}s -> ratio "
-              f"{b['ratio-round-vs-plain']:.2f} (site's own training {b['site-train-s']:.1f}s; tokens {b['tokens-round']} vs {b['tokens-plain']})")
-    c = report["c-bytes"]
-    print(f"(c) reply {c['reply-bytes']:,} B vs raw sent tensors {c['raw-sent-tensor-bytes']:,} B -> {c['ratio-vs-raw-sent']:.3f}; "
-          f"vs full adapter {c['raw-full-adapter-bytes']:,} B -> {c['ratio-vs-full-adapter']:.3f}; "
-          f"vs full model {c['full-model-bytes']:,} B -> {c['ratio-vs-full-model']:.4f}")
+        print(f"(b) first federated round {b['first-round-wall-s']:.1f}s vs plain loop in a fresh process "
+              f"{b['cold-plain-loop-s']:.1f}s (model load, tokenization, 1st-step warm-up included in both) -> ratio "
+              f"{b['ratio-first-round-vs-cold-plain']:.2f}")
+        for name in ("first", "warm"):
+            print(f"(b) {name} federated round {b[f'{name}-round-wall-s']:.1f}s vs plain loop {b['plain-loop-s']:.1f}s -> ratio "
+                  f"{b[f'ratio-{name}-round-vs-plain']:.2f} (site's own training {b[f'{name}-round-site-train-s']:.1f}s; "
+                  f"tokens {b[f'{name}-round-tokens']} vs {b['tokens-plain']})")
+    c = report.get("c-bytes")
+    if c:
+        print(f"(c) reply {c['reply-bytes']:,} B vs raw sent tensors {c['raw-sent-tensor-bytes']:,} B -> {c['ratio-vs-raw-sent']:.3f}; "
+              f"vs full adapter {c['raw-full-adapter-bytes']:,} B -> {c['ratio-vs-full-adapter']:.3f}; "
+              f"vs full model {c['full-model-bytes']:,} B -> {c['ratio-vs-full-model']:.4f}")
 
 
 if __name__ == "__main__":
