@@ -131,6 +131,78 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    """``fedllm ledger verify FILE``: exit 0 if everything checks, 1 on any problem, 2 on unreadable input."""
+    from fedllm.privacy.ledger import verify_ledger
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FedLLMError(f"{path}: no such ledger file")
+    data_fingerprint = None
+    if args.data:
+        from fedllm.data.fingerprint import dataset_fingerprint
+        from fedllm.data.loading import load_records
+
+        data_fingerprint = dataset_fingerprint(load_records(args.data, format=args.data_format))
+    result = verify_ledger(path, public_key=args.public_key, dataset_fingerprint=data_fingerprint)
+    if args.json:
+        _echo(json.dumps(result.to_dict()))
+        return 0 if result.ok else 1
+    _echo(f"Privacy ledger {path}: site '{result.site}', {result.entries} entries, version {result.version}")
+    _echo(f"dataset: {result.dataset_fingerprint or '(none: not bound to a dataset)'}"
+          + (f" (checked against {args.data})" if args.data else ""))
+    if not result.signed:
+        _echo("unsigned: the hash chain stops accidental or naive edits only (anyone can recompute it)")
+    elif result.signature_checked:
+        _echo(f"signed by {result.key_id}; signatures checked against the given public key {args.public_key}")
+    else:
+        _echo(f"signed by {result.key_id}; signatures checked only against the key in the file itself: "
+              "give --public-key SITE.pub to check that it is the site's key")
+    if result.entries:
+        eps = "inf (no DP guarantee)" if result.final_epsilon == float("inf") else f"{result.final_epsilon:.2f}"
+        _echo(f"cumulative ε = {eps} (δ={result.target_delta:g}, {result.accountant}), recomputed entry by entry "
+              "from the recorded parameters")
+    for note in result.notes:
+        _echo(f"note: {note}")
+    if result.ok:
+        _echo("OK: hash chain intact, dataset fingerprint consistent, every ε recomputes")
+        return 0
+    where = (f"first bad entry: {result.first_bad_entry} (entries are numbered from 1)"
+             if result.first_bad_entry is not None else "the ledger header")
+    _echo(f"FAILED: {where}; {len(result.problems)} problem{'s' if len(result.problems) != 1 else ''}:")
+    for problem in result.problems:
+        _echo(f"  - {problem}")
+    return 1
+
+
+def cmd_ledger_keygen(args: argparse.Namespace) -> int:
+    """``fedllm ledger keygen --out DIR --site NAME``: a site's Ed25519 key pair for signing its ledger."""
+    from fedllm.privacy.signing import generate_signing_key, key_id, load_public_key
+
+    private, public = generate_signing_key(args.out, site=args.site)
+    private, public = private.resolve(), public.resolve()
+    _echo(f"Signing key of site '{args.site}' ({key_id(load_public_key(public))}):")
+    _echo(f"  private key: {private}  (permissions 600; it stays at the site, never send it)")
+    _echo(f"  public key:  {public}  (give it to the coordinator: fedllm ledger verify LEDGER --public-key "
+          f"{public.name})")
+    _echo(f"Use it: node config signing-key=\"{private}\"; in a simulation, "
+          f"--set privacy.signing-key-dir={private.parent}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``fedllm audit RUN_DIR`` (privacy report) or ``fedllm audit --canaries N`` (empirical audit)."""
+    if args.canaries is not None:
+        from fedllm.audit.canaries import main as canary_main
+
+        return canary_main(args)
+    if not args.run_dir:
+        raise FedLLMError("give a run folder (fedllm audit RUN_DIR), or --canaries N for an empirical audit")
+    from fedllm.audit.report import main as report_main
+
+    return report_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedllm", description="Federated DP-LoRA fine-tuning of open LLMs on Flower.")
     parser.add_argument("--version", action="version", version=f"fedllm {__version__}")
@@ -158,11 +230,46 @@ def build_parser() -> argparse.ArgumentParser:
     bud.add_argument("--json", action="store_true", help="print JSON")
     bud.set_defaults(func=cmd_budget)
 
-    led = sub.add_parser("ledger", help="inspect a site's privacy ledger")
+    led = sub.add_parser("ledger", help="inspect, verify or sign a site's privacy ledger")
     led_sub = led.add_subparsers(dest="ledger_command", required=True)
     show = led_sub.add_parser("show", help="print a ledger and its cumulative ε")
     show.add_argument("file")
     show.set_defaults(func=cmd_ledger_show)
+    ver = led_sub.add_parser("verify", help="check a ledger: hash chain, dataset binding, signatures, every ε "
+                                            "(exit 0 intact, 1 a problem, 2 unreadable input)")
+    ver.add_argument("file")
+    ver.add_argument("--public-key", metavar="PEM", help="the site's Ed25519 public key (its .pub file): the "
+                                                         "signatures must be by this key")
+    ver.add_argument("--data", metavar="PATH",
+                     help="the site's data file: the ledger must be bound to exactly this data")
+    ver.add_argument("--data-format", default="auto", choices=("auto", "instruction", "chat", "text"),
+                     help="with --data: how to read the records (the run's data.format; default auto)")
+    ver.add_argument("--json", action="store_true", help="print the result as JSON")
+    ver.set_defaults(func=cmd_ledger_verify)
+    keygen = led_sub.add_parser("keygen", help="create a site's Ed25519 key pair for signing its ledger")
+    keygen.add_argument("--out", required=True, metavar="DIR", help="folder for SITE.key (private) and SITE.pub")
+    keygen.add_argument("--site", required=True, metavar="NAME", help="the site's name (site-name)")
+    keygen.set_defaults(func=cmd_ledger_keygen)
+
+    aud = sub.add_parser("audit", help="privacy report of a run (ε per site under three accountants), "
+                                       "or an empirical canary audit (--canaries)")
+    aud.add_argument("run_dir", nargs="?", help="a run folder written by fedllm simulate / fedllm run")
+    aud.add_argument("--output", help="where to write the report (default RUN_DIR/audit, or runs/audit-<time> with --canaries)")
+    aud.add_argument("--public-key", action="append", metavar="SITE=PEM",
+                     help="a site's Ed25519 public key to check its ledger signature against (repeatable)")
+    aud.add_argument("--json", action="store_true", help="also print the report's JSON on stdout")
+    aud.add_argument("--canaries", type=int, metavar="N",
+                     help="empirical audit: train with N one-run canaries inserted and measure what leaks")
+    aud.add_argument("--scenario", default="demo", help="with --canaries: the scenario whose first site's data and "
+                                                         "settings are used (default demo)")
+    aud.add_argument("--site", help="with --canaries: which site of the scenario (default the first)")
+    aud.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --canaries: override a run-config key")
+    aud.add_argument("--no-noise", action="store_true",
+                     help="with --canaries: train with clipping but no noise (a deliberately broken mechanism, "
+                          "to show the audit catches it)")
+    aud.add_argument("--guesses", type=int, help="with --canaries: guesses k of the one-run audit, fixed before "
+                                                  "scores are seen (default: chosen from N up front)")
+    aud.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def site_runtime(context: Context) -> SiteRuntime:
         sites = json.loads(Path(config.simulation.sites_file).read_text(encoding="utf-8"))
         site = SiteConfig.from_dict(sites[int(context.node_config["partition-id"])])
         ledger_dir = Path(config.privacy.ledger_dir or Path(config.output_dir) / "ledgers")
+        if config.privacy.signing_key_dir and not site.signing_key:  # each simulated site signs with DIR/<site>.key
+            site = dataclasses.replace(site, signing_key=str(Path(config.privacy.signing_key_dir) / f"{site.name}.key"))
     else:  # a real site: its ledger location is its own, never the coordinator's
         site = SiteConfig.from_node_config(context.node_config)
         ledger_dir = Path.home() / ".local" / "share" / "fedllm" / "ledgers"

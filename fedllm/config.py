@@ -87,6 +87,7 @@ class PrivacyConfig:
     max_epsilon: float = 10.0
     accountant: str = "prv"
     ledger_dir: str = ""
+    signing_key_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,20 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 0.001
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Central (site-level) DP on the server: each site's update clipped to S, Gaussian noise of
+    std z·S/m on the mean (Flower's DP strategy wrappers); off by default (see docs/privacy.md)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping: str = "fixed"
+    clipping_norm: float = 1.0
+    target_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    target_delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
@@ -165,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
     "strategy.name": ("fedavg", "fedprox", "fedadam"),
+    "central-dp.clipping": ("fixed", "adaptive"),
 }
 
 # (key, lower bound, upper bound, lower bound inclusive)
@@ -194,6 +211,11 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("strategy.min-available-sites", 1, math.inf, True),
     ("strategy.proximal-mu", 0.0, 1e6, True),
     ("strategy.server-learning-rate", 0.0, 100.0, False),
+    ("central-dp.noise-multiplier", 0.0, 1e4, False),
+    ("central-dp.clipping-norm", 0.0, 1e6, False),
+    ("central-dp.target-quantile", 0.0, 1.0, True),
+    ("central-dp.clip-norm-lr", 0.0, 10.0, False),
+    ("central-dp.target-delta", 0.0, 1.0, False),
     ("federation.round-timeout", 0.0, math.inf, False),
     ("federation.tolerated-failures", 0, math.inf, True),
     ("simulation.client-cpus", 1, 1024, True),
@@ -268,6 +290,11 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
                 f"privacy.max-epsilon = {values['privacy.max-epsilon']:g}: the run could never reach "
                 "its target; lower the target or raise the cap"
             )
+    if values["central-dp.enabled"] and values["strategy.name"] == "fedadam":
+        problems.append(
+            "central-dp.enabled = true with strategy.name = 'fedadam': Flower's DP wrappers add the "
+            "noise after FedAdam's server step, which has no site-level guarantee; use fedavg or fedprox"
+        )
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     return _build(values)
@@ -368,8 +395,9 @@ class SiteConfig:
     ledger_path: str = ""
     max_epsilon: float = 0.0
     device: str = "cpu"
+    signing_key: str = ""  # the site's Ed25519 private key (PEM) that signs its ledger; "": unsigned
 
-    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device")
+    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device", "signing-key")
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> SiteConfig:
@@ -385,6 +413,13 @@ class SiteConfig:
         cap = node.get("max-epsilon", 0.0)
         if not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap < 0:
             problems.append(f"max-epsilon = {cap!r}: must be a number >= 0 (0 = the run's cap)")
+        signing_key = node.get("signing-key", "")
+        if not isinstance(signing_key, str):
+            problems.append(f"signing-key = {signing_key!r}: must be the path of the site's Ed25519 private key "
+                            "(PEM, from 'fedllm ledger keygen'), or \"\" to leave the ledger unsigned")
+        elif signing_key and not Path(signing_key).expanduser().is_file():
+            problems.append(f"signing-key = {signing_key!r}: no such file; create a key with "
+                            "'fedllm ledger keygen --out DIR --site NAME'")
         if problems:
             raise ConfigError("Invalid site configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -393,6 +428,7 @@ class SiteConfig:
             ledger_path=str(node.get("ledger-path", "")),
             max_epsilon=float(cap),
             device=str(node.get("device", "cpu")),
+            signing_key=str(Path(signing_key).expanduser()) if signing_key else "",
         )
 
     def effective_max_epsilon(self, run: PrivacyConfig) -> float:
@@ -408,6 +444,7 @@ class SiteConfig:
             "ledger": self.ledger_path,
             "max-epsilon": self.max_epsilon,
             "device": self.device,
+            "signing-key": self.signing_key,
         }
 
     @classmethod
@@ -418,4 +455,5 @@ class SiteConfig:
             ledger_path=str(entry.get("ledger", "")),
             max_epsilon=float(entry.get("max-epsilon", 0.0)),
             device=str(entry.get("device", "cpu")),
+            signing_key=str(entry.get("signing-key", "")),
         )

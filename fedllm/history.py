@@ -51,6 +51,7 @@ class RunHistory:
             "status": "running",
             "num-server-rounds": num_rounds,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "central-dp": {"enabled": False},
             "rounds": [],
         }
 
@@ -86,6 +87,18 @@ class RunHistory:
                      keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values())}
         self._round(server_round)["evaluate"] = {"sites": sites, "failed": failed, "aggregate": aggregate}
         return aggregate
+
+    def set_central_dp(self, block: Mapping[str, Any]) -> None:
+        """The run's site-level guarantee (top-level ``"central-dp"``), replaced as rounds complete:
+        ``enabled``, ``clipping``, ``noise-multiplier``, ``clipping-norm`` (initial),
+        ``sites-per-round``, ``total-sites``, ``rounds`` (noisy aggregates released), ``sampling``,
+        ``epsilon``, ``delta``, ``accountant``. ``{"enabled": false}`` when central DP is off."""
+        self.data["central-dp"] = dict(block)
+
+    def record_central_dp(self, server_round: int, *, clipping_norm: float, epsilon: float, sites: int) -> None:
+        """One round's central DP: the clipping norm S_t its updates were clipped to, the
+        site-level ε so far, and m_t, the number of updates averaged (0: nothing released)."""
+        self._round(server_round)["central-dp"] = {"clipping-norm": clipping_norm, "epsilon": epsilon, "sites": sites}
 
     def finish(self, status: str, error: str = "") -> None:
         self.data["status"] = status

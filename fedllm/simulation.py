@@ -19,7 +19,9 @@ output folder. Each Ray actor keeps the base model loaded across the sites and r
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,12 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedllm.config import RunConfig, SiteConfig, toml_value
 from fedllm.errors import FedLLMError, RunFailedError
 from fedllm.logs import strip_to_marker
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "fedllm-sim"
 FLOWER_ENV = {
@@ -78,6 +83,41 @@ def write_app_folder(folder: Path, defaults: dict) -> None:
     ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+RUN_MARKER = "FEDLLM_SIMULATION_ID"
+
+
+def _kill_marked(marker: str, grace: float = 20.0) -> None:
+    """Kill what is left of the run outside the SuperLink's process group and wait until it is gone.
+
+    Ray starts its worker processes in their own sessions; they exit by themselves when the raylet
+    dies, but only after a while (longer on a loaded machine). Every process of the run carries
+    ``RUN_MARKER`` in its environment, so find them in /proc (Linux; elsewhere this is a no-op)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return
+    needle = f"{RUN_MARKER}={marker}".encode()
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for entry in proc_dir.iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    alive.append(int(entry.name))
+            except OSError:
+                continue
+        if not alive:
+            return
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            log.warning("processes of the run still alive after SIGKILL: %s", alive)
+            return
+        time.sleep(0.2)
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -127,7 +167,8 @@ def run_simulation(
     # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this
     # environment's scripts first on PATH, also when the virtualenv is not activated.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "flwr-home"), "PATH": path}
+    marker = uuid.uuid4().hex  # inherited by every process the run starts, Ray's workers included
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "flwr-home"), "PATH": path, RUN_MARKER: marker}
     port = free_port()
     (work / "flwr-home").mkdir()
     (work / "flwr-home" / "config.toml").write_text(
@@ -159,6 +200,7 @@ def run_simulation(
         status, details = _run_status(run_id, env, work)
     finally:
         _stop_group(superlink)
+        _kill_marked(marker)
         shutil.rmtree(work, ignore_errors=True)
     history_path = out / "history.json"
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}

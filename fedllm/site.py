@@ -11,6 +11,11 @@ Order of a training round (``train_round``):
    ``BudgetExceededError`` before any training;
 3. local DP-SGD steps;
 4. the release is written to the ledger (atomically), and only then is the update returned.
+
+The ledger is bound to the site's data: the fingerprint of all the site's records
+(``fedllm.data.fingerprint``) is computed once, and a ledger written for other data makes the site
+refuse to train (``LedgerError``, naming both fingerprints), as does a ledger whose hash chain is
+broken. A site with a ``signing-key`` signs every entry it records.
 """
 
 from __future__ import annotations
@@ -25,20 +30,24 @@ import torch
 
 from fedllm import keys
 from fedllm.config import RunConfig, SiteConfig
+from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.formatting import TokenizedExample, tokenize_records
-from fedllm.data.loading import load_records
+from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
 from fedllm.model import get_adapter_state, set_adapter_state, shared_model
 from fedllm.privacy.accounting import DPEvent, noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.privacy.signing import load_private_key
 from fedllm.train import DPSettings, StepInfo, evaluate_loss, train_local
 
 log = logging.getLogger(__name__)
 
-def load_site_examples(config: RunConfig, site: SiteConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+def load_site_examples(config: RunConfig, site: SiteConfig, tokenizer: Any, *, records: list[Record] | None = None,
+                       ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     """A site's (train, held-out) tokenized examples; bad data raises ``DataError``."""
-    records = load_records(site.data_path, format=config.data.format)
+    if records is None:
+        records = load_records(site.data_path, format=config.data.format)
     examples = tokenize_records(records, tokenizer, max_length=config.data.max_length, source=site.data_path)
     return split_holdout(examples, eval_fraction=config.data.eval_fraction,
                          seed=stable_seed(config.data.seed, site.name), max_eval=config.data.max_eval_examples)
@@ -59,8 +68,12 @@ class SiteRuntime:
         self.config, self.site = config, site
         self.model, self.tokenizer = shared_model(config)
         self.model.to(site.device)
-        self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer)
+        records = load_records(site.data_path, format=config.data.format)
+        self.dataset_fingerprint = dataset_fingerprint(records)
+        self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)
         self.ledger_path = ledger_path
+        self.signing_key = load_private_key(site.signing_key) if site.signing_key else None
+        self.open_ledger().require_writable()  # refuse now, before any round: other data, broken chain, wrong key
         self.cap = site.effective_max_epsilon(config.privacy)
         self._sigma: dict[str, float] = {}
         threads = config.train.threads or config.simulation.client_cpus
@@ -69,6 +82,11 @@ class SiteRuntime:
     @property
     def name(self) -> str:
         return self.site.name
+
+    def open_ledger(self) -> PrivacyLedger:
+        """This site's ledger, checked: bound to this site's data, chain intact, signed by this site's key."""
+        return PrivacyLedger.open(self.ledger_path, site=self.name, dataset_fingerprint=self.dataset_fingerprint,
+                                  signing_key=self.signing_key)
 
     def noise_multiplier(self, ledger: PrivacyLedger, *, run_id: str, server_round: int, sample_rate: float) -> float:
         """σ for this run: given, reused from this run's ledger entries, or calibrated."""
@@ -90,7 +108,7 @@ class SiteRuntime:
                     proximal_mu: float = 0.0) -> RoundOutcome:
         """Budget check, local training, ledger record; raises ``BudgetExceededError`` to refuse."""
         cfg, p = self.config, self.config.privacy
-        ledger = PrivacyLedger.open(self.ledger_path, site=self.name)
+        ledger = self.open_ledger()
         steps = cfg.train.local_steps
         sample_rate = min(1.0, cfg.train.batch_size / len(self.train_examples))
         dp = None

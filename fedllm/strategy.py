@@ -5,19 +5,66 @@ of training examples, FedProx (the site adds the proximal term), FedAdam (server
 adapter's pseudo-gradient). Before a reply reaches the strategy it is triaged: a site refusing a
 round for its privacy budget is recorded, a failed site is counted, and an update with wrong
 keys, shapes, dtypes or non-finite values is rejected; the rest are aggregated.
+
+Central (site-level) DP, optional (``central-dp.enabled``; dp-lora.md §3.1–3.2): the strategy is
+wrapped in Flower's own ``DifferentialPrivacyServerSideFixedClipping`` or
+``...ServerSideAdaptiveClipping``. Each site's update *relative to the global adapter it was sent*
+(``configure_train`` stores it) is clipped to L2 norm S over all exchanged tensors (the B tensors
+under FFA-LoRA), the clipped updates are averaged, and Gaussian noise of std z·S/m is added to the
+mean. Unit of privacy: one site; the ε is :func:`fedllm.privacy.accounting.site_level_epsilon`
+(q = 1: Flower samples a fixed number of sites, so there is no amplification). Server-side
+clipping protects against whoever sees the *global* adapter (sites, the exported adapter), not
+against the coordinator, which sees every site's individual (record-level DP) update.
+
+fedllm adapts the wrappers in five small ways (:class:`_SiteLevelDP`), because as shipped in
+Flower 1.42 they would not give the guarantee fedllm reports:
+
+* **Equal weights.** The wrappers average with the inner strategy's weights, but the noise
+  z·S/m is calibrated to an *unweighted* mean (sensitivity S/m). The train replies handed to the
+  wrapper carry ``num-examples = 1`` (the history keeps the true counts, copied at triage).
+* **m is the number of updates actually averaged.** The wrappers calibrate the noise to the number
+  of sites *sampled* while FedAvg divides by the number that *replied*; with a site refusing or
+  rejected, the noise would be too small. ``num_sampled_clients`` is set to the replies' count
+  before each aggregation, so every round is a Gaussian mechanism with multiplier z.
+* **Tensor order.** The wrappers pair reply and global tensors by position; replies are
+  re-keyed in the global adapter's order first.
+* **Adaptive clipping, direction** (Flower 1.42 bug): the wrapper counts the updates that *were
+  clipped* and then applies Andrew et al.'s rule C ← C·exp(−η(b̃ − γ)), which expects the fraction
+  *not* clipped, so C shrinks when every update is clipped (measured: 0.1 → 0.061 in 5 rounds for
+  updates of norm 2). :meth:`SiteLevelAdaptiveClipping._noisy_fraction` returns the unclipped
+  fraction (the count noise is symmetric, so its distribution is unchanged).
+* **Adaptive clipping, noise scale** (Flower 1.42 bug): the wrapper updates C *before* adding the
+  noise, so the noise is scaled by next round's C instead of the C the updates were clipped to;
+  when C shrinks that is too little noise. The noise here uses the round's own C.
+
+The clipped-count noise of adaptive clipping is σ_b = max(m/20, z): Flower's default m/20
+(Andrew et al.) is below z/2 for cross-silo m (5 sites: 0.25) and then cannot keep the total
+noise multiplier at z; with σ_b ≥ z the update noise is z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) ≤ 1.155·z.
+The wrappers draw from NumPy's global generator; it is reseeded from 256 bits of OS entropy
+before every aggregation, so no configuration seed can make the noise reproducible (it is still
+not a cryptographically secure generator, like the sites' noise).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from fedllm import keys
-from fedllm.config import StrategyConfig
+from fedllm.config import CentralDPConfig, StrategyConfig
 from fedllm.errors import InvalidUpdateError
 
 log = logging.getLogger(__name__)
@@ -43,9 +90,10 @@ def build_strategy(config: StrategyConfig) -> FedAvg:
     return FedAvg(**common)
 
 
-def validate_update(arrays: ArrayRecord, reference: ArrayRecord) -> None:
+def validate_update(arrays: ArrayRecord, reference: ArrayRecord, *, require_change: bool = False) -> None:
     """Raise ``InvalidUpdateError`` unless ``arrays`` has exactly the reference's keys, shapes
-    and dtypes, and only finite values."""
+    and dtypes, and only finite values; with ``require_change`` (central DP, whose clipping
+    divides by the update's norm) also unless some value differs from the reference."""
     got, want = set(arrays.keys()), set(reference.keys())
     if got != want:
         missing, extra = sorted(want - got)[:2], sorted(got - want)[:2]
@@ -58,6 +106,8 @@ def validate_update(arrays: ArrayRecord, reference: ArrayRecord) -> None:
             raise InvalidUpdateError(f"{key}: dtype {a.dtype}, expected {r.dtype}")
         if not np.isfinite(a.numpy()).all():
             raise InvalidUpdateError(f"{key}: contains NaN or Inf")
+    if require_change and all(np.array_equal(arrays[k].numpy(), reference[k].numpy()) for k in reference.keys()):
+        raise InvalidUpdateError("identical to the global adapter it was sent: no update (nothing was trained)")
 
 
 @dataclass
@@ -79,7 +129,8 @@ def site_name(msg: Message, names: dict[int, str]) -> str:
     return names.get(node, f"node-{node}")
 
 
-def triage_replies(replies: list[Message], *, reference: ArrayRecord | None, names: dict[int, str]) -> Triage:
+def triage_replies(replies: list[Message], *, reference: ArrayRecord | None, names: dict[int, str],
+                   require_change: bool = False) -> Triage:
     """Sort replies; ``reference`` (the arrays sent) enables update validation for train."""
     out = Triage()
     for msg in replies:
@@ -96,7 +147,7 @@ def triage_replies(replies: list[Message], *, reference: ArrayRecord | None, nam
             try:
                 if keys.ARRAYS not in msg.content:
                     raise InvalidUpdateError("no adapter arrays in the reply")
-                validate_update(msg.content[keys.ARRAYS], reference)
+                validate_update(msg.content[keys.ARRAYS], reference, require_change=require_change)
             except InvalidUpdateError as exc:
                 out.rejected[name] = str(exc)
                 log.error("rejected update from site %s: %s", name, exc)
@@ -104,3 +155,124 @@ def triage_replies(replies: list[Message], *, reference: ArrayRecord | None, nam
         out.accepted.append(msg)
         out.metrics[name] = dict(msg.content[keys.METRICS])
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# central (site-level) DP
+
+
+def clipped_count_stddev(*, noise_multiplier: float, sites_per_round: int) -> float:
+    """σ_b of adaptive clipping's noisy clipped count: max(m/20, z) (see the module docstring)."""
+    return max(sites_per_round / 20, noise_multiplier)
+
+
+def with_central_dp(strategy: FedAvg, config: CentralDPConfig, *, sites_per_round: int) -> Strategy:
+    """``strategy`` wrapped in Flower's server-side DP wrapper for ``config.clipping``.
+
+    ``sites_per_round`` (m, Flower's sample size) sizes adaptive clipping's count noise; the update
+    noise is recalibrated to the number of updates actually averaged in every round. z = 0 is
+    accepted here (clipping without noise, for tests); the run configuration requires z > 0.
+    """
+    if isinstance(strategy, FedAdam):
+        raise ValueError("central DP needs a FedAvg aggregate (fedavg or fedprox), not FedAdam's server step")
+    z = config.noise_multiplier
+    if config.clipping == "adaptive":
+        return SiteLevelAdaptiveClipping(
+            strategy, z, sites_per_round,
+            initial_clipping_norm=config.clipping_norm,
+            target_clipped_quantile=config.target_quantile,
+            clip_norm_lr=config.clip_norm_lr,
+            clipped_count_stddev=clipped_count_stddev(noise_multiplier=z, sites_per_round=sites_per_round),
+        )
+    return SiteLevelFixedClipping(strategy, z, config.clipping_norm, sites_per_round)
+
+
+class _SiteLevelDP:
+    """What fedllm adds to Flower's server-side DP wrappers (mixed in before them; see the module
+    docstring): equal weights, m = updates averaged, tensor order, fresh noise seed, and the
+    round's clipping norm and site count kept for the history."""
+
+    current_arrays: ArrayRecord
+    clipping_norm: float
+    num_sampled_clients: int
+    noise_multiplier: float
+
+    def _init_round_state(self) -> None:
+        self.round_clipping_norm: float = self.clipping_norm  # S_t of the last aggregated round
+        self.round_sites: int = 0  # m_t of the last aggregated round
+
+    def aggregate_train(self, server_round: int, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        order = list(self.current_arrays.keys())
+        for reply in replies:
+            _prepare_for_dp_mean(reply, order)
+        self.num_sampled_clients = max(1, len(replies))
+        self.round_clipping_norm = self.clipping_norm
+        self.round_sites = len(replies)
+        np.random.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    @property
+    def noise_stddev(self) -> float:
+        """Std of the noise added to the last round's mean: z_update · S_t / m_t."""
+        return self.noise_multiplier * self.round_clipping_norm / max(1, self.round_sites)
+
+
+def _prepare_for_dp_mean(reply: Message, order: list[str]) -> None:
+    """Equal weight (num-examples = 1) and the global adapter's tensor order, in place."""
+    if keys.ARRAYS in reply.content and order:
+        record = reply.content[keys.ARRAYS]
+        reply.content[keys.ARRAYS] = ArrayRecord({k: record[k] for k in order})
+    if keys.METRICS in reply.content:
+        metrics = dict(reply.content[keys.METRICS])
+        metrics[keys.NUM_EXAMPLES] = 1
+        reply.content[keys.METRICS] = MetricRecord(metrics)
+
+
+class SiteLevelFixedClipping(_SiteLevelDP, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping (norm S every round) with fedllm's adaptations."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self._init_round_state()
+
+
+class SiteLevelAdaptiveClipping(_SiteLevelDP, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping (Andrew et al. 2021) with fedllm's adaptations and
+    its two fixes: C moves toward the ``target_clipped_quantile`` of update norms (the fraction of
+    updates left unclipped), and the noise uses the C the round was clipped to."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int, *,
+                 initial_clipping_norm: float, target_clipped_quantile: float, clip_norm_lr: float,
+                 clipped_count_stddev: float) -> None:
+        super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
+                         target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
+        self._init_round_state()
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        # Flower passes the number of updates that were clipped; the rule wants those that were not.
+        return 1.0 - super()._noisy_fraction(count, total)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        next_norm = self.clipping_norm
+        self.clipping_norm = self.round_clipping_norm
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        finally:
+            self.clipping_norm = next_norm
+
+
+def site_level_warning(*, epsilon: float, rounds: int, total_sites: int, noise_multiplier: float,
+                       threshold: float = 10.0) -> str | None:
+    """The plain warning logged at run start when the planned site-level ε exceeds ``threshold``."""
+    if epsilon <= threshold:
+        return None
+    shown = "∞" if math.isinf(epsilon) else f"{epsilon:.1f}"
+    return (
+        f"site-level ε would be {shown} after {rounds} rounds with {total_sites} sites at noise "
+        f"{noise_multiplier:g}: too large to mean anything; central DP only protects a site when "
+        "hundreds of sites take part per round. Raise central-dp.noise-multiplier (at a heavy cost in "
+        "accuracy), run fewer rounds, or rely on the record-level guarantee of each site (privacy.*); "
+        "see docs/privacy.md"
+    )

@@ -1,4 +1,4 @@
-"""A site's privacy ledger: every DP release made from the site's data, on disk.
+"""A site's privacy ledger: every DP release made from the site's data, on disk, hash-chained.
 
 One JSON file per site (per dataset), kept at the site. It survives rounds, runs and restarts:
 every run on the same data spends from the same budget, and Flower's per-run ``Context.state``
@@ -14,130 +14,114 @@ accountant, the number of examples and the cumulative ε after it.
   a release that would cross the site's cap.
 * Writes are atomic: the whole file goes to a temporary file in the same folder, is flushed and
   fsynced, then renamed over the old one, so a crash leaves either the old or the new ledger.
-* A ledger that cannot be read is an error, never a fresh start: a fresh ledger would forget the
-  spend. Its format::
+* A ledger that cannot be read, or whose hash chain is broken, is an error, never a fresh start:
+  a fresh ledger would forget the spend.
 
-    {"format": "fedllm-privacy-ledger", "version": 1, "site": "cardiology", "entries": [{...}, ...]}
+Integrity (format version 2; the checks are in :mod:`fedllm.privacy.ledger_chain`):
 
-  with ε = ∞ stored as the string ``"inf"`` (JSON has no infinity).
+* **Dataset-bound.** The header and every entry carry the fingerprint of the site's data
+  (:func:`fedllm.data.fingerprint.dataset_fingerprint`). Opening the ledger with another
+  fingerprint is an error naming both, so a budget stays tied to the data it was spent on, and
+  two runs on the same data draw from the same budget.
+* **Hash-chained.** Each entry carries ``prev-hash`` (the previous entry's ``entry-hash``; for the
+  first entry the *genesis* hash of the header: format, site, dataset fingerprint) and its own
+  ``entry-hash`` (SHA-256 of its canonical JSON: every field but ``entry-hash`` and
+  ``signature``). The header's ``head`` records the number of entries and the last entry-hash,
+  so an entry deleted from the end is noticed too. Opening the ledger checks the chain.
+* **Optionally signed.** A site with a signing key (Ed25519, :mod:`fedllm.privacy.signing`)
+  signs every new entry's hash and the head; its public key goes into the header at the first
+  signature. Once a ledger is signed, only that key may write to it.
+* :func:`verify_ledger` (``fedllm ledger verify``) checks all of that and recomputes every
+  cumulative ε from the recorded parameters.
+
+What it does not prove: the site holds the key and the file, so it can always rewrite and re-sign
+its whole chain; an unsigned chain stops only naive or accidental edits, since anyone can
+recompute SHA-256. Restoring an older copy of the whole file (a rollback) is not detectable from
+the file alone. See docs/privacy.md, "Ledger integrity".
+
+Format::
+
+    {"format": "fedllm-privacy-ledger", "version": 2, "site": "cardiology",
+     "dataset-fingerprint": "sha256:…", "public-key": "<base64>" (signed ledgers only),
+     "head": {"entries": 2, "entry-hash": "…"}, "head-signature": "…" (signed only),
+     "entries": [{"run_id": …, …, "epsilon": …, "dataset-fingerprint": "sha256:…",
+                  "prev-hash": "…", "entry-hash": "…", "signature": "…" (signed only)}, …]}
+
+with ε = ∞ stored as the string ``"inf"`` (JSON has no infinity). Version-1 ledgers (the same
+without the integrity fields) still load; the first release recorded converts the file to
+version 2, chaining the old entries (each marked ``"migrated": true``, the header keeps a
+``"migrated"`` note with the time) and binding it to the data of the site that records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import numbers
 import os
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedllm.data.fingerprint import is_fingerprint
 from fedllm.errors import BudgetExceededError, LedgerError
-from fedllm.privacy.accounting import ACCOUNTANTS, DPEvent, PrivacyParameterError, epsilon_for
+from fedllm.privacy.accounting import DPEvent, PrivacyParameterError, epsilon_for
+from fedllm.privacy.ledger_chain import (
+    EPSILON_RTOL,
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    READABLE_VERSIONS,
+    FieldError,
+    LedgerEntry,
+    LedgerVerification,
+    chain_entry,
+    genesis_hash,
+    head_message,
+    inspect_document,
+    parse_entry,
+)
 
-LEDGER_FORMAT = "fedllm-privacy-ledger"
-LEDGER_VERSION = 1
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+__all__ = [
+    "EPSILON_RTOL",
+    "LEDGER_FORMAT",
+    "LEDGER_VERSION",
+    "LedgerEntry",
+    "LedgerVerification",
+    "PrivacyLedger",
+    "verify_ledger",
+]
+
+log = logging.getLogger(__name__)
 
 _RESTORE = (
     "The file is corrupt or was edited by hand: restore it from a backup. Do not delete it: "
     "a fresh ledger would forget this site's privacy spend."
 )
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One release. ``epsilon`` is the cumulative ε after it (``math.inf`` if any release had σ = 0)."""
-
-    run_id: str
-    server_round: int
-    steps: int
-    sample_rate: float
-    noise_multiplier: float  # 0.0: this release had no differential privacy
-    max_grad_norm: float
-    target_delta: float
-    accountant: str
-    epsilon: float
-    num_examples: int
-    timestamp: str  # ISO-8601, UTC
-
-    @property
-    def event(self) -> DPEvent:
-        return DPEvent(self.noise_multiplier, self.sample_rate, self.steps)
-
-
-class _FieldError(Exception):
-    def __init__(self, field: str, expected: str, value: object) -> None:
-        super().__init__(f"field '{field}': expected {expected}, got {value!r}")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
-
-
-def _is_timestamp(value: Any) -> bool:
-    try:
-        return isinstance(value, str) and datetime.fromisoformat(value) is not None
-    except ValueError:
-        return False
-
-
-_COUNT = ("an integer >= 0", _is_count)
-_NON_NEGATIVE = ("a finite number >= 0", lambda v: _is_real(v) and v >= 0)
-_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {  # name: (what is expected, check)
-    "run_id": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
-    "server_round": _COUNT,
-    "steps": _COUNT,
-    "sample_rate": ("a number in [0, 1]", lambda v: _is_real(v) and 0 <= v <= 1),
-    "noise_multiplier": _NON_NEGATIVE,
-    "max_grad_norm": _NON_NEGATIVE,
-    "target_delta": ("a number in (0, 1)", lambda v: _is_real(v) and 0 < v < 1),
-    "accountant": (f"one of {', '.join(ACCOUNTANTS)}", lambda v: v in ACCOUNTANTS),
-    "epsilon": ('a finite number >= 0 or "inf"', lambda v: v == "inf" or (_is_real(v) and v >= 0)),
-    "num_examples": _COUNT,
-    "timestamp": ("an ISO-8601 timestamp", _is_timestamp),
-}
-_FLOATS = ("sample_rate", "noise_multiplier", "max_grad_norm", "target_delta", "epsilon")
-_INTS = ("server_round", "steps", "num_examples")
-
-
-def _parse_entry(raw: Any) -> LedgerEntry:
-    if not isinstance(raw, dict):
-        raise _FieldError("(entry)", "a JSON object", raw)
-    for name in raw:
-        if name not in _FIELDS:
-            raise _FieldError(name, "no such field (known: " + ", ".join(_FIELDS) + ")", raw[name])
-    for name, (expected, is_valid) in _FIELDS.items():
-        if name not in raw:
-            raise _FieldError(name, f"{expected} (the field is missing)", None)
-        if not is_valid(raw[name]):
-            raise _FieldError(name, expected, raw[name])
-    floats = {name: (math.inf if raw[name] == "inf" else float(raw[name])) for name in _FLOATS}
-    return LedgerEntry(**{**raw, **floats, **{name: int(raw[name]) for name in _INTS}})
-
-
-def _entry_json(entry: LedgerEntry) -> dict[str, Any]:
-    data = asdict(entry)
-    if math.isinf(entry.epsilon):
-        data["epsilon"] = "inf"
-    return data
+_RESTORE_CHAIN = (
+    "The ledger's hash chain is broken: it was edited after it was written. Restore it from a backup; "
+    "do not delete it (a fresh ledger would forget this site's privacy spend). "
+    "'fedllm ledger verify FILE' lists every problem."
+)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON value {name}")
 
 
-def _read_entries(path: Path, site: str) -> tuple[LedgerEntry, ...]:
-    """Entries of the ledger file at ``path``, validated; LedgerError names file, entry and field."""
+def _read_document(path: Path) -> tuple[dict[str, Any], str]:
+    """The ledger file's JSON object and its SHA-256; LedgerError if it is no readable ledger."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
     except OSError as exc:
         raise LedgerError(f"Privacy ledger {path} cannot be read: {exc}.") from exc
     except (UnicodeDecodeError, ValueError) as exc:
@@ -147,26 +131,17 @@ def _read_entries(path: Path, site: str) -> tuple[LedgerEntry, ...]:
             f"{path} is not a fedllm privacy ledger (expected a JSON object with \"format\": \"{LEDGER_FORMAT}\"). "
             "Check the site's ledger path."
         )
-    if data.get("version") != LEDGER_VERSION:
+    if data.get("version") not in READABLE_VERSIONS or isinstance(data.get("version"), bool):
         raise LedgerError(
-            f"Privacy ledger {path} has version {data.get('version')!r}; this fedllm reads version {LEDGER_VERSION}. "
-            "Use the fedllm version that wrote it."
+            f"Privacy ledger {path} has version {data.get('version')!r}; this fedllm reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}. Use the fedllm version that wrote it."
         )
-    if data.get("site") != site:
-        raise LedgerError(
-            f"Privacy ledger {path} belongs to site {data.get('site')!r}, not '{site}'. "
-            "Each site needs its own ledger path; check the site's configuration."
-        )
-    raw_entries = data.get("entries")
-    if not isinstance(raw_entries, list):
-        raise LedgerError(f"Privacy ledger {path}: \"entries\" must be a list, got {raw_entries!r}. {_RESTORE}")
-    entries = []
-    for index, raw in enumerate(raw_entries):
-        try:
-            entries.append(_parse_entry(raw))
-        except _FieldError as exc:
-            raise LedgerError(f"Privacy ledger {path}: entry {index}, {exc}. {_RESTORE}") from None
-    return tuple(entries)
+    if not isinstance(data.get("site"), str) or not data["site"]:
+        raise LedgerError(f"Privacy ledger {path}: header field \"site\" must be a non-empty string, "
+                          f"got {data.get('site')!r}. {_RESTORE}")
+    if not isinstance(data.get("entries"), list):
+        raise LedgerError(f"Privacy ledger {path}: \"entries\" must be a list, got {data.get('entries')!r}. {_RESTORE}")
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -191,30 +166,139 @@ def _write_atomic(path: Path, text: str) -> None:
             os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (POSIX): no other fedllm process writes a ledger in it
+    between our changed-on-disk check and our rename. Where locking is unavailable, best effort."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - unusual filesystems
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _fmt_eps(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:.2f}"
 
 
-class PrivacyLedger:
-    """The releases made from one site's data, with their composed ε; persisted at ``path``."""
+def _short(fingerprint: str | None) -> str:
+    return "(none: not bound to a dataset)" if fingerprint is None else fingerprint
 
-    def __init__(self, path: Path, *, site: str, entries: Sequence[LedgerEntry] = ()) -> None:
+
+class PrivacyLedger:
+    """The releases made from one site's data, with their composed ε; persisted at ``path``.
+
+    ``dataset_fingerprint`` binds the ledger to the site's data (None: an unbound ledger, for
+    tools and tests; a site always binds). ``signing_key`` (Ed25519) signs every new entry; a
+    ledger that is signed can only be written with the key it was signed with.
+    """
+
+    def __init__(self, path: Path, *, site: str, entries: Sequence[LedgerEntry] = (),
+                 dataset_fingerprint: str | None = None, signing_key: Ed25519PrivateKey | None = None) -> None:
         if not isinstance(site, str) or not site:
             raise PrivacyParameterError(f"site must be a non-empty string, got {site!r}")
+        if dataset_fingerprint is not None and not is_fingerprint(dataset_fingerprint):
+            raise PrivacyParameterError(
+                "dataset_fingerprint must be 'sha256:<64 hex digits>' (fedllm.data.fingerprint), "
+                f"got {dataset_fingerprint!r}")
         self.path = Path(path)
         self.site = site
         self._entries = tuple(entries)
+        self._fingerprint = dataset_fingerprint
+        self._signing_key = signing_key
+        self._public_key: str | None = None  # the header's; set at the first signed write
+        self._stored: tuple[dict[str, Any], ...] = ()  # chained entries exactly as on disk
+        self._version_read: int | None = None  # version of the file as opened (None: no file)
+        self._migrated: dict[str, Any] | None = None  # header note of a version-1 conversion
+        self._to_migrate = 0  # version-1 entries still to be chained at the next write
+        self._disk_digest: str | None = None  # SHA-256 of the file as last read or written
 
     @classmethod
-    def open(cls, path: Path | str, *, site: str) -> PrivacyLedger:
-        """Load the ledger at ``path`` (validated), or an empty one if the file does not exist yet."""
-        path = Path(path)
-        entries = _read_entries(path, site) if path.exists() else ()
-        return cls(path, site=site, entries=entries)
+    def open(cls, path: Path | str, *, site: str, dataset_fingerprint: str | None = None,
+             signing_key: Ed25519PrivateKey | None = None) -> PrivacyLedger:
+        """Load the ledger at ``path`` (validated, chain checked), or an empty one if there is no file yet.
+
+        ``dataset_fingerprint``: the site's data; a ledger bound to other data is a ``LedgerError``
+        naming both fingerprints. ``signing_key``: the site's key; a ledger signed by another key is
+        a ``LedgerError``. ε values are not recomputed here (:func:`verify_ledger` does that).
+        """
+        ledger = cls(Path(path), site=site, dataset_fingerprint=dataset_fingerprint, signing_key=signing_key)
+        if ledger.path.exists():
+            ledger._load(dataset_fingerprint)
+        if signing_key is not None and ledger._public_key is not None:
+            from fedllm.privacy.signing import key_id, public_key_text
+
+            if public_key_text(signing_key) != ledger._public_key:
+                raise LedgerError(
+                    f"Privacy ledger {ledger.path} is signed with key {key_id(ledger._public_key)}, but the site's "
+                    f"signing key is {key_id(signing_key)}. A ledger can only be continued with the key that signed "
+                    "it: set the site's signing-key to that key's file.")
+        return ledger
+
+    def _load(self, dataset_fingerprint: str | None) -> None:
+        data, digest = _read_document(self.path)
+        if data["site"] != self.site:
+            raise LedgerError(
+                f"Privacy ledger {self.path} belongs to site {data['site']!r}, not '{self.site}'. "
+                "Each site needs its own ledger path; check the site's configuration."
+            )
+        inspection = inspect_document(data, recompute_epsilon=False)
+        if inspection.problems:
+            index, text = inspection.problems[0]
+            hint = _RESTORE if inspection.field_problem else _RESTORE_CHAIN
+            raise LedgerError(f"Privacy ledger {self.path}: {text}. {hint}")
+        self._entries = tuple(inspection.entries)  # type: ignore[arg-type] # all parsed: no problems
+        self._version_read = data["version"]
+        self._disk_digest = digest
+        if data["version"] == 1:
+            self._to_migrate = len(self._entries)
+            self._fingerprint = dataset_fingerprint  # bound when the first new release converts the file
+            return
+        self._stored = tuple(data["entries"])
+        self._public_key = inspection.public_key
+        self._migrated = data.get("migrated")
+        stored_fp = inspection.dataset_fingerprint
+        if dataset_fingerprint is not None and stored_fp != dataset_fingerprint:
+            if stored_fp is None:
+                what = "is not bound to any dataset (it was written by a tool, not by a site)"
+            else:
+                what = f"was written for the dataset with fingerprint {stored_fp}"
+            raise LedgerError(
+                f"Privacy ledger {self.path} of site '{self.site}' {what}, but the site's data "
+                f"({dataset_fingerprint}) is different. Refusing to train: its spend would be charged to the wrong "
+                "data. If this is other data, give the site its own ledger (ledger-path). If it is the same data, "
+                "changed (records added, removed or edited), the earlier spend still covers every record that "
+                "remains and fedllm cannot split it: restore the data the ledger was written for, or keep the "
+                "ledger and use a new one only for data that shares no record with the old. Never delete a ledger."
+            )
+        self._fingerprint = stored_fp
+
+    # -- reading ---------------------------------------------------------------------------------
 
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
         return self._entries
+
+    @property
+    def dataset_fingerprint(self) -> str | None:
+        """The fingerprint of the data this ledger is bound to (None: not bound)."""
+        return self._fingerprint
+
+    @property
+    def public_key(self) -> str | None:
+        """Base64 Ed25519 public key of a signed ledger (None: unsigned)."""
+        return self._public_key
 
     def events(self) -> list[DPEvent]:
         return [entry.event for entry in self._entries]
@@ -257,11 +341,23 @@ class PrivacyLedger:
             "Refusing to train; raise privacy.max-epsilon or stop the run."
         )
 
+    # -- writing ---------------------------------------------------------------------------------
+
+    def require_writable(self) -> None:
+        """LedgerError if :meth:`record` could not write: a signed ledger needs the key that signed it."""
+        if self._public_key is not None and self._signing_key is None:
+            from fedllm.privacy.signing import key_id
+
+            raise LedgerError(
+                f"Privacy ledger {self.path} is signed (key {key_id(self._public_key)}), but no signing key was given: "
+                "an unsigned entry would break it. Set the site's signing-key to the key that signed it.")
+
     def record(
         self, *, run_id: str, server_round: int, steps: int, sample_rate: float, noise_multiplier: float,
         max_grad_norm: float, target_delta: float, num_examples: int, accountant: str = "prv",
     ) -> LedgerEntry:
         """Append one release with its cumulative ε (from the whole history) and rewrite the file atomically."""
+        self.require_writable()
         epsilon = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
                                      target_delta=target_delta, accountant=accountant)
         raw = dict(
@@ -271,24 +367,97 @@ class PrivacyLedger:
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         try:
-            entry = _parse_entry(raw)
-        except _FieldError as exc:
+            entry = parse_entry(raw)
+        except FieldError as exc:
             raise PrivacyParameterError(f"cannot record a release for site '{self.site}': {exc}") from None
-        if self.path.exists() and _read_entries(self.path, self.site) != self._entries:
+        entries = (*self._entries, entry)
+        document = self._document(entries)
+        text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(self.path.parent):
+            self._check_unchanged_on_disk()
+            _write_atomic(self.path, text)
+        self._entries = entries
+        self._stored = tuple(document["entries"])
+        self._public_key = document.get("public-key")
+        self._migrated = document.get("migrated")
+        self._to_migrate = 0
+        self._version_read = LEDGER_VERSION
+        self._disk_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return entry
+
+    def _check_unchanged_on_disk(self) -> None:
+        if not self.path.exists():
+            if self._disk_digest is not None:
+                log.warning("privacy ledger %s disappeared since it was opened; writing it again from memory",
+                            self.path)
+            return
+        try:
+            current = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise LedgerError(f"Privacy ledger {self.path} cannot be read: {exc}.") from exc
+        if current != self._disk_digest:
             raise LedgerError(
                 f"Privacy ledger {self.path} changed on disk since it was opened (another process recording "
                 "for the same site?). Reopen the ledger; never run two trainings on one ledger at once."
             )
-        entries = (*self._entries, entry)
-        document = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "site": self.site,
-                    "entries": [_entry_json(e) for e in entries]}
-        _write_atomic(self.path, json.dumps(document, indent=2, allow_nan=False) + "\n")
-        self._entries = entries
-        return entry
+
+    def _document(self, entries: Sequence[LedgerEntry]) -> dict[str, Any]:
+        """The version-2 file for ``entries``: stored entries kept as they are, new ones chained (and signed)."""
+        key = self._signing_key
+        public_key = self._public_key
+        if key is not None and public_key is None:
+            from fedllm.privacy.signing import public_key_text
+
+            public_key = public_key_text(key)
+        migrated = self._migrated
+        if self._to_migrate and migrated is None:
+            migrated = {"from-version": 1, "entries": self._to_migrate,
+                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        prev = genesis_hash(site=self.site, dataset_fingerprint=self._fingerprint)
+        stored: list[dict[str, Any]] = []
+        for index, entry in enumerate(entries):
+            if index < len(self._stored):
+                raw = self._stored[index]
+            else:
+                raw = chain_entry(entry, prev_hash=prev, dataset_fingerprint=self._fingerprint,
+                                  migrated=index < self._to_migrate, signing_key=key)
+            stored.append(raw)
+            prev = raw["entry-hash"]
+        document: dict[str, Any] = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "site": self.site,
+                                    "dataset-fingerprint": self._fingerprint}
+        if public_key is not None:
+            document["public-key"] = public_key
+        if migrated is not None:
+            document["migrated"] = migrated
+        document["head"] = {"entries": len(stored), "entry-hash": prev}
+        if key is not None:
+            from fedllm.privacy.signing import sign
+
+            document["head-signature"] = sign(key, head_message(self.site, len(stored), prev))
+        document["entries"] = stored
+        return document
+
+    # -- showing ---------------------------------------------------------------------------------
+
+    def integrity_line(self) -> str:
+        """One line on the ledger's binding and integrity, for ``fedllm ledger show``."""
+        if self._version_read is None:
+            return "integrity: nothing written yet"
+        if self._version_read == 1:
+            return ("integrity: version 1 ledger without a hash chain; it is converted to a chained "
+                    "version 2 ledger when the site records its next release")
+        text = f"integrity: hash chain of {len(self._entries)} entries intact (checked on opening)"
+        if self._public_key is None:
+            return text + "; unsigned"
+        from fedllm.privacy.signing import key_id
+
+        return text + f"; signed by {key_id(self._public_key)} (check: fedllm ledger verify FILE --public-key SITE.pub)"
 
     def summary_lines(self) -> list[str]:
         """Human-readable table for ``fedllm ledger show``: one row per release, then the total."""
-        lines = [f"Privacy ledger of site '{self.site}': {self.path}"]
+        lines = [f"Privacy ledger of site '{self.site}': {self.path}",
+                 f"dataset: {_short(self._fingerprint)}", self.integrity_line()]
         if not self._entries:
             return [*lines, "no releases recorded", "cumulative ε = 0.00 (nothing released)"]
         header = ("run", "round", "steps", "q", "σ", "C", "δ", "accountant", "cumulative ε")
@@ -307,3 +476,35 @@ class PrivacyLedger:
         else:
             lines.append(f"cumulative ε = {total:.2f} (δ={last.target_delta:g}, {last.accountant})")
         return lines
+
+
+def verify_ledger(
+    path: Path | str, *, public_key: Ed25519PublicKey | Path | str | None = None,
+    dataset_fingerprint: str | None = None,
+) -> LedgerVerification:
+    """Check a ledger file completely; the result says what is wrong, naming the first bad entry (1-based).
+
+    Checks: every entry's fields; the hash chain (an edited, deleted, inserted or reordered entry,
+    an edited header); the head (entries deleted from the end); that every entry and the header
+    carry the same dataset fingerprint, and that it equals ``dataset_fingerprint`` when given; the
+    signatures (against ``public_key`` when given: an Ed25519 public key or the path of its PEM
+    file; else against the key in the header, which only shows consistency); and every cumulative
+    ε, recomputed from the recorded parameters of all entries up to it (relative tolerance
+    ``EPSILON_RTOL``).
+
+    Raises ``LedgerError`` when the file is no readable ledger (missing, not JSON, another format
+    or version) and ``ConfigError`` for an unreadable public key; every other finding is in the
+    result (``ok`` False).
+    """
+    path = Path(path)
+    if public_key is not None and not hasattr(public_key, "verify"):
+        from fedllm.privacy.signing import load_public_key
+
+        public_key = load_public_key(public_key)  # type: ignore[arg-type]
+    if dataset_fingerprint is not None and not is_fingerprint(dataset_fingerprint):
+        raise PrivacyParameterError(
+            f"dataset_fingerprint must be 'sha256:<64 hex digits>', got {dataset_fingerprint!r}")
+    data, _ = _read_document(path)
+    inspection = inspect_document(data, recompute_epsilon=True, public_key=public_key,
+                                  dataset_fingerprint=dataset_fingerprint)
+    return inspection.verification(str(path))

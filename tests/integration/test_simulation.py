@@ -130,3 +130,29 @@ def test_bad_configuration_fails_before_anything_starts(tmp_path):
     assert res.returncode == 2
     assert "did you mean 'privacy.max-epsilon'" in res.stderr
     assert not out.exists()
+
+
+def test_central_dp_records_the_site_level_guarantee_every_round(tmp_path):
+    out = tmp_path / "run"
+    res = simulate("smoke", "--output", str(out), "--rounds", "2", "--set", "central-dp.enabled=true",
+                   "--set", "central-dp.clipping=adaptive", "--set", "central-dp.noise-multiplier=0.7",
+                   "--set", "central-dp.clipping-norm=0.1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    # 3 sites, 2 rounds at z = 0.7: planned site-level ε ≈ 10.1 > 10, so the run warns at start
+    assert "site-level ε would be 10.1 after 2 rounds with 3 sites at noise 0.7: too large" in res.stdout
+    assert "site-level ε 6.6" in res.stdout and "site-level ε 10.1" in res.stdout  # progress lines
+    history = json.loads((out / "history.json").read_text())
+    block = history["central-dp"]
+    assert {k: block[k] for k in block if k != "epsilon"} == {
+        "enabled": True, "clipping": "adaptive", "noise-multiplier": 0.7, "clipping-norm": 0.1,
+        "sites-per-round": 3, "total-sites": 3, "rounds": 2, "sampling": "all", "delta": 1e-05, "accountant": "prv"}
+    from fedllm.privacy.accounting import site_level_epsilon
+    per_round = [r["central-dp"] for r in history["rounds"] if r["round"] > 0]
+    assert [r["sites"] for r in per_round] == [3, 3]
+    assert per_round[0]["clipping-norm"] == 0.1 and per_round[1]["clipping-norm"] != 0.1  # adapted
+    eps = [r["epsilon"] for r in per_round]
+    assert eps == [pytest.approx(site_level_epsilon(noise_multiplier=0.7, sites_per_round=3, total_sites=3, rounds=t,
+                                                    target_delta=1e-5, sampling="all")) for t in (1, 2)]
+    assert eps[0] < eps[1] == block["epsilon"]
+    # the record-level guarantee is still there, side by side
+    assert all(m["epsilon"] > 0 for m in history["rounds"][2]["train"]["sites"].values())

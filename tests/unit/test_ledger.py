@@ -6,15 +6,19 @@ import json
 import math
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.errors import BudgetExceededError, LedgerError
 from fedllm.privacy.accounting import DPEvent, epsilon_for
 from fedllm.privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, LedgerEntry, PrivacyLedger
 
 RELEASE = {"sample_rate": 0.008, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_delta": 1e-5}
+FINGERPRINT = dataset_fingerprint([{"text": "one record"}, {"text": "another record"}])
+OTHER_DATA = dataset_fingerprint([{"text": "one record"}, {"text": "another record, edited"}])
 
 
 def _record(ledger: PrivacyLedger, run_id: str = "run-a", server_round: int = 1, steps: int = 25, **overrides):
@@ -105,17 +109,22 @@ def _corrupt(path: Path, edit) -> None:
         (lambda p: p.write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
         (lambda p: p.write_text("[]"), "not a fedllm privacy ledger"),
         (lambda p: _corrupt(p, lambda d: d.update(format="something-else")), "not a fedllm privacy ledger"),
-        (lambda p: _corrupt(p, lambda d: d.update(version=2)), "version 2"),
+        (lambda p: _corrupt(p, lambda d: d.update(version=3)), "version 3"),
         (lambda p: _corrupt(p, lambda d: d.update(site="oncology")), "belongs to site 'oncology', not 'cardiology'"),
         (lambda p: _corrupt(p, lambda d: d.update(entries={})), '"entries" must be a list'),
-        (lambda p: _corrupt(p, lambda d: d["entries"][1].pop("noise_multiplier")), "entry 1, field 'noise_multiplier'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][1].update(steps="ten")), "entry 1, field 'steps'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(steps=True)), "entry 0, field 'steps'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(sample_rate=1.5)), "entry 0, field 'sample_rate'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(accountant="gdp")), "entry 0, field 'accountant'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(epsilon=-1)), "entry 0, field 'epsilon'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(timestamp="yesterday")), "entry 0, field 'timestamp'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(extra=1)), "entry 0, field 'extra'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][1].pop("noise_multiplier")), "entry 2, field 'noise_multiplier'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][1].update(steps="ten")), "entry 2, field 'steps'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(steps=True)), "entry 1, field 'steps'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(sample_rate=1.5)), "entry 1, field 'sample_rate'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(accountant="gdp")), "entry 1, field 'accountant'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(epsilon=-1)), "entry 1, field 'epsilon'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(timestamp="yesterday")), "entry 1, field 'timestamp'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(extra=1)), "entry 1, field 'extra'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][1].pop("prev-hash")), "entry 2, field 'prev-hash'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][1].update({"entry-hash": "00"})), "entry 2, field 'entry-hash'"),
+        (lambda p: _corrupt(p, lambda d: d.pop("head")), "header field 'head'"),
+        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(steps=26)), "entry 1: its content does not match"),
+        (lambda p: _corrupt(p, lambda d: d["entries"].pop(0)), "entry 1: its prev-hash does not match the ledger header"),
         (lambda p: p.write_text(re.sub(r'"epsilon": [0-9.e+-]+', '"epsilon": NaN', p.read_text(), count=1)), "NaN"),
     ],
 )
@@ -172,12 +181,15 @@ def test_bad_release_is_not_recorded(tmp_path):
 
 
 def test_summary_lines(tmp_path):
-    ledger = PrivacyLedger.open(tmp_path / "l.json", site="cardiology")
-    assert ledger.summary_lines()[1:] == ["no releases recorded", "cumulative ε = 0.00 (nothing released)"]
+    ledger = PrivacyLedger.open(tmp_path / "l.json", site="cardiology", dataset_fingerprint=FINGERPRINT)
+    assert ledger.summary_lines()[1:] == [f"dataset: {FINGERPRINT}", "integrity: nothing written yet",
+                                          "no releases recorded", "cumulative ε = 0.00 (nothing released)"]
     _record(ledger, server_round=1)
     _record(ledger, run_id="run-b", server_round=1, max_grad_norm=0.5)
     assert ledger.summary_lines() == [
         f"Privacy ledger of site 'cardiology': {ledger.path}",
+        f"dataset: {FINGERPRINT}",
+        "integrity: hash chain of 2 entries intact (checked on opening); unsigned",
         "run    round  steps  q      σ  C    δ      accountant  cumulative ε",
         "run-a  1      25     0.008  1  1    1e-05  prv         0.39",
         "run-b  1      25     0.008  1  0.5  1e-05  prv         0.47",
@@ -197,3 +209,107 @@ def test_entries_from_the_constructor(tmp_path):
     )
     assert ledger.epsilon_after(noise_multiplier=4.0, sample_rate=0.01, steps=9900, target_delta=1e-5,
                                 accountant="rdp") == pytest.approx(1.035, abs=1e-3)
+
+
+# -- format version 2: dataset binding, hash chain, signing key, version-1 migration ---------------
+
+
+def _v1_ledger(path: Path, site: str = "cardiology", rounds: int = 2) -> list[float]:
+    """A ledger as the foundation (version 1) wrote it: no fingerprint, no hashes. Returns its ε values."""
+    epsilons = [epsilon_for([DPEvent(1.0, 0.008, 25)] * r, target_delta=1e-5) for r in range(1, rounds + 1)]
+    entries = [
+        {"run_id": "old-run", "server_round": r, "steps": 25, "sample_rate": 0.008, "noise_multiplier": 1.0,
+         "max_grad_norm": 1.0, "target_delta": 1e-05, "accountant": "prv", "epsilon": eps, "num_examples": 2000,
+         "timestamp": "2026-01-01T00:00:00+00:00"}
+        for r, eps in zip(range(1, rounds + 1), epsilons)
+    ]
+    path.write_text(json.dumps({"format": LEDGER_FORMAT, "version": 1, "site": site, "entries": entries}, indent=2))
+    return epsilons
+
+
+def test_version_1_ledger_loads_and_is_chained_at_the_first_record(tmp_path):
+    path = tmp_path / "cardiology.json"
+    old_eps = _v1_ledger(path)
+    ledger = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
+    assert [e.epsilon for e in ledger.entries] == old_eps
+    assert "version 1 ledger without a hash chain" in ledger.summary_lines()[2]
+    assert json.loads(path.read_text())["version"] == 1  # reading never rewrites
+    new = _record(ledger, run_id="new-run")
+    assert new.epsilon == pytest.approx(epsilon_for([DPEvent(1.0, 0.008, 25)] * 3, target_delta=1e-5), rel=1e-12)
+    data = json.loads(path.read_text())
+    assert data["version"] == LEDGER_VERSION == 2 and data["dataset-fingerprint"] == FINGERPRINT
+    assert data["migrated"]["from-version"] == 1 and data["migrated"]["entries"] == 2
+    assert datetime.fromisoformat(data["migrated"]["time"]).tzinfo is not None
+    assert [e.get("migrated", False) for e in data["entries"]] == [True, True, False]
+    assert [e["epsilon"] for e in data["entries"][:2]] == old_eps  # the old entries keep their values
+    assert all(e["dataset-fingerprint"] == FINGERPRINT for e in data["entries"])
+    reopened = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
+    assert reopened.entries == ledger.entries
+    _record(reopened, run_id="new-run", server_round=2)  # a second write keeps the migration as it was
+    again = json.loads(path.read_text())
+    assert again["migrated"] == data["migrated"] and again["entries"][:3] == data["entries"]
+
+
+def test_a_ledger_is_bound_to_its_data(tmp_path):
+    path = tmp_path / "l.json"
+    ledger = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
+    _record(ledger)
+    reopened = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
+    assert reopened.dataset_fingerprint == FINGERPRINT
+    assert PrivacyLedger.open(path, site="cardiology").dataset_fingerprint == FINGERPRINT  # reading needs no data
+    with pytest.raises(LedgerError) as info:
+        PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=OTHER_DATA)
+    message = str(info.value)
+    assert str(path) in message and FINGERPRINT in message and OTHER_DATA in message
+    assert "Refusing to train" in message and "its own ledger" in message and "Never delete" in message
+
+
+def test_an_unbound_ledger_cannot_be_taken_over_by_a_site(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path / "l.json", site="s")  # written by a tool, without data
+    _record(ledger)
+    assert json.loads(ledger.path.read_text())["dataset-fingerprint"] is None
+    with pytest.raises(LedgerError, match="is not bound to any dataset"):
+        PrivacyLedger.open(ledger.path, site="s", dataset_fingerprint=FINGERPRINT)
+
+
+def test_a_broken_chain_refuses_to_open_and_says_what_to_do(ledger_file):
+    _corrupt(ledger_file, lambda d: d["entries"][1].update(run_id="someone-else"))
+    with pytest.raises(LedgerError) as info:
+        PrivacyLedger.open(ledger_file, site="cardiology")
+    message = str(info.value)
+    assert str(ledger_file) in message and "entry 2: its content does not match its entry-hash" in message
+    assert "Restore it from a backup" in message and "do not delete it" in message and "fedllm ledger verify" in message
+
+
+def test_signed_ledger_is_written_only_with_its_key(tmp_path):
+    from fedllm.privacy.signing import Ed25519PrivateKey, key_id, public_key_text
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    path = tmp_path / "l.json"
+    _record(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=key))
+    data = json.loads(path.read_text())
+    assert data["public-key"] == public_key_text(key) and data["entries"][0]["signature"] and data["head-signature"]
+    unkeyed = PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT)  # reading needs no key
+    assert key_id(key) in unkeyed.integrity_line()
+    with pytest.raises(LedgerError, match="no signing key was given"):
+        _record(unkeyed)
+    wrong_key = f"signed with key {key_id(key)}, but the site's signing key is {key_id(other)}"
+    with pytest.raises(LedgerError, match=wrong_key):
+        PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=other)
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
+def test_signing_can_start_on_an_unsigned_ledger(tmp_path):
+    from fedllm.privacy.ledger import verify_ledger
+    from fedllm.privacy.signing import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "l.json"
+    _record(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT), server_round=1)
+    _record(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=key), server_round=2)
+    data = json.loads(path.read_text())
+    assert "signature" not in data["entries"][0] and "signature" in data["entries"][1]
+    result = verify_ledger(path, public_key=key.public_key())
+    assert result.ok and result.signed and result.signature_checked, result.problems
+    assert result.notes == ["entry 1 was written before the site began signing; the signature of entry 2 covers "
+                            "it through the hash chain"]
