@@ -53,7 +53,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     history = run_simulation(config, sites, echo=_echo, verbose=args.verbose)
     _echo(f"\nFinished in {time.perf_counter() - start:.0f}s.\n")
     _echo(summary_text(history, output_dir=output, privacy_enabled=config.privacy.enabled,
-                       max_epsilon=config.privacy.max_epsilon))
+                       max_epsilon=config.privacy.max_epsilon,
+                       ledger_dir=Path(config.privacy.ledger_dir) if config.privacy.ledger_dir else None))
     return 0
 
 
@@ -66,7 +67,12 @@ def _finalise_config(config, overrides: dict, output: Path, sites: list):
         if value > len(sites):
             raise ConfigError(f"{key} = {value} but the scenario has only {len(sites)} sites; the run would "
                               "wait forever for the missing ones")
+    # site-side folders given relative to where the user runs the command, not to the output folder
+    folders = {key: str(Path(value).expanduser().resolve()) for key, value in
+               (("privacy.ledger-dir", config.privacy.ledger_dir),
+                ("privacy.signing-key-dir", config.privacy.signing_key_dir)) if value}
     return config.with_overrides({
+        **folders,
         "output-dir": str(output),
         "simulation.sites-file": str(output / "sites.json"),
         "strategy.min-available-sites": min(wanted, len(sites)),

@@ -44,7 +44,8 @@ def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: bool, max_epsilon: float) -> str:
+def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: bool, max_epsilon: float,
+                 ledger_dir: Path | None = None) -> str:
     """The short summary printed at the end of ``fedllm simulate``."""
     rows = site_table(history)
     lines = [f"Run {history.get('run-id', '?')}: {history.get('status', '?')}, "
@@ -66,10 +67,17 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
                      f"ledger (δ={delta:g}, cap {max_epsilon:g})." if delta else "Privacy: no site released an update.")
     else:
         lines.append("Privacy: DISABLED (privacy.enabled = false). No differential-privacy guarantee holds for this run.")
+    central = history.get("central-dp") or {}
+    if central.get("enabled"):
+        eps = central.get("epsilon")
+        lines.append(f"Central DP: site-level ε = {_num(eps, '.2f')} (δ={central.get('delta', 0):g}) after "
+                     f"{central.get('rounds', 0)} noisy rounds, noise {central.get('noise-multiplier')}, "
+                     f"{central.get('clipping')} clipping" + ("  -- too large to mean anything" if isinstance(eps, (int, float)) and eps > 10 else ""))
     lines += [
         f"Adapter:  {output_dir / 'adapter'}  (PeftModel.from_pretrained(base, this folder))",
         f"History:  {output_dir / 'history.json'}",
-        f"Ledgers:  {output_dir / 'ledgers'}  (fedllm ledger show FILE)",
+        f"Ledgers:  {ledger_dir or output_dir / 'ledgers'}  (fedllm ledger show FILE; fedllm ledger verify FILE)",
+        f"Audit:    fedllm audit {output_dir}  (privacy report: ε per site under three accountants)",
         f"Config:   {output_dir / 'config.toml'}",
         f"Logs:     {output_dir / 'logs'}",
     ]
