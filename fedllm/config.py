@@ -73,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 8
     threads: int = 0
+    physical_batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("train.weight-decay", 0.0, 1.0, True),
     ("train.eval-batch-size", 1, math.inf, True),
     ("train.threads", 0, 1024, True),
+    ("train.physical-batch-size", 0, math.inf, True),
     ("privacy.noise-multiplier", 0.0, 1e4, True),
     ("privacy.target-epsilon", 0.0, 1e4, False),
     ("privacy.target-delta", 0.0, 1.0, False),

@@ -133,7 +133,7 @@ class SiteRuntime:
 
         result = train_local(self.model, self.train_examples, steps=steps, batch_size=cfg.train.batch_size,
                              learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                             optimizer=cfg.train.optimizer,
+                             optimizer=cfg.train.optimizer, physical_batch_size=cfg.train.physical_batch_size,
                              pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
                              device=self.site.device, on_step=show)
         entry = ledger.record(run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,

@@ -126,12 +126,20 @@ def train_local(
     on_step: Callable[[StepInfo], None] | None = None,
     sampling_generator: torch.Generator | None = None,
     noise_generator: torch.Generator | None = None,
+    physical_batch_size: int = 0,
 ) -> TrainResult:
     """Run ``steps`` local steps on ``model``'s trainable (adapter) parameters, in place.
 
     With ``dp`` set this is DP-SGD with Poisson sampling at ``q = batch_size / len(examples)``;
     without it, the same loop with plain gradients (no privacy guarantee). ``proximal_mu > 0``
-    adds FedProx's proximal term after clipping and noise (it does not touch the data)."""
+    adds FedProx's proximal term after clipping and noise (it does not touch the data).
+
+    ``physical_batch_size > 0`` runs each sampled (logical) batch through the model in chunks of at
+    most that many records, to bound memory. Under DP every chunk's per-example gradients are
+    clipped and added to the step's sum (Opacus' skip-step mechanism, as in its
+    BatchMemoryManager) and the noise is added once per logical step, so the mechanism and the
+    accounting are exactly those of the whole batch; without DP the chunks' gradients are
+    accumulated into the batch mean."""
     if not examples:
         raise ValueError("no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -159,12 +167,24 @@ def train_local(
             batch = _poisson_batch(len(examples), sample_rate, sampler)
             optimizer.zero_grad(set_to_none=True)
             if batch:
-                ids, mask, labels = collate([examples[i] for i in batch], pad_id, device)
-                loss = per_sequence_loss(net(input_ids=ids, attention_mask=mask).logits, labels).mean()
-                loss.backward()
-                losses.append(loss.item())
+                size = physical_batch_size if physical_batch_size > 0 else len(batch)
+                chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+                total = 0.0
+                for k, chunk in enumerate(chunks):
+                    ids, mask, labels = collate([examples[i] for i in chunk], pad_id, device)
+                    per_sequence = per_sequence_loss(net(input_ids=ids, attention_mask=mask).logits, labels)
+                    # DP: the chunk's mean; Opacus rescales it to per-example gradients (loss_reduction
+                    # "mean" over this backward's rows). No DP: this chunk's share of the batch mean.
+                    loss = per_sequence.mean() if dp is not None else per_sequence.sum() / len(batch)
+                    loss.backward()
+                    total += float(per_sequence.detach().sum())
+                    tokens += int(mask.sum())
+                    if dp is not None and k < len(chunks) - 1:
+                        optimizer.signal_skip_step(do_skip=True)
+                        optimizer.step()  # clips this chunk's per-example gradients into the sum, no noise yet
+                        optimizer.zero_grad(set_to_none=True)  # drops grad_sample, keeps the clipped sum
+                losses.append(total / len(batch))
                 seen += len(batch)
-                tokens += int(mask.sum())
             elif dp is not None:  # noise-only step: zero-size per-example gradients
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

@@ -110,6 +110,47 @@ def test_per_example_gradients_are_clipped_to_c(setup):
     set_adapter_state(model, start)
 
 
+@pytest.mark.parametrize("physical", [1, 3])
+def test_physical_batches_clip_each_example_and_add_noise_once(setup, physical):
+    """Chunked (physical) batches give exactly the whole batch's clipped sum; noise is added once."""
+    model, tok, examples = setup
+    clip = 0.05
+    start = get_adapter_state(model)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
+    assert len(batch) > physical, "test needs more than one chunk"
+    expected, _ = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
+    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, physical_batch_size=physical)
+    after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for b, a, want in zip(before, after, expected):
+        torch.testing.assert_close(b - a, want / 8, rtol=1e-4, atol=1e-7)
+    set_adapter_state(model, start)
+    # noise: the same batch with two noise seeds differs by noise of std σ·C/B, not √chunks times more
+    sigma = 1.3
+    runs = []
+    for noise_seed in (11, 22):
+        _run(model, examples, tok.pad_token_id, sigma=sigma, clip=clip, seed=3, noise_seed=noise_seed,
+             physical_batch_size=physical)
+        runs.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+        set_adapter_state(model, start)
+    diff = torch.cat([(a - b).flatten() for a, b in zip(*runs)])
+    assert float(diff.std()) * 8 / math.sqrt(2) == pytest.approx(sigma * clip, rel=0.05)
+
+
+def test_physical_batches_without_dp_accumulate_the_batch_mean(setup):
+    model, tok, examples = setup
+    start = get_adapter_state(model)
+    _run(model, examples, tok.pad_token_id, sigma=None, clip=1.0, seed=5, lr=0.1)
+    whole = get_adapter_state(model)
+    set_adapter_state(model, start)
+    _run(model, examples, tok.pad_token_id, sigma=None, clip=1.0, seed=5, lr=0.1, physical_batch_size=2)
+    chunked = get_adapter_state(model)
+    set_adapter_state(model, start)
+    assert any(not torch.equal(whole[k], start[k]) for k in start)
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-4, atol=1e-6)
+
+
 def test_noise_std_is_sigma_times_c(setup):
     model, tok, examples = setup
     sigma, clip = 1.3, 0.7
