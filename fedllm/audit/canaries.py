@@ -1,0 +1,522 @@
+"""Empirical privacy audit with canaries: ``fedllm audit --canaries N``.
+
+One training run of one site, with synthetic canary records inserted, measures what the trained
+adapter gives away about single records:
+
+* **Exposure** (Carlini et al. 2019) of canaries "Access code for NAME: dddd." inserted ×1, ×4
+  and ×16 (three of each): each code is ranked against all 10^4 codes (exact, by tree attention in
+  one forward pass per canary), so exposure is at most 13.29 bits. A code that left no trace in
+  the model is uniform and independent of it, so its rank is uniform: P(exposure >= x) = 2^-x
+  exactly, whatever the model. The inserted canaries are tested against this exact null.
+  :data:`CONTROLS` never-inserted controls of the same template check the scoring against that
+  null; each is ranked among its own code and 99 random others (uniform rank there too, at a
+  fifth of the cost of a full enumeration, so 30 of them cost less than six full ones). If the
+  controls look exposed, the report says the scoring is broken.
+* **One-run ε lower bound** (Steinke, Nasr & Jagielski 2023): N more canaries of the same template
+  are each inserted once with probability ½, drawn from fresh OS entropy (the inclusion vector is
+  recorded in the output). A canary's score is the log-likelihood of its response under the
+  trained adapter minus under the base model; the auditor guesses "in" for the k highest and
+  "out" for the k lowest scores, k fixed from N before training (:func:`default_guesses`).
+* **Membership inference AUC** of the site's real training records against its held-out records,
+  raw (log-likelihood per response token) and calibrated against the base model (the difference
+  of the two), with a DeLong 95% interval.
+
+**What is audited.** Exactly one site's whole federated run: ``num-server-rounds ×
+train.local-steps`` steps of :func:`fedllm.train.train_local` at the run's batch size, learning
+rate, optimizer and clipping norm, with σ as the site sets it (the configured
+``privacy.noise-multiplier``, or ``noise_multiplier_for`` from min(target ε, the site's cap) over
+all those steps). A site's record-level guarantee is a property of its own sequence of noisy
+steps: between rounds the server only aggregates releases (post-processing, plus other sites'
+data, which is independent of this site's records), so the audit runs the same steps as one
+continuous local run without other sites' updates mixed in (they would only dilute the signal).
+``--no-noise`` keeps clipping and sets σ = 0: a deliberately broken mechanism, to show that the
+audit catches one.
+
+**Verdict, defined before any score is seen.** ``flagged`` is true if any of:
+
+1. the one-run test rejects ε = 0 at level :data:`ALARM_ALPHA` (its lower bound at confidence
+   1 - ALARM_ALPHA is > 0);
+2. the ×16 canaries' exposures reject the exact null at level :data:`ALARM_ALPHA` (Fisher's method
+   on their p-values 2^-exposure);
+3. the one-run lower bound at 95% exceeds the theoretical ε of the run (a real violation).
+
+The alarm level is 0.001 per test, not 0.05, so that a sound mechanism raises a false alarm in at
+most ~0.2% of audits (at 0.05, one scripted audit in 20 would fail by chance); the 95% bound is
+still what the report sets beside the theoretical ε. An exposure alarm on the ×16 canaries is not
+by itself a DP violation: 16 copies are protected only by group privacy (16ε). With LoRA on a real
+model DP-SGD at ε <= 8 still keeps them at the chance level (dp-lora.md §4), so there an alarm
+means a broken mechanism; with a tiny adapter (thousands of parameters) it does not. ``main``
+exits 1 when the run claims DP (privacy enabled, no ``--no-noise``) and is flagged, else 0.
+
+**The audit spends privacy.** Its training run is a DP release of the site's training data,
+recorded in a ledger inside the output folder (never the site's real ledger), and the MIA AUC
+reads the real records directly. Run it on the shipped demo data or a public dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedllm.audit import empirical
+from fedllm.audit.scoring import (
+    SecretSpan,
+    all_codes,
+    base_and_trained,
+    check_enumeration,
+    code_log_likelihoods,
+    locate_secret,
+    response_log_likelihoods,
+)
+from fedllm.errors import ConfigError, FedLLMError
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "fedllm-canary-audit"
+REPORT_VERSION = 1
+CODE_DIGITS = 4
+CODE_SPACE = 10**CODE_DIGITS
+EXPOSURE_REPEATS = (1, 4, 16)
+CANARIES_PER_REPEAT = 3
+CONTROLS = 30
+CONTROL_CANDIDATES = 100  # a control is ranked among its own code and 99 random others
+CONFIDENCE = 0.95
+ALARM_ALPHA = 0.001
+MIA_MIN_MEMBERS, MIA_MAX_MEMBERS = 32, 64
+MIN_CANARIES = 10
+_SYLLABLES = ("ka", "lo", "mi", "ra", "ven", "tor", "sa", "quin", "dal", "bre", "no", "fi", "zu", "ter",
+              "gal", "mor", "ael", "wyn", "pe", "rus", "ith", "ov", "har", "lem")
+
+
+# ------------------------------------------------------------------------------ canary sets
+
+
+@dataclass(frozen=True)
+class Canary:
+    """One synthetic record "Access code for NAME: dddd."; ``copies`` = times it is trained on."""
+
+    name: str
+    code: str
+    copies: int
+
+    def record(self, code: str | None = None) -> dict[str, Any]:
+        """The canary as a chat record whose response holds the secret (so the loss covers it)."""
+        return {"messages": [
+            {"role": "user", "content": f"What is the access code for {self.name}?"},
+            {"role": "assistant", "content": f"Access code for {self.name}: {code or self.code}."},
+        ]}
+
+
+@dataclass(frozen=True)
+class CanarySet:
+    """Exposure canaries (inserted ``copies`` times), never-inserted controls, and the one-run
+    canaries (``copies`` 1 if included, 0 if not). Every name and code is independent."""
+
+    exposure: tuple[Canary, ...]
+    controls: tuple[Canary, ...]
+    one_run: tuple[Canary, ...]
+
+    @property
+    def included(self) -> np.ndarray:
+        return np.array([c.copies > 0 for c in self.one_run], dtype=bool)
+
+    def training_records(self) -> list[dict[str, Any]]:
+        """Every inserted copy: the exposure canaries and the included one-run canaries."""
+        return [c.record() for c in (*self.exposure, *self.one_run) for _ in range(c.copies)]
+
+
+def os_entropy_rng() -> np.random.Generator:
+    """A generator seeded from the OS entropy pool: no one can know the inclusion vector in advance."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def _names(count: int, rng: np.random.Generator) -> list[str]:
+    names: set[str] = set()
+    out = []
+    while len(out) < count:
+        first = "".join(rng.choice(_SYLLABLES, size=2)).capitalize()
+        last = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
+        name = f"{first} {last}"
+        if name not in names:
+            names.add(name)
+            out.append(name)
+    return out
+
+
+def build_canaries(*, one_run: int, repeats: Sequence[int] = EXPOSURE_REPEATS, per_repeat: int = CANARIES_PER_REPEAT,
+                   controls: int = CONTROLS, rng: np.random.Generator | None = None) -> CanarySet:
+    """Draw the canary sets: names, uniform random codes and the one-run inclusion vector (each
+    one-run canary included independently with probability ½), all from ``rng`` (default: fresh
+    OS entropy, which is what makes the one-run test valid)."""
+    rng = rng or os_entropy_rng()
+    total = len(repeats) * per_repeat + controls + one_run
+    names = _names(total, rng)
+    codes = [f"{int(c):0{CODE_DIGITS}d}" for c in rng.integers(0, CODE_SPACE, size=total)]
+    pairs = iter(zip(names, codes))
+    exposure = tuple(Canary(*next(pairs), copies=r) for r in repeats for _ in range(per_repeat))
+    control = tuple(Canary(*next(pairs), copies=0) for _ in range(controls))
+    inclusion = rng.random(one_run) < 0.5
+    return CanarySet(exposure, control, tuple(Canary(*next(pairs), copies=int(i)) for i in inclusion))
+
+
+def default_guesses(canaries: int) -> int:
+    """k, the guesses per side of the one-run test, fixed from N before training: max(5, N // 10).
+    With N = 100 that is 10 "in" + 10 "out" guesses, whose 95% ceiling is 1.82."""
+    return max(5, canaries // 10)
+
+
+def resolve_guesses(canaries: int, guesses: int | None) -> int:
+    """The k to use (given, or :func:`default_guesses`), checked against N."""
+    k = default_guesses(canaries) if guesses is None else guesses
+    if canaries < MIN_CANARIES or not 1 <= k or 2 * k > canaries:
+        raise ConfigError(f"--canaries {canaries} --guesses {k}: need N >= {MIN_CANARIES} and 1 <= k <= N/2 "
+                          "(k guesses 'in' and k 'out' among the N one-run canaries)")
+    return k
+
+
+# ------------------------------------------------------------------------------ the audit
+
+
+def _mechanism(config: Any, site: Any, *, sample_rate: float, steps: int, no_noise: bool) -> dict[str, Any]:
+    """The DP settings used: σ as ``SiteRuntime`` calibrates it (the configured σ, or the smallest
+    σ that reaches min(target ε, cap) over all the steps), σ = 0 with ``--no-noise``, no clipping
+    with privacy disabled; and the ε the configuration claims."""
+    from fedllm.privacy.accounting import DPEvent, epsilon_for, noise_multiplier_for
+
+    p = config.privacy
+    cap = site.effective_max_epsilon(p)
+    target = min(p.target_epsilon, cap)
+    sigma = 0.0
+    if p.enabled and not no_noise:
+        sigma = p.noise_multiplier or noise_multiplier_for(
+            target_epsilon=target, target_delta=p.target_delta, sample_rate=sample_rate, steps=steps,
+            accountant=p.accountant)
+    claimed = math.inf
+    if p.enabled:  # with a configured σ the claim is its ε, else the calibration target
+        claimed = (epsilon_for([DPEvent(p.noise_multiplier, sample_rate, steps)], target_delta=p.target_delta,
+                               accountant=p.accountant) if p.noise_multiplier else target)
+    kind = "clipping-only" if no_noise else "dp-sgd" if p.enabled else "no-dp"
+    return {"kind": kind, "dp_claimed": p.enabled and not no_noise, "noise_multiplier": sigma,
+            "claimed_epsilon": claimed, "clipping": p.enabled or no_noise, "max_grad_norm": p.max_grad_norm,
+            "target_delta": p.target_delta, "cap": cap}
+
+
+def _exposure_section(model: Any, spans: dict[str, SecretSpan], cset: CanarySet, device: Any) -> dict[str, Any]:
+    """Exposure of every inserted canary (ranked among all codes) and of the controls (each ranked
+    among its own code and CONTROL_CANDIDATES - 1 other random codes; under the null its rank is
+    uniform there too, at a fifth of the cost of a full enumeration)."""
+    everything = all_codes(CODE_DIGITS)
+    rng = np.random.default_rng()  # which codes a control is ranked against need not be secret
+    checked: list[str] = []
+
+    def score(canary: Canary, candidates: list[str]) -> dict[str, Any]:
+        lls = code_log_likelihoods(model, spans[canary.name], candidates, device=device)
+        own = float(lls[candidates.index(canary.code)])
+        if not checked:  # once per run: tree attention must agree with a plain forward pass
+            check_enumeration(model, spans[canary.name], canary.code, own, device=device)
+            checked.append(canary.name)
+        rank = empirical.rank_of(own, lls)
+        return {"name": canary.name, "code": canary.code, "copies": canary.copies, "rank": rank,
+                "candidates": len(candidates), "exposure": empirical.exposure(rank, len(candidates))}
+
+    def control_candidates(code: str) -> list[str]:
+        others = rng.choice(CODE_SPACE - 1, size=CONTROL_CANDIDATES - 1, replace=False)
+        return [code, *(everything[i + (i >= int(code))] for i in others)]
+
+    groups = []
+    for repeats in sorted({c.copies for c in cset.exposure}):
+        rows = [score(c, everything) for c in cset.exposure if c.copies == repeats]
+        groups.append({"copies": repeats, "mean": float(np.mean([r["exposure"] for r in rows])), "canaries": rows})
+    controls = [score(c, control_candidates(c.code)) for c in cset.controls]
+    values = np.array([r["exposure"] for r in controls])
+    top = groups[-1]
+    top_values = [r["exposure"] for r in top["canaries"]]
+    p_value = empirical.exposure_null_p_value(top_values)
+    controls_p = empirical.exposure_null_p_value(values)
+    return {
+        "space_size": CODE_SPACE, "max_bits": math.log2(CODE_SPACE), "groups": groups,
+        "controls": {"count": len(controls), "candidates": CONTROL_CANDIDATES, "max_bits": math.log2(CONTROL_CANDIDATES),
+                     "mean": float(values.mean()), "median": float(np.median(values)),
+                     "p95": float(np.percentile(values, 95)), "max": float(values.max()),
+                     "null_p_value": controls_p, "consistent_with_null": controls_p >= ALARM_ALPHA,
+                     "canaries": controls},
+        "test": {"copies": top["copies"], "p_value": p_value, "alpha": ALARM_ALPHA, "alarm": p_value < ALARM_ALPHA,
+                 "statistic": f"Fisher's method on the ×{top['copies']} canaries' exact null p-values 2^-exposure",
+                 "mann_whitney_vs_controls": empirical.mann_whitney_greater(top_values, values)},
+    }
+
+
+def _one_run_section(cset: CanarySet, scores: np.ndarray, *, k: int, delta: float) -> dict[str, Any]:
+    included = cset.included
+    order = np.argsort(-scores, kind="stable")
+    guess_in, guess_out = order[:k], order[len(order) - k:]
+    correct = int(included[guess_in].sum() + (~included[guess_out]).sum())
+    ins, outs = set(guess_in.tolist()), set(guess_out.tolist())
+    m, r = len(scores), 2 * k
+    bound = empirical.one_run_epsilon_lower_bound(correct=correct, guesses=r, canaries=m, delta=delta, confidence=CONFIDENCE)
+    alarm_bound = empirical.one_run_epsilon_lower_bound(correct=correct, guesses=r, canaries=m, delta=delta,
+                                                        confidence=1 - ALARM_ALPHA)
+    ceiling = empirical.one_run_epsilon_lower_bound(correct=r, guesses=r, canaries=m, delta=delta, confidence=CONFIDENCE)
+    canary_auc = (empirical.auc(scores[included], scores[~included])
+                  if included.any() and (~included).any() else None)
+    return {
+        "canaries": m, "included_count": int(included.sum()), "guesses_per_side": k, "guesses": r,
+        "correct": correct, "confidence": CONFIDENCE, "delta": delta, "epsilon_lower_bound": bound,
+        "ceiling": ceiling, "p_value_at_zero": empirical.one_run_p_value(correct=correct, guesses=r, canaries=m,
+                                                                         epsilon=0.0, delta=delta),
+        "alarm_confidence": 1 - ALARM_ALPHA, "epsilon_lower_bound_at_alarm_confidence": alarm_bound,
+        "alarm": alarm_bound > 0, "alarm_needs_correct": _alarm_threshold(r, m, delta),
+        "canary_auc": None if canary_auc is None else canary_auc.__dict__,
+        "score": "log p_trained(response) - log p_base(response)",
+        "items": [{"name": c.name, "code": c.code, "included": bool(included[i]), "score": float(scores[i]),
+                   "guess": "in" if i in ins else "out" if i in outs else None}
+                  for i, c in enumerate(cset.one_run)],
+    }
+
+
+def _alarm_threshold(guesses: int, canaries: int, delta: float) -> int | None:
+    """The fewest correct guesses that reject ε = 0 at ALARM_ALPHA (None: not even all of them)."""
+    for correct in range(guesses // 2, guesses + 1):
+        if empirical.one_run_p_value(correct=correct, guesses=guesses, canaries=canaries, epsilon=0.0,
+                                     delta=delta) < ALARM_ALPHA:
+            return correct
+    return None
+
+
+def run_canary_audit(config: Any, site: Any, *, canaries: int, guesses: int | None = None, no_noise: bool = False,
+                     output: Path, scenario: str = "", echo: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Train one site's run with canaries inserted, score it, write ``canary-audit.json`` and
+    ``canary-audit.md`` into ``output`` (atomically) and return the report. Runs on
+    ``train.threads`` (else ``simulation.client-cpus``) torch threads, as a site does."""
+    import torch
+
+    k = resolve_guesses(canaries, guesses)  # fixed here, before any score exists
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, config.train.threads or config.simulation.client_cpus))  # as SiteRuntime does
+    try:
+        return _run(config, site, canaries=canaries, k=k, no_noise=no_noise, output=output, scenario=scenario,
+                    echo=echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, output: Path, scenario: str,
+         echo: Callable[[str], None]) -> dict[str, Any]:
+    from fedllm.data.fingerprint import dataset_fingerprint
+    from fedllm.data.formatting import tokenize_records
+    from fedllm.data.loading import load_records
+    from fedllm.model import apply_lora, load_model_and_tokenizer
+    from fedllm.privacy.accounting import DPEvent, epsilon_for
+    from fedllm.privacy.ledger import PrivacyLedger
+    from fedllm.site import load_site_examples
+    from fedllm.train import DPSettings, train_local
+
+    start_time = time.perf_counter()
+    timings: dict[str, float] = {}
+    lap = [start_time]
+
+    def done(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase], lap[0] = now - lap[0], now
+
+    device = site.device
+    base, tokenizer = load_model_and_tokenizer(config.model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = apply_lora(base, config.lora).to(device)
+    records = load_records(site.data_path, format=config.data.format)
+    real_train, held_out = load_site_examples(config, site, tokenizer, records=records)
+    done("load")
+    cset = build_canaries(one_run=canaries)
+    max_length = config.data.max_length
+    spans = {c.name: locate_secret(c, tokenizer, max_length=max_length) for c in (*cset.exposure, *cset.controls)}
+    inserted = tokenize_records(cset.training_records(), tokenizer, max_length=max_length, source="canaries")
+    one_run_examples = tokenize_records([c.record() for c in cset.one_run], tokenizer, max_length=max_length,
+                                        source="canaries")
+    train = [*real_train, *inserted]
+    steps = config.num_server_rounds * config.train.local_steps
+    sample_rate = min(1.0, config.train.batch_size / len(train))
+    mech = _mechanism(config, site, sample_rate=sample_rate, steps=steps, no_noise=no_noise)
+    sigma, delta = mech["noise_multiplier"], config.privacy.target_delta
+    theory = epsilon_for([DPEvent(sigma, sample_rate, steps)], target_delta=delta, accountant="prv")
+    mech.update(sample_rate=sample_rate, steps=steps, batch_size=config.train.batch_size,
+                learning_rate=config.train.learning_rate, optimizer=config.train.optimizer,
+                num_examples=len(train), real_examples=len(real_train), canary_examples=len(inserted),
+                epsilon_theory=theory)
+
+    done("setup")
+    ledger = PrivacyLedger.open(output / "ledger" / f"{site.name}.json", site=site.name,
+                                dataset_fingerprint=dataset_fingerprint(records))  # what the spend was on
+    run_id = f"canary-audit-{secrets.token_hex(4)}"
+    ledger.check(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, target_delta=delta,
+                 max_epsilon=mech["cap"] if mech["dp_claimed"] else 0.0, accountant=config.privacy.accountant)
+    echo(f"Training {site.name}: {len(real_train)} records + {len(inserted)} canary copies, {steps} steps, "
+         f"q={sample_rate:.4f}, {mech['kind']} (σ={sigma:.4g}, C={config.privacy.max_grad_norm:g}), "
+         f"theoretical ε={_fmt(theory)} (δ={delta:g}, PRV)")
+    dp = DPSettings(noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm) if mech["clipping"] else None
+    result = train_local(model, train, steps=steps, batch_size=config.train.batch_size,
+                         learning_rate=config.train.learning_rate, weight_decay=config.train.weight_decay,
+                         optimizer=config.train.optimizer, pad_id=tokenizer.pad_token_id, dp=dp, device=device)
+    ledger.record(run_id=run_id, server_round=1, steps=steps, sample_rate=sample_rate, noise_multiplier=sigma,
+                  max_grad_norm=config.privacy.max_grad_norm, target_delta=delta, num_examples=len(train),
+                  accountant=config.privacy.accountant)
+    done("train")
+    echo(f"Trained in {result.seconds:.0f}s (mean loss {result.train_loss:.3f}).")
+
+    batch = config.train.eval_batch_size
+    pad = tokenizer.pad_token_id
+
+    def loglik(examples):
+        return lambda: response_log_likelihoods(model, examples, batch_size=batch, pad_id=pad, device=device)
+
+    echo(f"Exposure: ranking {len(cset.exposure)} inserted codes among all {CODE_SPACE:,} and {len(cset.controls)} "
+         f"controls among {CONTROL_CANDIDATES} ...")
+    exposure = _exposure_section(model, spans, cset, device)
+    done("exposure")
+    echo(f"One-run test: scoring {canaries} canaries under the base model and the adapter ...")
+    (base_ll, _), (trained_ll, _) = base_and_trained(model, loglik(one_run_examples))
+    one_run = _one_run_section(cset, trained_ll - base_ll, k=k, delta=delta)
+    done("one_run")
+    echo("Membership inference: scoring training and held-out records ...")
+    mia = _mia_section(model, real_train, held_out, loglik)
+    done("mia")
+    report = {
+        "format": REPORT_FORMAT, "version": REPORT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scenario": scenario, "site": site.name, "model": config.model.name,
+        "mechanism": mech, "training": {"train_loss": result.train_loss, "seconds": result.seconds},
+        "exposure": exposure, "one_run": one_run, "membership_inference": mia,
+        "ceiling_table": {str(m): {str(r): v for r, v in row.items()}
+                          for m, row in empirical.ceiling_table((canaries,), sorted({10, 20, 50, 100, 2 * k}),
+                                                                delta=delta).items()},
+        "ledger": str(ledger.path), "seconds": time.perf_counter() - start_time, "timings": timings,
+    }
+    report["verdict"] = verdict(report)
+    from fedllm.audit.canary_report import render_markdown
+
+    _write_atomic(output / "canary-audit.json", json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    _write_atomic(output / "canary-audit.md", render_markdown(report))
+    return report
+
+
+def _mia_section(model: Any, members: Sequence[Any], nonmembers: Sequence[Any], loglik) -> dict[str, Any]:
+    if not nonmembers:
+        return {"skipped": "the site holds out no records (data.eval-fraction = 0)"}
+    rng = os_entropy_rng()
+    size = min(len(members), max(MIA_MIN_MEMBERS, len(nonmembers)), MIA_MAX_MEMBERS)  # balanced: AUC's CI is
+    chosen = sorted(rng.choice(len(members), size=size, replace=False).tolist())  # set by the smaller group
+    examples = [members[i] for i in chosen] + list(nonmembers)
+    (base, counts), (trained, _) = base_and_trained(model, loglik(examples))
+    raw, calibrated = trained / counts, (trained - base) / counts
+    n = len(chosen)
+    return {"members": n, "nonmembers": len(nonmembers), "score": "log-likelihood per response token",
+            "auc_raw": empirical.auc(raw[:n], raw[n:]).__dict__,
+            "auc_calibrated": empirical.auc(calibrated[:n], calibrated[n:]).__dict__}
+
+
+def verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """The pre-registered decision rule of the module docstring, applied to a report."""
+    reasons = []
+    one_run, exposure, mech = report["one_run"], report["exposure"], report["mechanism"]
+    if one_run["alarm"]:
+        reasons.append(f"one-run test: {one_run['correct']}/{one_run['guesses']} guesses correct rejects ε = 0 "
+                       f"(p = {one_run['p_value_at_zero']:.2g} < {ALARM_ALPHA:g})")
+    if exposure["test"]["alarm"]:
+        reasons.append(f"exposure: the ×{exposure['test']['copies']} canaries' codes rank far above chance "
+                       f"(p = {exposure['test']['p_value']:.2g} < {ALARM_ALPHA:g})")
+    violation = one_run["epsilon_lower_bound"] > mech["epsilon_theory"]
+    if violation:
+        reasons.append(f"the 95% lower bound ε ≥ {one_run['epsilon_lower_bound']:.2f} exceeds the theoretical "
+                       f"ε = {mech['epsilon_theory']:.2f}: the accounting does not hold for this run")
+    flagged = bool(reasons)
+    return {"flagged": flagged, "violation": violation, "reasons": reasons, "dp_claimed": mech["dp_claimed"],
+            "exit_code": 1 if flagged and mech["dp_claimed"] else 0}
+
+
+def _fmt(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.2f}"
+
+
+def _jsonable(value: Any) -> Any:
+    """ε = ∞ becomes the string "inf" (as in the ledger); JSON has no infinity."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a fsynced temporary file in the same folder and ``os.replace``: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------ command
+
+
+def main(args: argparse.Namespace) -> int:
+    """``fedllm audit --canaries N``: exit 1 when a run that claims DP is flagged, else 0."""
+    from fedllm.config import RunConfig, parse_set_option
+    from fedllm.scenario import load_scenario, materialise_sites
+
+    scenario = load_scenario(args.scenario)
+    overrides = dict(scenario.run_overrides)
+    for item in args.set or []:
+        key, value = parse_set_option(item)
+        overrides[key] = value
+    config = RunConfig.from_flat(overrides)
+    resolve_guesses(args.canaries, args.guesses)
+    output = Path(args.output or Path("runs") / f"audit-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if output.exists() and any(output.iterdir()):
+        raise FedLLMError(f"output folder {output} is not empty; choose another --output")
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        sites = materialise_sites(scenario, output)
+        names = [s.name for s in sites]
+        if args.site and args.site not in names:
+            raise ConfigError(f"--site {args.site!r}: scenario {scenario.name} has sites {', '.join(names)}")
+    except BaseException:
+        if created:  # nothing half-written: remove what this command created before training
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    site = next(s for s in sites if s.name == (args.site or names[0]))
+    print(f"fedllm audit --canaries {args.canaries}: scenario {scenario.name}, site {site.name}, "
+          f"model {config.model.name} -> {output}", flush=True)
+    report = run_canary_audit(config, site, canaries=args.canaries, guesses=args.guesses,
+                              no_noise=bool(args.no_noise), output=output, scenario=scenario.name,
+                              echo=lambda line: print(line, flush=True))
+    from fedllm.audit.canary_report import summary_lines
+
+    for line in summary_lines(report):
+        print(line, flush=True)
+    print(f"Report: {output / 'canary-audit.md'}", flush=True)
+    return int(report["verdict"]["exit_code"])
