@@ -511,9 +511,14 @@ def main(args: argparse.Namespace) -> int:
     site = next(s for s in sites if s.name == (args.site or names[0]))
     print(f"fedllm audit --canaries {args.canaries}: scenario {scenario.name}, site {site.name}, "
           f"model {config.model.name} -> {output}", flush=True)
-    report = run_canary_audit(config, site, canaries=args.canaries, guesses=args.guesses,
-                              no_noise=bool(args.no_noise), output=output, scenario=scenario.name,
-                              echo=lambda line: print(line, flush=True))
+    try:
+        report = run_canary_audit(config, site, canaries=args.canaries, guesses=args.guesses,
+                                  no_noise=bool(args.no_noise), output=output, scenario=scenario.name,
+                                  echo=lambda line: print(line, flush=True))
+    except BaseException:
+        if created and not (output / "ledger").exists():  # nothing was spent: leave nothing behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     from fedllm.audit.canary_report import summary_lines
 
     for line in summary_lines(report):

@@ -40,10 +40,13 @@ def locate_secret(canary: Any, tokenizer: Any, *, max_length: int) -> SecretSpan
     def tok(code: str):
         return tokenize_record(canary.record(code), tokenizer, max_length=max_length)
 
+    needed = len(tokenize_record(canary.record(), tokenizer, max_length=1 << 30).input_ids)
     uniform = [tok(str(d) * length).input_ids for d in range(DIGITS)]
     own = tok(canary.code)
     problem = "codes of the same length tokenize to different lengths"
-    if len({len(ids) for ids in uniform} | {len(own.input_ids)}) == 1:
+    if needed > max_length:
+        problem = f"the canary needs {needed} tokens, more than data.max-length"
+    elif len({len(ids) for ids in uniform} | {len(own.input_ids)}) == 1:
         diff = [i for i in range(len(own.input_ids)) if len({ids[i] for ids in uniform}) > 1]
         start = diff[0] if diff else -1
         digit_ids = tuple(ids[start] for ids in uniform)
