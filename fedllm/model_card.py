@@ -15,16 +15,14 @@ deterministic (no time stamps), so it is golden-tested.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedllm import keys
 from fedllm.config import RunConfig, SiteConfig
+from fedllm.files import write_text_atomic
 
 LICENSE = "other"  # the adapter inherits its base model's licence and its training data's terms
 TAGS = ("fedllm", "lora", "differential-privacy", "federated-learning")
@@ -128,17 +126,7 @@ def write_model_card(adapter_dir: Path | str, *, config: RunConfig, history: Map
     """Write ``adapter_dir/README.md`` atomically (replacing peft's template card); returns its path."""
     path = Path(adapter_dir) / "README.md"
     text = render_model_card(config=config, history=history, sites=sites)
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
     return path
 
 

@@ -56,14 +56,10 @@ reads the real records directly. Run it on the shipped demo data or a public dat
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import math
-import os
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +80,7 @@ from fedllm.audit.scoring import (
     response_log_likelihoods,
 )
 from fedllm.errors import ConfigError, FedLLMError
+from fedllm.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +406,8 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     report["verdict"] = verdict(report)
     from fedllm.audit.canary_report import render_markdown
 
-    _write_atomic(output / "canary-audit.json", json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
-    _write_atomic(output / "canary-audit.md", render_markdown(report))
+    write_json_atomic(output / "canary-audit.json", _jsonable(report))
+    write_text_atomic(output / "canary-audit.md", render_markdown(report))
     return report
 
 
@@ -461,22 +458,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a fsynced temporary file in the same folder and ``os.replace``: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------ command

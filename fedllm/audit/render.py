@@ -8,13 +8,13 @@ is golden-tested byte for byte. matplotlib is imported inside :func:`write_epsil
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedllm.files import write_bytes_atomic
 
 MEANINGLESS_SITE_EPSILON = 10.0  # a site-level ε above this is called meaningless
 PLOT_SIZE = (8.0, 4.5)  # inches, at PLOT_DPI: 800 × 450 pixels
@@ -311,24 +311,10 @@ def write_epsilon_plot(report: Mapping[str, Any], path: Path | str) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     path = Path(path)
-    _write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=PLOT_DPI))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=PLOT_DPI)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(binary handle)`` on a temp file in ``path``'s folder, fsync, rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,11 +47,11 @@ from fedllm.audit.render import (  # noqa: F401  (render_markdown, write_epsilon
     _float,
     _g,
     _ledger_word,
-    _write_atomic,
     privacy_statement,
     render_markdown,
     write_epsilon_plot,
 )
+from fedllm.files import write_text_atomic
 from fedllm.errors import FedLLMError, LedgerError, RunFailedError
 
 REPORT_FORMAT = "fedllm-privacy-report"
@@ -318,9 +318,9 @@ def main(args: argparse.Namespace) -> int:
     report = build_privacy_report(run_dir, public_keys=public_keys)
     output = Path(args.output) if getattr(args, "output", None) else run_dir / "audit"
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output / FILES[0], lambda h: h.write(render_markdown(report).encode("utf-8")))
+    write_text_atomic(output / FILES[0], render_markdown(report))
     text = json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    _write_atomic(output / FILES[1], lambda h: h.write(text.encode("utf-8")))
+    write_text_atomic(output / FILES[1], text)
     write_epsilon_plot(report, output / FILES[2])
     if getattr(args, "json", False):
         print(text, end="", flush=True)

@@ -62,13 +62,13 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedllm.data.fingerprint import is_fingerprint
+from fedllm.files import write_text_atomic
 from fedllm.errors import BudgetExceededError, LedgerError
 from fedllm.privacy.accounting import DPEvent, PrivacyParameterError, epsilon_for
 from fedllm.privacy.ledger_chain import (
@@ -142,28 +142,6 @@ def _read_document(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(data.get("entries"), list):
         raise LedgerError(f"Privacy ledger {path}: \"entries\" must be a list, got {data.get('entries')!r}. {_RESTORE}")
     return data, hashlib.sha256(raw).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError, AttributeError):  # make the rename durable (POSIX only)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -376,7 +354,7 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _folder_lock(self.path.parent):
             self._check_unchanged_on_disk()
-            _write_atomic(self.path, text)
+            write_text_atomic(self.path, text)
         self._entries = entries
         self._stored = tuple(document["entries"])
         self._public_key = document.get("public-key")
