@@ -6,7 +6,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedllm import keys
@@ -53,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[keys.CONFIG]
     try:
         outcome = site.train_round(
-            run_id=str(context.run_id),
+            run_id=str(config.get(keys.RUN_ID, "") or context.run_id),  # stable across fedllm run --resume
             server_round=int(config[keys.SERVER_ROUND]),
             adapter=msg.content[keys.ARRAYS].to_torch_state_dict(),
             proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),

@@ -124,10 +124,22 @@ class CentralDPConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """Round timing and fault handling."""
+    """Round timing, fault handling, update screening and resume (docs/configuration.md).
+
+    ``tolerated_failures``: site failures (crash, disconnect, timeout) a round survives; -1 = any
+    number, as long as ``min_completed_sites`` updates were aggregated. ``connect_timeout``: how long
+    the run waits at the start for ``strategy.min-available-sites`` sites (0 = forever).
+    ``max_update_norm``: L2 bound on a site's update (reply − global adapter); 0 = no bound.
+    ``run_id``: the run's name in the sites' ledgers, kept across ``fedllm run --resume`` ("" =
+    Flower's run id). ``resume``: continue the run in ``output-dir`` from its last completed round."""
 
     round_timeout: float = 3600.0
     tolerated_failures: int = 0
+    min_completed_sites: int = 1
+    connect_timeout: float = 1800.0
+    max_update_norm: float = 0.0
+    run_id: str = ""
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,7 +231,10 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("central-dp.clip-norm-lr", 0.0, 10.0, False),
     ("central-dp.target-delta", 0.0, 1.0, False),
     ("federation.round-timeout", 0.0, math.inf, False),
-    ("federation.tolerated-failures", 0, math.inf, True),
+    ("federation.tolerated-failures", -1, math.inf, True),
+    ("federation.min-completed-sites", 1, math.inf, True),
+    ("federation.connect-timeout", 0.0, math.inf, True),
+    ("federation.max-update-norm", 0.0, math.inf, True),
     ("simulation.client-cpus", 1, 1024, True),
 )
 

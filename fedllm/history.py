@@ -1,11 +1,13 @@
 """The run's history: per round, per site, what was trained, refused, rejected and evaluated.
 
 Written to ``history.json`` in the run's output folder after every round (atomically), so a run
-that stops half-way still leaves a readable record. Pure: stdlib only.
+that stops half-way still leaves a readable record, and a resumed run (``RunHistory.load``) goes
+on in the same file. Pure: stdlib only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm import keys
+from fedllm.errors import ConfigError
 from fedllm.files import write_json_atomic
 
 
@@ -35,6 +38,41 @@ class RunHistory:
             "central-dp": {"enabled": False},
             "rounds": [],
         }
+
+    @classmethod
+    def load(cls, path: Path, *, keep_rounds: int, run_id: str) -> RunHistory:
+        """Reopen ``history.json`` to resume a run after round ``keep_rounds``.
+
+        Keeps the rounds numbered <= ``keep_rounds`` (round 0, the initial evaluation, included)
+        and drops later ones (a round the coordinator recorded but did not checkpoint is run
+        again), sets ``"status"`` back to ``"running"``, drops how the previous run ended
+        (``"finished"``, ``"error"``, ``"stopped-early"``), and appends
+        ``{"run-id": run_id, "from-round": keep_rounds + 1, "at": <UTC time>}`` to ``"resumed"``.
+        The original ``"run-id"`` and ``"started"`` stay. Nothing is written until ``save``.
+        A missing or unreadable file raises ``ConfigError``.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the run history ({exc}); cannot resume") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rounds"), list) or not all(
+                isinstance(r, dict) and isinstance(r.get("round"), int) for r in data["rounds"]):
+            raise ConfigError(f"{path}: not a fedllm run history (no list of numbered rounds); cannot resume")
+        if keep_rounds < 0:
+            raise ValueError(f"keep_rounds must be >= 0, not {keep_rounds}")
+        history = cls.__new__(cls)
+        history.path = path
+        data["rounds"] = [r for r in data["rounds"] if r["round"] <= keep_rounds]
+        data["status"] = "running"
+        for key in ("finished", "error", "stopped-early"):
+            data.pop(key, None)
+        if not isinstance(data.setdefault("resumed", []), list):
+            raise ConfigError(f"{path}: \"resumed\" is not a list; cannot resume")
+        data["resumed"].append(
+            {"run-id": run_id, "from-round": keep_rounds + 1, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        history.data = data
+        return history
 
     def _round(self, server_round: int) -> dict[str, Any]:
         for entry in self.data["rounds"]:
@@ -61,12 +99,15 @@ class RunHistory:
         self._round(server_round)["train-seconds"] = seconds
         return aggregate
 
-    def record_evaluate(self, server_round: int, *, sites: dict[str, dict], failed: list[dict]) -> dict[str, Any]:
-        """One round's held-out evaluation per site and aggregated (token-weighted)."""
+    def record_evaluate(self, server_round: int, *, sites: dict[str, dict], failed: list[dict],
+                        rejected: dict[str, str] | None = None) -> dict[str, Any]:
+        """One round's held-out evaluation per site and aggregated (token-weighted); ``rejected``:
+        site → reason for evaluate replies that failed validation (``strategy.triage_replies``)."""
         loss = _weighted(sites, keys.EVAL_LOSS, keys.EVAL_TOKENS)
         aggregate = {keys.EVAL_LOSS: loss, keys.PERPLEXITY: math.exp(loss) if loss is not None else None,
                      keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values())}
-        self._round(server_round)["evaluate"] = {"sites": sites, "failed": failed, "aggregate": aggregate}
+        self._round(server_round)["evaluate"] = {"sites": sites, "rejected": dict(rejected or {}), "failed": failed,
+                                                 "aggregate": aggregate}
         return aggregate
 
     def set_central_dp(self, block: Mapping[str, Any]) -> None:

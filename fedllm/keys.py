@@ -13,6 +13,7 @@ SITE_NAME = "name"
 
 # server -> site (train/evaluate config)
 SERVER_ROUND = "server-round"
+RUN_ID = "run-id"  # the run's name in the sites' ledgers (kept across fedllm run --resume)
 PROXIMAL_MU = "proximal-mu"
 
 # site -> server (train metrics)

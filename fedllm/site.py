@@ -10,7 +10,12 @@ Order of a training round (``train_round``):
 2. budget check against the ledger: a round that would cross the cap raises
    ``BudgetExceededError`` before any training;
 3. local DP-SGD steps;
-4. the release is written to the ledger (atomically), and only then is the update returned.
+4. the release is written to the ledger (atomically), and only then is the update returned (and
+   kept in the site's release cache).
+
+A round asked again with the same run, round and global adapter (the coordinator died before the
+round completed and resumed, ``fedllm run --resume``) re-sends the cached update instead of
+training again: it was already released and recorded, so re-sending it costs no privacy.
 
 The ledger is bound to the site's data: the fingerprint of all the site's records
 (``fedllm.data.fingerprint``) is computed once, and a ledger written for other data makes the site
@@ -36,9 +41,10 @@ from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
 from fedllm.model import get_adapter_state, set_adapter_state, shared_model
-from fedllm.privacy.accounting import DPEvent, noise_multiplier_for
+from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
+from fedllm.release_cache import ReleaseCache, adapter_digest
 from fedllm.train import DPSettings, StepInfo, evaluate_loss, train_local
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,7 @@ class SiteRuntime:
         self.dataset_fingerprint = dataset_fingerprint(records)
         self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)
         self.ledger_path = ledger_path
+        self.release_cache = ReleaseCache(ledger_path.parent, site=site.name)  # the last update sent, kept at the site
         self.signing_key = load_private_key(site.signing_key) if site.signing_key else None
         self.open_ledger().require_writable()  # refuse now, before any round: other data, broken chain, wrong key
         self.cap = site.effective_max_epsilon(config.privacy)
@@ -109,6 +116,14 @@ class SiteRuntime:
         """Budget check, local training, ledger record; raises ``BudgetExceededError`` to refuse."""
         cfg, p = self.config, self.config.privacy
         ledger = self.open_ledger()
+        prefix = f"[round {server_round}/{cfg.num_server_rounds}] site {self.name}"
+        digest = adapter_digest(adapter)
+        cached = self.release_cache.lookup(run_id=run_id, server_round=server_round, input_digest=digest)
+        if cached is not None and len(ledger.entries) >= cached.ledger_entries and any(
+                e.run_id == run_id and e.server_round == server_round for e in ledger.entries):
+            log.info("%s | re-sending the update this site already released for this round and global adapter "
+                     "(recorded in its ledger; no new privacy spend)", prefix)
+            return RoundOutcome(adapter=cached.adapter, metrics=cached.metrics)
         steps = cfg.train.local_steps
         sample_rate = min(1.0, cfg.train.batch_size / len(self.train_examples))
         dp = None
@@ -124,7 +139,6 @@ class SiteRuntime:
         else:
             sigma, after = 0.0, math.inf
         set_adapter_state(self.model, adapter)
-        prefix = f"[round {server_round}/{cfg.num_server_rounds}] site {self.name}"
         eps_text = f"ε {spent:.2f}→{after:.2f} (cap {self.cap:g})" if dp else "no DP"
 
         def show(info: StepInfo) -> None:
@@ -141,7 +155,7 @@ class SiteRuntime:
                               num_examples=len(self.train_examples), accountant=p.accountant)
         log.info("%s | trained %d steps in %.1fs | loss %.3f | ε spent %.3f (δ=%g)", prefix, steps,
                  result.seconds, result.train_loss, entry.epsilon, p.target_delta)
-        return RoundOutcome(
+        outcome = RoundOutcome(
             adapter=get_adapter_state(self.model, trainable_only=True),
             metrics={
                 keys.NUM_EXAMPLES: len(self.train_examples),
@@ -157,6 +171,10 @@ class SiteRuntime:
                 keys.MAX_GRAD_NORM: p.max_grad_norm,
             },
         )
+        # only after the spend is recorded: a re-sent update must never be one whose spend is not in the ledger
+        self.release_cache.store(run_id=run_id, server_round=server_round, input_digest=digest,
+                                 adapter=outcome.adapter, metrics=outcome.metrics, ledger_entries=len(ledger.entries))
+        return outcome
 
     def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float | int]:
         """Held-out loss and perplexity of ``adapter`` on this site's evaluation split."""

@@ -43,7 +43,8 @@ def _reply(node: int, *, arrays: ArrayRecord | None = None, examples: int = 10, 
                     group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
     if error is not None:
         return make_message(meta, error=error)
-    content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: examples, keys.TRAIN_LOSS: 1.0 * node}),
+    metrics = dict.fromkeys(keys.TRAIN_METRIC_KEYS, 1.0) | {keys.NUM_EXAMPLES: examples, keys.TRAIN_LOSS: 1.0 * node}
+    content = RecordDict({keys.METRICS: MetricRecord(metrics),
                           keys.SITE: ConfigRecord({keys.SITE_NAME: name or f"site{node}"})})
     if arrays is not None:
         content[keys.ARRAYS] = arrays

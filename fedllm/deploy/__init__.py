@@ -1,0 +1,1 @@
+"""Deployment: site files, checks, keys and certificates, and starting real Flower processes."""

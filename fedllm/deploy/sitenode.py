@@ -1,0 +1,139 @@
+"""``fedllm site start sites/x.toml --server HOST:PORT``: run one institution's site.
+
+Starts a Flower SuperNode next to the site's data. It connects *out* to the coordinator's
+SuperLink (TLS with the coordinator's CA certificate, SuperNode authentication with the site's
+key) and runs the fedllm ClientApp for every message; the site's node config (name, data path,
+ledger path, privacy cap, device, signing key) comes from the site file and never leaves the
+machine, except the site's name. Before connecting it checks, without training or sending
+anything, that the data loads and that the ledger verifies against it.
+
+The command stays in the foreground, shows the site's progress (fedllm's own lines) and stops the
+SuperNode and everything it started on Ctrl-C or SIGTERM. It exits non-zero when the SuperNode
+stops by itself, e.g. when the coordinator refuses the site's key. A SuperNode retries a lost
+connection without limit, so a site outlives a coordinator restart and rejoins on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from fedllm.deploy.flower import flower_env, free_port, stop_group, tool
+from fedllm.errors import ConfigError, FedLLMError, RunFailedError
+from fedllm.logs import strip_to_marker
+
+
+def _echo(text: str) -> None:
+    print(text, flush=True)
+
+
+def _preflight(site_file) -> None:
+    """The data loads and the ledger (if any) verifies against it: fail here, not mid-round."""
+    from fedllm.data.fingerprint import dataset_fingerprint
+    from fedllm.data.loading import load_records
+    from fedllm.privacy.ledger import verify_ledger
+
+    site = site_file.site
+    records = load_records(site.data_path)
+    _echo(f"site {site.name}: {len(records)} records in {site.data_path} (they stay on this machine)")
+    ledger = Path(site.ledger_path)
+    if ledger.is_file():
+        result = verify_ledger(ledger, public_key=None, dataset_fingerprint=dataset_fingerprint(records))
+        if not result.ok:
+            raise FedLLMError(f"site {site.name}: privacy ledger {ledger} does not verify: "
+                              f"{'; '.join(result.problems[:3])}; run fedllm ledger verify {ledger}")
+        eps = "inf" if result.final_epsilon == float("inf") else f"{result.final_epsilon:.2f}"
+        _echo(f"site {site.name}: ledger {ledger}: {result.entries} releases, ε spent {eps}")
+    else:
+        _echo(f"site {site.name}: new ledger will be written to {ledger}")
+
+
+def supernode_command(site_file, *, server: str, insecure: bool, root_certificates: str, port: int) -> list[str]:
+    conn = site_file.connection
+    cmd = [tool("flower-supernode"), "--superlink", server, "--node-config", site_file.node_config(),
+           "--host", "127.0.0.1", "--port", str(port)]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        ca = root_certificates or conn.root_certificates
+        if not ca:
+            raise ConfigError(f"{site_file.path}: no CA certificate for TLS: set [connection] root-certificates "
+                              "(the coordinator's ca.crt), pass --root-certificates PEM, or --insecure for a "
+                              "local trial without TLS")
+        if not Path(ca).is_file():
+            raise ConfigError(f"{ca}: CA certificate not found")
+        cmd += ["--root-certificates", str(Path(ca).resolve())]
+    if conn.auth_key:
+        cmd += ["--auth-supernode-private-key", conn.auth_key]
+    return cmd
+
+
+def cmd_site_start(args: argparse.Namespace) -> int:
+    from fedllm.deploy.sitefile import load_site_file
+
+    site_file = load_site_file(Path(args.file))
+    server = args.server or site_file.connection.server
+    if not server:
+        raise ConfigError(f"{site_file.path}: no coordinator address: pass --server HOST:PORT or set "
+                          "[connection] server")
+    _preflight(site_file)
+    port = site_file.connection.runtime_port or free_port()
+    cmd = supernode_command(site_file, server=server, insecure=args.insecure,
+                            root_certificates=args.root_certificates or "", port=port)
+    state = Path(site_file.connection.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    log_file = state / "supernode.log"
+    name = site_file.site.name
+    _echo(f"site {name}: connecting to {server} ({'INSECURE' if args.insecure else 'TLS'}"
+          f"{', authenticated with ' + Path(site_file.connection.auth_key).name if site_file.connection.auth_key else ''}"
+          f"); log {log_file}; Ctrl-C stops the site")
+    state_flags = {"refused": False}
+    with open(log_file, "a", encoding="utf-8") as sink:
+        proc = subprocess.Popen(cmd, cwd=state, env=flower_env(state / "flwr-home"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+
+        def pump() -> None:  # the SuperNode's helpers keep the pipe open after it exits: read in a thread
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sink.write(line)
+                sink.flush()
+                state_flags["refused"] = state_flags["refused"] or "Failed to activate SuperNode" in line
+                message = strip_to_marker(line)
+                if args.verbose:
+                    _echo(line.rstrip("\n"))
+                elif message is not None:
+                    _echo(message)
+                elif "ERROR" in line or "Traceback" in line:
+                    _echo(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+            reader.join(timeout=2)
+        except KeyboardInterrupt:
+            _echo(f"site {name}: stopping")
+            return 0
+        finally:
+            stop_group(proc)
+    refused = state_flags["refused"]
+    if refused:
+        key = site_file.connection.auth_key
+        raise RunFailedError(
+            f"site {name}: the coordinator refused this site: its key is not registered there"
+            + (f" (send {key}.pub to the coordinator, who starts the server with --site-keys holding it)" if key else
+               " (set [connection] auth-key to the site's private key and register its .pub at the coordinator)"))
+    raise RunFailedError(f"site {name}: the SuperNode stopped (exit code {proc.returncode}); see {log_file}")
+
+
+def add_site_start_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="the site file (sites/<name>.toml)")
+    parser.add_argument("--server", help="the coordinator's HOST:PORT (default: [connection] server in the file)")
+    parser.add_argument("--root-certificates", metavar="PEM", help="CA certificate of the coordinator "
+                                                                   "(default: [connection] root-certificates)")
+    parser.add_argument("--insecure", action="store_true", help="connect without TLS (local trials only)")
+    parser.add_argument("--verbose", action="store_true", help="show the SuperNode's full log")

@@ -1,0 +1,340 @@
+"""Real deployments on 127.0.0.1: ``fedllm server start`` (a Flower SuperLink with TLS and
+SuperNode authentication), ``fedllm site start`` per site (SuperNodes), ``fedllm run``.
+
+Every process is started in its own session and carries a marker in its environment; each test
+kills them all and checks that none is left, also when it fails. Ports are chosen free at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_simulation import _processes_with
+from tests.integration.wire import RecordingProxy, pushed_objects
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "simulations" / "smoke" / "data" / "smoke.jsonl"
+RUN_TOML = """\
+[model]
+name = "tiny-random-llama"
+[lora]
+r = 4
+alpha = 8
+[data]
+max-length = 64
+eval-fraction = 0.2
+[train]
+local-steps = 3
+batch-size = 4
+[privacy]
+target-epsilon = 4.0
+max-epsilon = 6.0
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Federation:
+    """The processes of one test: started by name, logged to files, all killed at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.marker = uuid.uuid4().hex
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEDLLM_TEST_RUN": self.marker}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def fedllm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedllm.cli", *args], check=False, cwd=self.tmp, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.tmp / f"{name}.log"
+        self.logs[name] = log
+        env = {**self.env, "FEDLLM_TEST_PROC": f"{name}-{self.marker}"}  # marks everything this command starts
+        with open(log, "a") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "fedllm.cli", *args], cwd=self.tmp, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+    def wait_for(self, predicate, what: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(
+            f"--- {n}:\n{self.log(n)[-3000:]}" for n in self.logs))
+
+    def kill(self, name: str) -> None:
+        """A crash: SIGKILL the command and every process it started (SuperLink or SuperNode, apps)."""
+        marker = f"FEDLLM_TEST_PROC={name}-{self.marker}"
+        for _ in range(20):
+            left = _processes_with(marker)
+            if not left:
+                break
+            for line in left:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(line.split(":")[0]), signal.SIGKILL)
+            time.sleep(0.2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.procs[name].wait(timeout=30)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+        deadline = time.monotonic() + 30
+        while (left := _processes_with(self.marker)) and time.monotonic() < deadline:
+            for line in left:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(line.split(":")[0]), signal.SIGKILL)
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        fed.close()
+    assert not _processes_with(fed.marker), "processes left behind"
+
+
+def _prepare(fed: Federation, sites: list[str], *, extra: str = "") -> Path:
+    """Development PKI, per-site data and site files; returns the folder of registered keys."""
+    res = fed.fedllm("certs", "--out", "certs", "--sites", ",".join([*sites, "rogue"]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    registered = fed.tmp / "registered"
+    registered.mkdir()
+    for name in sites:
+        shutil.copy(fed.tmp / "certs" / "sites" / f"{name}.pub", registered)
+    lines = SMOKE.read_text().splitlines(keepends=True)
+    for i, name in enumerate([*sites, "rogue"]):
+        folder = fed.tmp / f"site-{name}"
+        folder.mkdir()
+        (folder / "data.jsonl").write_text("".join(lines[(i % 3) * 30:(i % 3 + 1) * 30]))
+        shutil.copy(fed.tmp / "certs" / "sites" / name, folder / "node.key")
+        os.chmod(folder / "node.key", 0o600)
+        shutil.copy(fed.tmp / "certs" / "ca.crt", folder / "ca.crt")
+        (fed.tmp / f"{name}.toml").write_text(
+            f'site-name = "{name}"\ndata-path = "site-{name}/data.jsonl"\nledger-path = "site-{name}/ledger.json"\n'
+            f'[connection]\nroot-certificates = "site-{name}/ca.crt"\nauth-key = "site-{name}/node.key"\n')
+    (fed.tmp / "run.toml").write_text(RUN_TOML + extra)
+    return registered
+
+
+def _start_server(fed: Federation, port: int, *, name: str = "server") -> None:
+    fed.start(name, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--certs", "certs",
+              "--site-keys", "registered", "--state", "server-state")
+    proc = fed.procs[name]
+    fed.wait_for(lambda: "listening on" in fed.log(name) or proc.poll() is not None, "the coordinator to start")
+    assert proc.poll() is None, fed.log(name)
+
+
+def _ledger(fed: Federation, site: str) -> list[dict]:
+    path = fed.tmp / f"site-{site}" / "ledger.json"
+    return json.loads(path.read_text())["entries"] if path.is_file() else []
+
+
+def test_three_sites_over_tls_with_authentication_and_nothing_but_the_adapter_leaves(federation):
+    fed = federation
+    _prepare(fed, ["a", "b", "c"])
+    port = _free_port()
+    _start_server(fed, port)
+
+    # a site whose key is not registered is refused and says so
+    rogue = fed.start("rogue", "site", "start", "rogue.toml", "--server", f"127.0.0.1:{port}")
+    rogue.wait(timeout=180)
+    assert rogue.returncode == 1, fed.log("rogue")
+    assert "refused this site" in fed.log("rogue") and "not registered" in fed.log("rogue")
+
+    # site a reaches the coordinator through a recording proxy (TLS terminated with the server's cert)
+    certs = fed.tmp / "certs"
+    proxy = RecordingProxy(upstream=port, cert=str(certs / "server.pem"), key=str(certs / "server.key"),
+                           ca=str(certs / "ca.crt")).start()
+    try:
+        fed.start("site-a", "site", "start", "a.toml", "--server", f"127.0.0.1:{proxy.port}")
+        for name in ("b", "c"):
+            fed.start(f"site-{name}", "site", "start", f"{name}.toml", "--server", f"127.0.0.1:{port}")
+        res = fed.fedllm("run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
+                         "--config", "run.toml", "--rounds", "2", "--output", "run")
+        assert res.returncode == 0, res.stdout + res.stderr + fed.log("server")
+    finally:
+        proxy.stop()
+    assert "[round 2/2] 3/3 sites trained" in res.stdout
+
+    out = fed.tmp / "run"
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "completed" and [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    for r in history["rounds"][1:]:
+        assert sorted(r["train"]["sites"]) == ["a", "b", "c"]
+    config = (out / "config.toml").read_text()
+    assert "min-available-sites = 3" in config  # fedllm run waited for the 3 registered sites
+    for site in ("a", "b", "c"):  # each ledger at its site, one entry per round of this run
+        entries = _ledger(fed, site)
+        assert [e["server_round"] for e in entries] == [1, 2]
+        assert len({e["run_id"] for e in entries}) == 1
+
+    from peft import PeftModel
+
+    from fedllm.model import build_tiny_model, get_adapter_state
+
+    loaded = get_adapter_state(PeftModel.from_pretrained(build_tiny_model("llama"), out / "adapter"))
+    assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in loaded.items())
+
+    _assert_only_adapter_and_metrics_left(proxy, fed.tmp / "site-a" / "data.jsonl", fed.tmp, loaded)
+
+
+def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp: Path, adapter: dict) -> None:
+    """Everything site a sent: only adapter arrays, the agreed metrics and its name; no text, token
+    ids or paths."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_object_type_from_object_content,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from fedllm import keys
+    from fedllm.model import build_byte_tokenizer
+
+    requests = proxy.requests()
+    paths = {r.path for r in requests}
+    assert "/v1/fleet/push-object" in paths and "/v1/fleet/push-messages" in paths, paths
+    assert all("content-encoding" not in r.headers for r in requests)  # bodies are plain: the scan below sees all
+    objects = pushed_objects(requests)
+    types = {get_object_type_from_object_content(c) for c in objects.values()}
+    assert types <= {"Message", "RecordDict", "ArrayRecord", "Array", "ArrayChunk", "MetricRecord", "ConfigRecord"}, types
+
+    trained = evaluated = 0
+    for object_id, content in objects.items():
+        if get_object_type_from_object_content(content) != "RecordDict":
+            continue
+        record = inflate_object_from_contents(object_id, dict(objects), keep_object_contents=True)
+        assert isinstance(record, RecordDict)
+        assert set(record) <= {keys.ARRAYS, keys.METRICS, keys.SITE}, set(record)
+        assert isinstance(record[keys.SITE], ConfigRecord) and dict(record[keys.SITE]) == {keys.SITE_NAME: "a"}
+        metrics = record[keys.METRICS]
+        assert isinstance(metrics, MetricRecord)
+        assert all(isinstance(v, (int, float)) for v in metrics.values())
+        if keys.ARRAYS in record:
+            trained += 1
+            arrays = record[keys.ARRAYS]
+            assert isinstance(arrays, ArrayRecord)
+            assert set(metrics) == set(keys.TRAIN_METRIC_KEYS)
+            assert set(arrays) <= set(adapter) and all("lora_B" in k for k in arrays)  # FFA-LoRA: B only
+            for k in arrays:
+                assert arrays[k].dtype == "float32" and tuple(arrays[k].shape) == tuple(adapter[k].shape)
+        else:
+            evaluated += 1
+            assert set(metrics) == set(keys.EVALUATE_METRIC_KEYS)
+    assert trained == 2 and evaluated == 3  # rounds 1-2 trained; rounds 0-2 evaluated
+
+    wire = proxy.all_sent()
+    assert len(wire) > 10_000
+    for forbidden in (str(data), str(data.parent), str(tmp), "data.jsonl"):
+        assert forbidden.encode() not in wire, forbidden
+    tokenizer = build_byte_tokenizer()
+    found = []
+    for line in data.read_text().splitlines():
+        record = json.loads(line)
+        for value in record.values():
+            text = value if isinstance(value, str) else json.dumps(value)
+            for start in range(0, max(1, len(text) - 16), 8):  # every 16-character piece of every field
+                piece = text[start:start + 16]
+                if len(piece) == 16 and piece.encode() in wire:
+                    found.append(piece)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:12]
+            if len(ids) >= 6:
+                for fmt in ("<%dq", "<%di", "<%df"):
+                    if struct.pack(fmt % 6, *ids[:6]) in wire:
+                        found.append(f"token ids {ids[:6]} as {fmt}")
+    assert not found, found[:5]
+
+
+def test_a_site_crash_and_a_coordinator_crash_are_survived_without_double_spending(federation):
+    fed = federation
+    extra = "[federation]\nround-timeout = 600.0\nmin-completed-sites = 2\n"
+    _prepare(fed, ["a", "b", "c"], extra=extra)
+    port = _free_port()
+    _start_server(fed, port)
+    for name in ("a", "b", "c"):
+        fed.start(f"site-{name}", "site", "start", f"{name}.toml", "--server", f"127.0.0.1:{port}")
+    run = fed.start("run", "run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
+                    "--config", "run.toml", "--rounds", "3", "--output", "run")
+
+    # site c crashes (SIGKILL) while it trains round 1; round 1 completes with a and b
+    fed.wait_for(lambda: "[round 1/3] site c | step" in fed.log("site-c"), "site c to train round 1")
+    fed.kill("site-c")
+    fed.wait_for(lambda: "[round 1/3] 2/3 sites trained" in fed.log("run"), "round 1 to complete without c",
+                 timeout=300)
+    # ... and rejoins (same key, same node) for a later round
+    fed.start("site-c2", "site", "start", "c.toml", "--server", f"127.0.0.1:{port}")
+
+    # the coordinator dies after a site recorded round 3 and before round 3 completed
+    history_file = fed.tmp / "run" / "history.json"
+
+    def round3_trained() -> bool:
+        return any(e["server_round"] == 3 for s in "abc" for e in _ledger(fed, s))
+
+    fed.wait_for(round3_trained, "a site to record round 3", timeout=400)
+    fed.kill("server")
+    run.wait(timeout=120)
+    assert run.returncode != 0, fed.log("run")
+    assert "--resume" in fed.log("run")
+    history = json.loads(history_file.read_text())
+    assert max(r["round"] for r in history["rounds"] if "evaluate" in r) == 2
+    spent_before = {s: _ledger(fed, s) for s in "abc"}
+
+    # restart the coordinator (same state: registrations kept), sites reconnect by themselves; resume
+    _start_server(fed, port, name="server2")
+    res = fed.fedllm("run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
+                     "--resume", "run", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr + fed.log("server2")
+    history = json.loads(history_file.read_text())
+    assert history["status"] == "completed"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
+    assert len(history["resumed"]) == 1 and history["resumed"][0]["from-round"] == 3
+    first = history["rounds"][1]["train"]
+    assert sorted(first["sites"]) == ["a", "b"] and [f["site"] for f in first["failed"]] == ["c"]
+    assert "c" in history["rounds"][2]["train"]["sites"] or "c" in history["rounds"][3]["train"]["sites"]
+    assert sorted(history["rounds"][3]["train"]["sites"]) == ["a", "b", "c"]
+
+    for site in "abc":  # one ledger entry per round the site trained, never two for the same round
+        entries = _ledger(fed, site)
+        rounds = [e["server_round"] for e in entries]
+        assert len(rounds) == len(set(rounds)), (site, rounds)
+        assert len({e["run_id"] for e in entries}) == 1
+        before = [e["server_round"] for e in spent_before[site]]
+        if 3 in before:  # trained round 3 before the crash: re-sent the same update, spent nothing more
+            assert entries == spent_before[site]
+    assert (fed.tmp / "run" / "adapter" / "adapter_model.safetensors").is_file()
