@@ -44,7 +44,7 @@ def site_runtime(context: Context) -> SiteRuntime:
     if key not in _SITES:
         configure_app_logging()
         ledger = Path(site.ledger_path) if site.ledger_path else ledger_dir / f"{site.name}.json"
-        _SITES[key] = SiteRuntime(config, site, ledger_path=ledger)
+        _SITES[key] = SiteRuntime(config, site, ledger_path=ledger, simulated=simulated)
     return _SITES[key]
 
 

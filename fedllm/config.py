@@ -413,8 +413,9 @@ class SiteConfig:
     max_epsilon: float = 0.0
     device: str = "cpu"
     signing_key: str = ""  # the site's Ed25519 private key (PEM) that signs its ledger; "": unsigned
+    require_dp: bool = True  # refuse every round of a run with privacy.enabled = false
 
-    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device", "signing-key")
+    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device", "signing-key", "require-dp")
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> SiteConfig:
@@ -437,6 +438,9 @@ class SiteConfig:
         elif signing_key and not Path(signing_key).expanduser().is_file():
             problems.append(f"signing-key = {signing_key!r}: no such file; create a key with "
                             "'fedllm ledger keygen --out DIR --site NAME'")
+        require_dp = node.get("require-dp", True)
+        if not isinstance(require_dp, bool):
+            problems.append(f"require-dp = {require_dp!r}: must be true (refuse runs without DP, the default) or false")
         if problems:
             raise ConfigError("Invalid site configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -446,6 +450,7 @@ class SiteConfig:
             max_epsilon=float(cap),
             device=str(node.get("device", "cpu")),
             signing_key=str(Path(signing_key).expanduser()) if signing_key else "",
+            require_dp=require_dp,
         )
 
     def effective_max_epsilon(self, run: PrivacyConfig) -> float:
@@ -462,6 +467,7 @@ class SiteConfig:
             "max-epsilon": self.max_epsilon,
             "device": self.device,
             "signing-key": self.signing_key,
+            "require-dp": self.require_dp,
         }
 
     @classmethod
@@ -473,4 +479,5 @@ class SiteConfig:
             max_epsilon=float(entry.get("max-epsilon", 0.0)),
             device=str(entry.get("device", "cpu")),
             signing_key=str(entry.get("signing-key", "")),
+            require_dp=bool(entry.get("require-dp", False)),  # simulated sites follow the run's privacy.enabled
         )

@@ -70,7 +70,7 @@ class RoundOutcome:
 class SiteRuntime:
     """One site in this process: its data, ledger and cached noise calibration."""
 
-    def __init__(self, config: RunConfig, site: SiteConfig, *, ledger_path: Path) -> None:
+    def __init__(self, config: RunConfig, site: SiteConfig, *, ledger_path: Path, simulated: bool = True) -> None:
         self.config, self.site = config, site
         self.model, self.tokenizer = shared_model(config)
         self.model.to(site.device)
@@ -83,8 +83,8 @@ class SiteRuntime:
         self.open_ledger().require_writable()  # refuse now, before any round: other data, broken chain, wrong key
         self.cap = site.effective_max_epsilon(config.privacy)
         self._sigma: dict[str, float] = {}
-        threads = config.train.threads or config.simulation.client_cpus
-        torch.set_num_threads(max(1, threads))
+        if config.train.threads or simulated:  # a real site uses all its cores unless train.threads says otherwise
+            torch.set_num_threads(max(1, config.train.threads or config.simulation.client_cpus))
 
     @property
     def name(self) -> str:
@@ -124,6 +124,11 @@ class SiteRuntime:
             log.info("%s | re-sending the update this site already released for this round and global adapter "
                      "(recorded in its ledger; no new privacy spend)", prefix)
             return RoundOutcome(adapter=cached.adapter, metrics=cached.metrics)
+        if not p.enabled and self.site.require_dp:
+            raise BudgetExceededError(
+                f"Site '{self.name}' requires differential privacy (require-dp = true in its site file) but this run "
+                "has privacy.enabled = false: refusing to train. The coordinator must enable privacy, or the site "
+                "must set require-dp = false.")
         steps = cfg.train.local_steps
         sample_rate = min(1.0, cfg.train.batch_size / len(self.train_examples))
         dp = None

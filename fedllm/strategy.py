@@ -78,13 +78,17 @@ log = logging.getLogger(__name__)
 
 
 def build_strategy(config: StrategyConfig) -> FedAvg:
-    """The configured Flower strategy; minimums of 1 so a 1-site federation never hangs."""
+    """The configured Flower strategy; minimums of 1 so a 1-site federation never hangs.
+
+    ``strategy.min-available-sites`` is waited for once, before round 0 (``server._wait_for_sites``);
+    Flower's own ``min_available_nodes`` (checked every round, forever) is only ``min-train-sites``,
+    so a site that crashed does not block the next round until it comes back."""
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_sites,
         min_evaluate_nodes=config.min_evaluate_sites,
-        min_available_nodes=config.min_available_sites,
+        min_available_nodes=config.min_train_sites,
         weighted_by_key=keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS,
         configrecord_key=keys.CONFIG,

@@ -176,6 +176,12 @@ def _connection(args: argparse.Namespace) -> Connection:
     return Connection(args.server, root_certificates=str(ca.resolve()))
 
 
+def _tls_flag(args: argparse.Namespace) -> str:
+    if args.insecure:
+        return "--insecure "
+    return f"--root-certificates {args.root_certificates} " if args.root_certificates else f"--certs {args.certs} "
+
+
 def _registered_sites(env: dict, cwd: Path) -> int | None:
     """How many SuperNodes are registered (None when the SuperLink does not say)."""
     reply = flwr_json(["supernode", "ls", CONNECTION], env=env, cwd=cwd)
@@ -237,6 +243,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             registered = _registered_sites(env, work)
             if registered:
                 overrides["strategy.min-available-sites"] = registered
+            else:
+                _echo("note: the coordinator lists no registered sites (no SuperNode authentication?): the run "
+                      "starts as soon as one site is connected; set --set strategy.min-available-sites=N to wait "
+                      "for N sites")
         config = RunConfig.from_flat(overrides)  # validate before anything is submitted
         created = not output.exists()
         output.mkdir(parents=True, exist_ok=True)
@@ -260,7 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             follow_log(run_id, env=env, cwd=work, log_file=logs / "flower.log", echo=_echo, verbose=args.verbose)
             status, details = run_status(run_id, env=env, cwd=work)
         except KeyboardInterrupt:
-            _echo(f"interrupted: stopping run {run_id} (continue it later with fedllm run --resume {output})")
+            _echo(f"interrupted: stopping run {run_id}; continue it later with: fedllm run --server {args.server} "
+                  f"{_tls_flag(args)}--resume {output}")
             stop_run(run_id, env=env, cwd=work)
             raise
     finally:
@@ -271,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reason = history.get("error") or details or status
         raise RunFailedError(f"the federated run failed ({status}): {reason}\nFull log: {logs / 'flower.log'}\n"
                              f"Continue from the last completed round with: fedllm run --server {args.server} "
-                             f"--resume {output}")
+                             f"{_tls_flag(args)}--resume {output}")
     _echo(f"\nFinished in {time.perf_counter() - start:.0f}s.\n")
     _echo(summary_text(history, output_dir=output, privacy_enabled=config.privacy.enabled,
                        max_epsilon=config.privacy.max_epsilon, ledger_dir=None))

@@ -76,6 +76,8 @@ class SiteFile:
             items.append(("device", site.device))
         if site.signing_key:
             items.append(("signing-key", site.signing_key))
+        if not site.require_dp:
+            items.append(("require-dp", False))
         return " ".join(f"{key}={node_config_value(value)}" for key, value in items)
 
 
@@ -234,6 +236,12 @@ def load_site_file(path: Path | str) -> SiteFile:
                              "the site's Ed25519 private key (PEM) that signs its ledger, or \"\"",
                              must_exist=True, hint="; create one with 'fedllm ledger keygen --out DIR --site NAME'")
 
+    require_dp = raw.get("require-dp", True)
+    if not isinstance(require_dp, bool):
+        check.add(f"require-dp = {require_dp!r}: must be true (refuse runs without differential privacy, the "
+                  "default) or false")
+        require_dp = True
+
     # -- the connection
     server = check.string(table, "server", f"{CONNECTION_TABLE}.server", '"HOST:PORT" or ""')
     if server:
@@ -266,6 +274,7 @@ def load_site_file(path: Path | str) -> SiteFile:
                             "max-epsilon": cap, "device": device}
     if signing_key:
         node["signing-key"] = signing_key
+    node["require-dp"] = require_dp
     try:
         site = SiteConfig.from_node_config(node)
     except ConfigError as exc:  # pragma: no cover - every check above is at least as strict
