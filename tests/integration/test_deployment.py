@@ -166,9 +166,16 @@ def _ledger(fed: Federation, site: str) -> list[dict]:
     return json.loads(path.read_text())["entries"] if path.is_file() else []
 
 
-def test_three_sites_over_tls_with_authentication_and_nothing_but_the_adapter_leaves(federation):
+def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_the_adapter_leaves(federation):
+    """One federation, every deployment promise: coordinator + 3 sites over TLS with SuperNode
+    authentication; an unregistered site is refused; site a talks through a recording proxy; site c
+    is killed (SIGKILL) mid-round 1 and round 1 completes without it; c rejoins; the coordinator is
+    killed after a site recorded round 2 and before round 2 completed; restarted and resumed, the run
+    completes with a loadable adapter, no ledger entry twice, and site a sent nothing but adapter
+    arrays, the agreed metrics and its name."""
     fed = federation
-    _prepare(fed, ["a", "b", "c"])
+    registered = _prepare(fed, ["a", "b", "c"], extra="[federation]\nround-timeout = 600.0\nmin-completed-sites = 2\n")
+    assert sorted(p.name for p in registered.iterdir()) == ["a.pub", "b.pub", "c.pub"]
     port = _free_port()
     _start_server(fed, port)
 
@@ -186,30 +193,59 @@ def test_three_sites_over_tls_with_authentication_and_nothing_but_the_adapter_le
         fed.start("site-a", "site", "start", "a.toml", "--server", f"127.0.0.1:{proxy.port}")
         for name in ("b", "c"):
             fed.start(f"site-{name}", "site", "start", f"{name}.toml", "--server", f"127.0.0.1:{port}")
+        run = fed.start("run", "run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
+                        "--config", "run.toml", "--rounds", "2", "--output", "run")
+
+        # site c crashes while it trains round 1; round 1 completes with a and b
+        fed.wait_for(lambda: "[round 1/2] site c | step" in fed.log("site-c"), "site c to train round 1")
+        fed.kill("site-c")
+        fed.wait_for(lambda: "[round 1/2] 2/3 sites trained" in fed.log("run"), "round 1 to complete without c",
+                     timeout=300)
+        fed.start("site-c2", "site", "start", "c.toml", "--server", f"127.0.0.1:{port}")  # c rejoins
+
+        # the coordinator dies after a site recorded round 2 and before round 2 completed
+        fed.wait_for(lambda: any(e["server_round"] == 2 for s in "ab" for e in _ledger(fed, s)),
+                     "a site to record round 2", timeout=300)
+        fed.kill("server")
+        run.wait(timeout=180)
+        assert run.returncode == 1, fed.log("run")
+        assert "--resume" in fed.log("run")
+        history_file = fed.tmp / "run" / "history.json"
+        history = json.loads(history_file.read_text())
+        assert max(r["round"] for r in history["rounds"] if "evaluate" in r) == 1
+        spent_before = {s: _ledger(fed, s) for s in "abc"}
+
+        # the coordinator restarts (registrations kept in its state), sites reconnect by themselves
+        _start_server(fed, port, name="server2")
         res = fed.fedllm("run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
-                         "--config", "run.toml", "--rounds", "2", "--output", "run")
-        assert res.returncode == 0, res.stdout + res.stderr + fed.log("server")
+                         "--resume", "run", timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr + fed.log("server2")
     finally:
         proxy.stop()
-    assert "[round 2/2] 3/3 sites trained" in res.stdout
+    assert "resuming" in res.stdout and "[round 2/2] 3/3 sites trained" in res.stdout
 
-    out = fed.tmp / "run"
-    history = json.loads((out / "history.json").read_text())
+    history = json.loads(history_file.read_text())
     assert history["status"] == "completed" and [r["round"] for r in history["rounds"]] == [0, 1, 2]
-    for r in history["rounds"][1:]:
-        assert sorted(r["train"]["sites"]) == ["a", "b", "c"]
-    config = (out / "config.toml").read_text()
-    assert "min-available-sites = 3" in config  # fedllm run waited for the 3 registered sites
-    for site in ("a", "b", "c"):  # each ledger at its site, one entry per round of this run
+    assert len(history["resumed"]) == 1 and history["resumed"][0]["from-round"] == 2
+    first = history["rounds"][1]["train"]
+    assert sorted(first["sites"]) == ["a", "b"] and [f["site"] for f in first["failed"]] == ["c"]
+    assert sorted(history["rounds"][2]["train"]["sites"]) == ["a", "b", "c"]
+    assert "min-available-sites = 3" in (fed.tmp / "run" / "config.toml").read_text()  # waited for 3 registered
+
+    for site in "abc":  # one ledger entry per round a site trained, never two for the same round
         entries = _ledger(fed, site)
-        assert [e["server_round"] for e in entries] == [1, 2]
-        assert len({e["run_id"] for e in entries}) == 1
+        rounds = [e["server_round"] for e in entries]
+        assert len(rounds) == len(set(rounds)) and len({e["run_id"] for e in entries}) == 1, (site, rounds)
+        if 2 in [e["server_round"] for e in spent_before[site]]:  # released round 2 before the crash:
+            assert entries == spent_before[site]  # re-sent the same update, spent nothing more
+    assert [e["server_round"] for e in _ledger(fed, "a")] == [1, 2]
+    assert "re-sending the update" in fed.log("site-a")
 
     from peft import PeftModel
 
     from fedllm.model import build_tiny_model, get_adapter_state
 
-    loaded = get_adapter_state(PeftModel.from_pretrained(build_tiny_model("llama"), out / "adapter"))
+    loaded = get_adapter_state(PeftModel.from_pretrained(build_tiny_model("llama"), fed.tmp / "run" / "adapter"))
     assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in loaded.items())
 
     _assert_only_adapter_and_metrics_left(proxy, fed.tmp / "site-a" / "data.jsonl", fed.tmp, loaded)
@@ -257,7 +293,7 @@ def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp
         else:
             evaluated += 1
             assert set(metrics) == set(keys.EVALUATE_METRIC_KEYS)
-    assert trained == 2 and evaluated == 3  # rounds 1-2 trained; rounds 0-2 evaluated
+    assert trained >= 2 and evaluated >= 3  # rounds 1-2 trained (2 re-sent after the resume); 0-2 evaluated
 
     wire = proxy.all_sent()
     assert len(wire) > 10_000
@@ -279,62 +315,3 @@ def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp
                     if struct.pack(fmt % 6, *ids[:6]) in wire:
                         found.append(f"token ids {ids[:6]} as {fmt}")
     assert not found, found[:5]
-
-
-def test_a_site_crash_and_a_coordinator_crash_are_survived_without_double_spending(federation):
-    fed = federation
-    extra = "[federation]\nround-timeout = 600.0\nmin-completed-sites = 2\n"
-    _prepare(fed, ["a", "b", "c"], extra=extra)
-    port = _free_port()
-    _start_server(fed, port)
-    for name in ("a", "b", "c"):
-        fed.start(f"site-{name}", "site", "start", f"{name}.toml", "--server", f"127.0.0.1:{port}")
-    run = fed.start("run", "run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
-                    "--config", "run.toml", "--rounds", "3", "--output", "run")
-
-    # site c crashes (SIGKILL) while it trains round 1; round 1 completes with a and b
-    fed.wait_for(lambda: "[round 1/3] site c | step" in fed.log("site-c"), "site c to train round 1")
-    fed.kill("site-c")
-    fed.wait_for(lambda: "[round 1/3] 2/3 sites trained" in fed.log("run"), "round 1 to complete without c",
-                 timeout=300)
-    # ... and rejoins (same key, same node) for a later round
-    fed.start("site-c2", "site", "start", "c.toml", "--server", f"127.0.0.1:{port}")
-
-    # the coordinator dies after a site recorded round 3 and before round 3 completed
-    history_file = fed.tmp / "run" / "history.json"
-
-    def round3_trained() -> bool:
-        return any(e["server_round"] == 3 for s in "abc" for e in _ledger(fed, s))
-
-    fed.wait_for(round3_trained, "a site to record round 3", timeout=400)
-    fed.kill("server")
-    run.wait(timeout=120)
-    assert run.returncode != 0, fed.log("run")
-    assert "--resume" in fed.log("run")
-    history = json.loads(history_file.read_text())
-    assert max(r["round"] for r in history["rounds"] if "evaluate" in r) == 2
-    spent_before = {s: _ledger(fed, s) for s in "abc"}
-
-    # restart the coordinator (same state: registrations kept), sites reconnect by themselves; resume
-    _start_server(fed, port, name="server2")
-    res = fed.fedllm("run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
-                     "--resume", "run", timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr + fed.log("server2")
-    history = json.loads(history_file.read_text())
-    assert history["status"] == "completed"
-    assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
-    assert len(history["resumed"]) == 1 and history["resumed"][0]["from-round"] == 3
-    first = history["rounds"][1]["train"]
-    assert sorted(first["sites"]) == ["a", "b"] and [f["site"] for f in first["failed"]] == ["c"]
-    assert "c" in history["rounds"][2]["train"]["sites"] or "c" in history["rounds"][3]["train"]["sites"]
-    assert sorted(history["rounds"][3]["train"]["sites"]) == ["a", "b", "c"]
-
-    for site in "abc":  # one ledger entry per round the site trained, never two for the same round
-        entries = _ledger(fed, site)
-        rounds = [e["server_round"] for e in entries]
-        assert len(rounds) == len(set(rounds)), (site, rounds)
-        assert len({e["run_id"] for e in entries}) == 1
-        before = [e["server_round"] for e in spent_before[site]]
-        if 3 in before:  # trained round 3 before the crash: re-sent the same update, spent nothing more
-            assert entries == spent_before[site]
-    assert (fed.tmp / "run" / "adapter" / "adapter_model.safetensors").is_file()
