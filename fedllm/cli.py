@@ -99,7 +99,7 @@ def _check_sites(config, sites) -> None:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
-    from fedllm.privacy.accounting import epsilon_for, noise_multiplier_for, DPEvent
+    from fedllm.privacy.accounting import DPEvent, epsilon_for, noise_multiplier_for
 
     if args.steps is None:
         if args.rounds is None or args.local_steps is None:

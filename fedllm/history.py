@@ -102,7 +102,7 @@ class RunHistory:
     def record_evaluate(self, server_round: int, *, sites: dict[str, dict], failed: list[dict],
                         rejected: dict[str, str] | None = None) -> dict[str, Any]:
         """One round's held-out evaluation per site and aggregated (token-weighted); ``rejected``:
-        site → reason for evaluate replies that failed validation (``strategy.triage_replies``)."""
+        site → reason for evaluate replies that failed validation (``screening.triage_replies``)."""
         loss = _weighted(sites, keys.EVAL_LOSS, keys.EVAL_TOKENS)
         aggregate = {keys.EVAL_LOSS: loss, keys.PERPLEXITY: math.exp(loss) if loss is not None else None,
                      keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values())}

@@ -66,8 +66,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     os.replace(tmp, path)
 
 

@@ -35,18 +35,14 @@ from fedllm.history import RunHistory
 from fedllm.model import get_adapter_state, save_adapter, shared_model
 from fedllm.model_card import write_model_card
 from fedllm.privacy.accounting import site_level_epsilon
+from fedllm.screening import triage_replies
 from fedllm.server_state import (
     clear_server_state,
     load_server_state,
     restore_strategy,
     save_server_state,
 )
-from fedllm.strategy import (
-    build_strategy,
-    site_level_warning,
-    triage_replies,
-    with_central_dp,
-)
+from fedllm.strategy import build_strategy, site_level_warning, with_central_dp
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +394,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     done("mia")
     report = {
         "format": REPORT_FORMAT, "version": REPORT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "scenario": scenario, "site": site.name, "model": config.model.name,
         "mechanism": mech, "training": {"train_loss": result.train_loss, "seconds": result.seconds},
         "exposure": exposure, "one_run": one_run, "membership_inference": mia,

@@ -51,8 +51,8 @@ from fedllm.audit.render import (  # noqa: F401  (render_markdown, write_epsilon
     render_markdown,
     write_epsilon_plot,
 )
-from fedllm.files import write_text_atomic
 from fedllm.errors import FedLLMError, LedgerError, RunFailedError
+from fedllm.files import write_text_atomic
 
 REPORT_FORMAT = "fedllm-privacy-report"
 REPORT_VERSION = 1
@@ -149,7 +149,12 @@ def build_privacy_report(run_dir: Path | str, *, public_keys: Mapping[str, Any] 
 
 def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, config: dict, site_cap: float,
                  public_key: Any) -> dict[str, Any]:
-    from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting, prv_eps_error
+    from fedllm.privacy.accounting import (
+        DPEvent,
+        epsilon_for,
+        epsilon_pld_dp_accounting,
+        prv_eps_error,
+    )
 
     run_id = str(history.get("run-id", ""))
     problems: list[str] = []

@@ -11,7 +11,12 @@ from fedllm.privacy.accounting import (
     max_steps_under_cap,
     noise_multiplier_for,
 )
-from fedllm.privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, LedgerEntry, PrivacyLedger
+from fedllm.privacy.ledger import (
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    LedgerEntry,
+    PrivacyLedger,
+)
 
 __all__ = [
     "ACCOUNTANTS",

@@ -63,13 +63,13 @@ import math
 import numbers
 import os
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedllm.data.fingerprint import is_fingerprint
-from fedllm.files import write_text_atomic
 from fedllm.errors import BudgetExceededError, LedgerError
+from fedllm.files import write_text_atomic
 from fedllm.privacy.accounting import DPEvent, PrivacyParameterError, epsilon_for
 from fedllm.privacy.ledger_chain import (
     EPSILON_RTOL,
@@ -87,7 +87,10 @@ from fedllm.privacy.ledger_chain import (
 )
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "EPSILON_RTOL",
@@ -342,7 +345,7 @@ class PrivacyLedger:
             run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, target_delta=target_delta,
             accountant=accountant, epsilon="inf" if math.isinf(epsilon) else epsilon, num_examples=num_examples,
-            timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         try:
             entry = parse_entry(raw)
@@ -391,7 +394,7 @@ class PrivacyLedger:
         migrated = self._migrated
         if self._to_migrate and migrated is None:
             migrated = {"from-version": 1, "entries": self._to_migrate,
-                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                        "time": datetime.now(UTC).isoformat(timespec="seconds")}
         prev = genesis_hash(site=self.site, dataset_fingerprint=self._fingerprint)
         stored: list[dict[str, Any]] = []
         for index, entry in enumerate(entries):

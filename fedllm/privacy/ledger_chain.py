@@ -32,10 +32,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fedllm.data.fingerprint import is_fingerprint
-from fedllm.privacy.accounting import ACCOUNTANTS, DPEvent, PrivacyParameterError, epsilon_for
+from fedllm.privacy.accounting import (
+    ACCOUNTANTS,
+    DPEvent,
+    PrivacyParameterError,
+    epsilon_for,
+)
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 LEDGER_FORMAT = "fedllm-privacy-ledger"
 LEDGER_VERSION = 2

@@ -3,8 +3,8 @@ federation: a short run, so that the path users take first is tested end to end.
 
 from __future__ import annotations
 
-import json
 import importlib.util
+import json
 
 import pytest
 

@@ -190,7 +190,7 @@ def test_max_steps_under_cap_matches_reference(accountant, cap, expected, slack)
     kwargs = {"noise_multiplier": 1.0, "sample_rate": 0.008, "target_delta": 1e-5, "accountant": accountant}
     n = max_steps_under_cap(max_epsilon=cap, **kwargs)
     assert abs(n - expected) <= slack
-    eps = lambda steps: epsilon_for([DPEvent(1.0, 0.008, steps)], target_delta=1e-5, accountant=accountant)  # noqa: E731
+    eps = lambda steps: epsilon_for([DPEvent(1.0, 0.008, steps)], target_delta=1e-5, accountant=accountant)
     assert eps(n) <= cap < eps(n + 1)
 
 

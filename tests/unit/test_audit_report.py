@@ -29,10 +29,10 @@ from fedllm.audit.report import (
     render_markdown,
     write_epsilon_plot,
 )
-from fedllm.errors import RunFailedError
 from fedllm.config import RunConfig, SiteConfig, to_toml
+from fedllm.errors import RunFailedError
 from fedllm.model_card import render_model_card, write_model_card
-from fedllm.privacy.accounting import epsilon_for, epsilon_pld_dp_accounting, DPEvent
+from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import generate_signing_key, load_private_key
 

@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from fedllm.audit import canaries as audit
-from fedllm.audit.canary_report import can_and_cannot, render_markdown, summary_lines, verdict_line
+from fedllm.audit.canary_report import (
+    can_and_cannot,
+    render_markdown,
+    summary_lines,
+    verdict_line,
+)
 from fedllm.audit.scoring import (
     all_codes,
     check_enumeration,

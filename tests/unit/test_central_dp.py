@@ -9,7 +9,14 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import (
@@ -18,15 +25,20 @@ from flwr.serverapp.strategy import (
 )
 
 from fedllm import keys
-from fedllm.config import CentralDPConfig, RunConfig, StrategyConfig, defaults_flat, to_toml
+from fedllm.config import (
+    CentralDPConfig,
+    RunConfig,
+    StrategyConfig,
+    defaults_flat,
+    to_toml,
+)
 from fedllm.errors import ConfigError, InvalidUpdateError
 from fedllm.privacy.accounting import PrivacyParameterError, site_level_epsilon
+from fedllm.screening import triage_replies, validate_update
 from fedllm.strategy import (
     build_strategy,
     clipped_count_stddev,
     site_level_warning,
-    triage_replies,
-    validate_update,
     with_central_dp,
 )
 
@@ -49,8 +61,8 @@ def _task_identity():
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
     """ε of a μ-GDP mechanism (T Gaussian releases at noise z: μ = √T / z) at δ, exactly
     (Balle & Wang 2018, Thm 8: δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2)), by bisection."""
-    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
-    delta_of = lambda e: phi(-e / mu + mu / 2) - math.exp(e) * phi(-e / mu - mu / 2)  # noqa: E731
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
+    delta_of = lambda e: phi(-e / mu + mu / 2) - math.exp(e) * phi(-e / mu - mu / 2)
     lo, hi = 0.0, 500.0
     for _ in range(200):
         mid = (lo + hi) / 2

@@ -12,7 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fedllm.data.formatting import IGNORE_INDEX, render, tokenize_record, tokenize_records
+from fedllm.data.formatting import (
+    IGNORE_INDEX,
+    render,
+    tokenize_record,
+    tokenize_records,
+)
 from fedllm.data.loading import load_records, normalise_record
 from fedllm.data.partition import partition_dirichlet, partition_iid, split_holdout
 from fedllm.data.pubmedqa import SITES, pubmedqa_site_records, site_of

@@ -14,7 +14,12 @@ import pytest
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.errors import BudgetExceededError, LedgerError
 from fedllm.privacy.accounting import DPEvent, epsilon_for
-from fedllm.privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, LedgerEntry, PrivacyLedger
+from fedllm.privacy.ledger import (
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    LedgerEntry,
+    PrivacyLedger,
+)
 
 RELEASE = {"sample_rate": 0.008, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_delta": 1e-5}
 FINGERPRINT = dataset_fingerprint([{"text": "one record"}, {"text": "another record"}])

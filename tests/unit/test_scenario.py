@@ -13,7 +13,12 @@ import pytest
 from fedllm.config import RunConfig
 from fedllm.data.loading import load_records
 from fedllm.errors import ConfigError, DataError
-from fedllm.scenario import SCENARIOS_DIR, find_scenario, load_scenario, materialise_sites
+from fedllm.scenario import (
+    SCENARIOS_DIR,
+    find_scenario,
+    load_scenario,
+    materialise_sites,
+)
 
 PUBMEDQA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "pubmedqa"
 

@@ -6,14 +6,24 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 from fedllm import keys
 from fedllm.config import StrategyConfig
 from fedllm.errors import InvalidUpdateError
-from fedllm.strategy import build_strategy, triage_replies, validate_update
+from fedllm.screening import triage_replies, validate_update
+from fedllm.strategy import build_strategy
+
 
 @pytest.fixture(autouse=True)
 def _task_identity():

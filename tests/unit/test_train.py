@@ -9,8 +9,20 @@ import torch
 
 from fedllm.config import LoraConfig, ModelConfig
 from fedllm.data.formatting import tokenize_records
-from fedllm.model import apply_lora, get_adapter_state, load_model_and_tokenizer, set_adapter_state
-from fedllm.train import DPSettings, _poisson_batch, collate, evaluate_loss, per_sequence_loss, train_local
+from fedllm.model import (
+    apply_lora,
+    get_adapter_state,
+    load_model_and_tokenizer,
+    set_adapter_state,
+)
+from fedllm.train import (
+    DPSettings,
+    _poisson_batch,
+    collate,
+    evaluate_loss,
+    per_sequence_loss,
+    train_local,
+)
 
 RECORDS = [
     {"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},

@@ -23,7 +23,8 @@ from flwr.app.metadata import Metadata
 from fedllm import keys
 from fedllm.config import StrategyConfig
 from fedllm.errors import InvalidUpdateError
-from fedllm.strategy import build_strategy, triage_replies, update_norm, validate_update
+from fedllm.screening import triage_replies, update_norm, validate_update
+from fedllm.strategy import build_strategy
 
 
 @pytest.fixture(autouse=True)
