@@ -112,11 +112,11 @@ def register_site_keys(keys: list[Path], *, env: dict, cwd: Path, echo: Callable
 def cmd_server_start(args: argparse.Namespace) -> int:
     """Start the coordinator's SuperLink in the foreground; Ctrl-C (or SIGTERM) stops it."""
     state = Path(args.state).resolve()
-    state.mkdir(parents=True, exist_ok=True)
     keys = sorted(p.resolve() for p in Path(args.site_keys).glob("*.pub")) if args.site_keys else []
     if args.site_keys and not keys:
         raise ConfigError(f"--site-keys {args.site_keys}: no *.pub files there (site public keys from fedllm certs)")
     tls = None if args.insecure else _tls_files(args)
+    state.mkdir(parents=True, exist_ok=True)
     auth = not args.insecure or bool(keys)
     cmd = [tool("flower-superlink"), "--disable-runtime-dependency-installation", "--host", args.host,
            "--port", str(args.port), "--database", str(state / "state.db")]

@@ -1,0 +1,89 @@
+"""The coordinator's commands without a network: argument checks, what a new run and a resumed
+run submit, and the clear errors before anything starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from fedllm.cli import build_parser, main
+from fedllm.deploy.coordinator import _local_address, _run_overrides, _valid_address
+from fedllm.errors import ConfigError, FedLLMError
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["run", "--server", "127.0.0.1:9092", *argv])
+
+
+def test_server_addresses_are_checked():
+    assert _valid_address("coordinator.example.org:9092") == "coordinator.example.org:9092"
+    for bad in ("coordinator", "coordinator:0", ":9092", "host:70000", "host:port"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _valid_address(bad)
+
+
+def test_a_new_run_gets_deployment_defaults_that_the_user_can_override(tmp_path):
+    (tmp_path / "run.toml").write_text('[train]\nlocal-steps = 4\n')
+    overrides, output = _run_overrides(_args("--config", str(tmp_path / "run.toml"), "--rounds", "5",
+                                             "--output", str(tmp_path / "out")))
+    assert output == (tmp_path / "out").resolve()
+    assert overrides["train.local-steps"] == 4 and overrides["num-server-rounds"] == 5
+    assert overrides["federation.tolerated-failures"] == -1  # a lost site does not end a deployment run
+    assert overrides["federation.run-id"].startswith("out-") and overrides["federation.resume"] is False
+    overrides, _ = _run_overrides(_args("--set", "federation.tolerated-failures=1", "--set",
+                                        "federation.run-id=trial-7", "--output", str(tmp_path / "o2")))
+    assert overrides["federation.tolerated-failures"] == 1 and overrides["federation.run-id"] == "trial-7"
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "history.json").write_text("{}")
+    with pytest.raises(FedLLMError, match="not empty.*--resume"):
+        _run_overrides(_args("--output", str(tmp_path / "busy")))
+
+
+def test_resume_continues_the_recorded_run_and_refuses_a_finished_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('num-server-rounds = 3\noutput-dir = "/elsewhere"\n[federation]\n'
+                                     'run-id = "trial-1"\n')
+    history = {"run-id": "123", "status": "failed", "rounds": [{"round": 0, "evaluate": {}},
+                                                               {"round": 1, "train": {}, "evaluate": {}}]}
+    (run / "history.json").write_text(json.dumps(history))
+    overrides, output = _run_overrides(_args("--resume", str(run)))
+    assert output == run.resolve() and overrides["output-dir"] == str(run.resolve())
+    assert overrides["federation.resume"] is True and overrides["federation.run-id"] == "trial-1"
+    assert overrides["num-server-rounds"] == 3
+
+    history["status"] = "completed"
+    history["rounds"].append({"round": 2, "evaluate": {}})
+    history["rounds"].append({"round": 3, "evaluate": {}})
+    (run / "history.json").write_text(json.dumps(history))
+    with pytest.raises(ConfigError, match="already completed all 3 rounds"):
+        _run_overrides(_args("--resume", str(run)))
+    overrides, _ = _run_overrides(_args("--resume", str(run), "--rounds", "5"))  # train on: 2 more rounds
+    assert overrides["num-server-rounds"] == 5
+    with pytest.raises(ConfigError, match="no config.toml"):
+        _run_overrides(_args("--resume", str(tmp_path)))
+
+
+def test_the_coordinator_reaches_itself_by_a_name_its_certificate_holds(tmp_path):
+    from fedllm.deploy.certs import create_dev_pki
+
+    create_dev_pki(tmp_path / "a", server_names=[], sites=[])
+    assert _local_address(tmp_path / "a" / "server.pem", 9092) == "127.0.0.1:9092"
+    create_dev_pki(tmp_path / "b", server_names=["coordinator.example.org"], sites=[])
+    assert _local_address(tmp_path / "b" / "server.pem", 9092) == "coordinator.example.org:9092"
+    assert _local_address(None, 9092) == "127.0.0.1:9092"
+
+
+def test_tls_is_the_default_and_missing_files_are_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["server", "start", "--certs", "nowhere", "--state", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere/ca.crt" in err and "fedllm certs" in err and "--insecure" in err
+    assert not (tmp_path / "state").exists()
+    assert main(["run", "--server", "127.0.0.1:9092", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "certs/ca.crt" in err and "--root-certificates" in err
+    assert not (tmp_path / "out").exists()  # nothing written before the checks pass
