@@ -78,7 +78,10 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
     if state is not None:
         history = RunHistory.load(out / "history.json", keep_rounds=state.server_round, run_id=run_id)
     else:
-        history = RunHistory(out / "history.json", run_id=run_id, num_rounds=config.num_server_rounds)
+        # the run's id in history.json is the one the sites' ledgers use (the audit matches them)
+        history = RunHistory(out / "history.json", run_id=fed.run_id or run_id, num_rounds=config.num_server_rounds)
+        if fed.run_id:
+            history.data["flower-run-id"] = run_id
     history.data["num-server-rounds"] = config.num_server_rounds
     peft_model, _ = shared_model(config)
     arrays = state.arrays if state is not None else ArrayRecord(get_adapter_state(peft_model, trainable_only=True))
@@ -102,7 +105,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
             _evaluate(history, 0, replies, names, config, node_of)
         for server_round in range(first_round, rounds + 1):
             start = time.perf_counter()
-            train_config = ConfigRecord({keys.RUN_ID: fed.run_id or run_id})
+            train_config = ConfigRecord({keys.RUN_ID: history.data["run-id"]})
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             replies, node_of = _send(grid, messages, timeout)
             triage = triage_replies(replies, reference=arrays, names=names, node_of=node_of,

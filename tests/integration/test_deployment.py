@@ -250,6 +250,14 @@ def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_t
 
     _assert_only_adapter_and_metrics_left(proxy, fed.tmp / "site-a" / "data.jsonl", fed.tmp, loaded)
 
+    # the sites hand copies of their ledgers to an auditor: every release the coordinator received,
+    # across the crash and the resume, is in the ledgers, and every ε recomputes
+    (fed.tmp / "run" / "ledgers").mkdir()
+    for site in "abc":
+        shutil.copy(fed.tmp / f"site-{site}" / "ledger.json", fed.tmp / "run" / "ledgers" / f"{site}.json")
+    audit = fed.fedllm("audit", "run")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
 
 def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp: Path, adapter: dict) -> None:
     """Everything site a sent: only adapter arrays, the agreed metrics and its name; no text, token
