@@ -45,8 +45,9 @@ def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: bool, max_epsilon: float,
-                 ledger_dir: Path | None = None) -> str:
-    """The short summary printed at the end of ``fedllm simulate``."""
+                 ledger_dir: Path | None = None, deployment: bool = False) -> str:
+    """The short summary printed at the end of ``fedllm simulate`` and ``fedllm run`` (``deployment``:
+    the ledgers are at the sites, not in the run folder)."""
     rows = site_table(history)
     lines = [f"Run {history.get('run-id', '?')}: {history.get('status', '?')}, "
              f"{len([r for r in history.get('rounds', []) if r['round'] > 0])}/{history.get('num-server-rounds', '?')} rounds"]
@@ -76,7 +77,9 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
     lines += [
         f"Adapter:  {output_dir / 'adapter'}  (PeftModel.from_pretrained(base, this folder))",
         f"History:  {output_dir / 'history.json'}",
-        f"Ledgers:  {ledger_dir or output_dir / 'ledgers'}  (fedllm ledger show FILE; fedllm ledger verify FILE)",
+        (f"Ledgers:  at each site (its ledger-path); to audit, copy them into {output_dir / 'ledgers'}"
+         if deployment else
+         f"Ledgers:  {ledger_dir or output_dir / 'ledgers'}  (fedllm ledger show FILE; fedllm ledger verify FILE)"),
         f"Audit:    fedllm audit {output_dir}  (privacy report: ε per site under three accountants)",
         f"Config:   {output_dir / 'config.toml'}",
         f"Logs:     {output_dir / 'logs'}",

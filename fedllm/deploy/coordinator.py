@@ -285,7 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                              f"{_tls_flag(args)}--resume {output}")
     _echo(f"\nFinished in {time.perf_counter() - start:.0f}s.\n")
     _echo(summary_text(history, output_dir=output, privacy_enabled=config.privacy.enabled,
-                       max_epsilon=config.privacy.max_epsilon, ledger_dir=None))
+                       max_epsilon=config.privacy.max_epsilon, deployment=True))
     return 0
 
 
