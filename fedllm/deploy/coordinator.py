@@ -115,9 +115,12 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     keys = sorted(p.resolve() for p in Path(args.site_keys).glob("*.pub")) if args.site_keys else []
     if args.site_keys and not keys:
         raise ConfigError(f"--site-keys {args.site_keys}: no *.pub files there (site public keys from fedllm certs)")
+    if args.insecure and keys:
+        raise ConfigError("--insecure with --site-keys: Flower's SuperNode authentication needs TLS. Drop --site-keys "
+                          "for an open local trial, or drop --insecure (fedllm certs makes a development CA)")
     tls = None if args.insecure else _tls_files(args)
     state.mkdir(parents=True, exist_ok=True)
-    auth = not args.insecure or bool(keys)
+    auth = not args.insecure  # Flower 1.42 allows SuperNode authentication only over TLS
     cmd = [tool("flower-superlink"), "--disable-runtime-dependency-installation", "--host", args.host,
            "--port", str(args.port), "--database", str(state / "state.db")]
     if tls is None:
@@ -310,8 +313,8 @@ def add_server_start_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "(only registered sites can join)")
     parser.add_argument("--state", default="fedllm-server", help="the coordinator's state folder (database of "
                                                                  "registered sites and runs, log; default fedllm-server)")
-    parser.add_argument("--insecure", action="store_true", help="no TLS (local trials only); without --site-keys "
-                                                                "also no SuperNode authentication")
+    parser.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (Flower "
+                                                                "needs TLS for it): local trials only")
     parser.add_argument("--verbose", action="store_true", help="show the SuperLink's log")
 
 
