@@ -87,3 +87,11 @@ def test_tls_is_the_default_and_missing_files_are_named(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "certs/ca.crt" in err and "--root-certificates" in err
     assert not (tmp_path / "out").exists()  # nothing written before the checks pass
+
+
+def test_insecure_with_site_keys_is_refused_because_flower_needs_tls_for_authentication(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "a.pub").write_text("ecdsa-sha2-nistp384 AAAA a\n")
+    assert main(["server", "start", "--insecure", "--site-keys", str(keys), "--state", str(tmp_path / "s")]) == 2
+    assert "needs TLS" in capsys.readouterr().err and not (tmp_path / "s").exists()
