@@ -153,10 +153,23 @@ def shared_model(config: Any) -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------------------------- tiny models
 
+_DENSE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 512}
+# One tiny config per architecture family fedllm supports (issue 5); Yi is "llama", OpenChat "mistral",
+# Command R+ "cohere". Shapes are tiny; the module structure (names, fused projections, MoE) is real.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-              "tie_word_embeddings": True},
+    "llama": {"model_type": "llama", **_DENSE, "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", **_DENSE},
+    "mixtral": {"model_type": "mixtral", **_DENSE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {"model_type": "qwen2", **_DENSE, "tie_word_embeddings": True},
+    "phi3": {"model_type": "phi3", **_DENSE},
+    "cohere": {"model_type": "cohere", **_DENSE},
+    "gemma": {"model_type": "gemma", **_DENSE, "head_dim": 16},
+    "gemma2": {"model_type": "gemma2", **_DENSE, "head_dim": 16},
+    "gemma3": {"model_type": "gemma3_text", **_DENSE, "head_dim": 16},
+    "falcon": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_kv_heads": 2, "new_decoder_architecture": True},
+    "mpt": {"model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512},
 }
 
 
@@ -192,10 +205,26 @@ def build_tiny_model(arch: str, *, seed: int = 1234) -> Any:
 # ---------------------------------------------------------------------------------- LoRA
 
 
-def target_modules(lora: LoraConfig) -> str | list[str]:
-    """``all-linear`` (every Linear of the attention and MLP blocks, never lm_head) or a list."""
+def target_modules(lora: LoraConfig, model: Any = None) -> str | list[str]:
+    """``all-linear`` (every Linear of the attention and MLP blocks, never lm_head) or a list.
+
+    Mixture-of-experts models (Mixtral and the like): in transformers 5 a layer's experts are one
+    fused module with 3-D weights and the router a custom module; peft's ``all-linear`` wraps both,
+    and Opacus has no per-example gradient rule for either ("Per sample gradient is not
+    initialized"). For such a model ``all-linear`` means every plain ``nn.Linear`` except lm_head:
+    the attention projections. The experts and the router stay frozen (docs/models.md)."""
     value = lora.target_modules.strip()
-    return value if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]
+    if value != "all-linear":
+        return [m.strip() for m in value.split(",") if m.strip()]
+    if model is not None and is_mixture_of_experts(model):
+        return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                       if type(module) is torch.nn.Linear and not name.endswith("lm_head")})
+    return value
+
+
+def is_mixture_of_experts(model: Any) -> bool:
+    """True when the model has fused expert or router modules (sparse mixture of experts)."""
+    return any(type(m).__name__.endswith(("Experts", "TopKRouter", "SparseMoeBlock")) for m in model.modules())
 
 
 def apply_lora(model: Any, lora: LoraConfig) -> Any:
@@ -205,7 +234,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import get_peft_model
 
     peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=target_modules(lora), task_type="CAUSAL_LM")
+                                 target_modules=target_modules(lora, model), task_type="CAUSAL_LM")
     with torch.random.fork_rng():
         torch.manual_seed(lora.seed)
         peft_model = get_peft_model(model, peft_config)
