@@ -196,6 +196,24 @@ def cmd_ledger_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """``fedllm models``: supported families, published facts and a DP-LoRA memory estimate."""
+    from fedllm.catalog import check_inputs, table_json, table_lines
+
+    try:
+        check_inputs(rank=args.rank, seq_len=args.seq_len, physical_batch=args.batch)
+    except ValueError as exc:
+        raise FedLLMError(str(exc)) from None
+    common = dict(rank=args.rank, seq_len=args.seq_len, physical_batch=args.batch, precision=args.precision,
+                  checkpointing=args.checkpointing)
+    if args.json:
+        _echo(json.dumps(table_json(**common), indent=2))
+        return 0
+    for line in table_lines(**common, family=args.family):
+        _echo(line)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """``fedllm audit RUN_DIR`` (privacy report) or ``fedllm audit --canaries N`` (empirical audit)."""
     if args.canaries is not None:
@@ -276,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--guesses", type=int, help="with --canaries: guesses k of the one-run audit, fixed before "
                                                   "scores are seen (default: chosen from N up front)")
     aud.set_defaults(func=cmd_audit)
+    models = sub.add_parser("models", help="supported model families: sizes, licenses, context, LoRA targets, "
+                                           "and a DP-LoRA memory estimate")
+    models.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    models.add_argument("--seq-len", type=int, default=512, help="tokens per example (default 512)")
+    models.add_argument("--batch", type=int, default=8, help="physical batch: examples per forward/backward (default 8)")
+    models.add_argument("--precision", choices=("fp32", "bf16", "4bit"), default="bf16",
+                        help="base weights (default bf16)")
+    models.add_argument("--checkpointing", action="store_true", help="with gradient checkpointing")
+    models.add_argument("--family", help="only this family (e.g. mixtral, 'Llama 3.1')")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=cmd_models)
     _add_deployment_commands(sub)
     return parser
 
