@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "signatures must be by this key")
     ver.add_argument("--data", metavar="PATH",
                      help="the site's data file: the ledger must be bound to exactly this data")
-    ver.add_argument("--data-format", default="auto", choices=("auto", "instruction", "chat", "text"),
+    ver.add_argument("--data-format", default="auto", choices=("auto", "instruction", "chat", "sharegpt", "text"),
                      help="with --data: how to read the records (the run's data.format; default auto)")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     ver.set_defaults(func=cmd_ledger_verify)

@@ -190,7 +190,7 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.format": ("auto", "instruction", "chat", "text"),
+    "data.format": ("auto", "instruction", "chat", "sharegpt", "text"),
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
     "strategy.name": ("fedavg", "fedprox", "fedadam"),

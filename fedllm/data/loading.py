@@ -6,6 +6,8 @@ header row) and Parquet (``.parquet``). Accepted records, one kind per record:
 * instruction: ``instruction`` (str), optional ``input`` (str), ``output`` (str);
 * chat: ``messages``, a list of ``{"role": "system"|"user"|"assistant", "content": str}`` that
   contains at least one assistant turn;
+* ShareGPT conversations: ``conversations``, a list of ``{"from": "system"|"human"|"gpt",
+  "value": str}`` (also ``user``/``assistant``/``bot``) with at least one ``gpt`` turn;
 * plain text: ``text`` (str).
 
 Every record is normalised to ``{"messages": [...]}`` or ``{"text": ...}``. Any problem stops the
@@ -24,7 +26,9 @@ from typing import Any
 from fedllm.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-FORMATS = ("auto", "instruction", "chat", "text")
+FORMATS = ("auto", "instruction", "chat", "sharegpt", "text")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "bot": "assistant"}
 ROLES = ("system", "user", "assistant")
 
 Record = dict[str, Any]
@@ -106,6 +110,8 @@ def _text_field(raw: dict, key: str, where: str, *, required: bool) -> str | Non
 def _kind(raw: dict) -> str | None:
     if "messages" in raw:
         return "chat"
+    if "conversations" in raw:
+        return "sharegpt"
     if "instruction" in raw or "output" in raw:
         return "instruction"
     if "text" in raw:
@@ -121,7 +127,8 @@ def normalise_record(raw: Any, *, format: str = "auto", where: str = "record") -
     if kind is None:
         raise DataError(
             f"{where}: unrecognised record with fields {sorted(raw)}; expected 'instruction'/'output' "
-            "(optional 'input'), 'messages' (list of role/content), or 'text'"
+            "(optional 'input'), 'messages' (list of role/content), 'conversations' (ShareGPT: list of "
+            "from/value), or 'text'"
         )
     if kind == "instruction":
         instruction = _text_field(raw, "instruction", where, required=True)
@@ -131,6 +138,8 @@ def normalise_record(raw: Any, *, format: str = "auto", where: str = "record") -
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]}
     if kind == "chat":
         return {"messages": _messages(raw, where)}
+    if kind == "sharegpt":
+        return {"messages": _sharegpt(raw, where)}
     return {"text": _text_field(raw, "text", where, required=True)}
 
 
@@ -156,3 +165,27 @@ def _messages(raw: dict, where: str) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: field 'messages' has no assistant turn; there is nothing to learn")
     return out
+
+
+def _sharegpt(raw: dict, where: str) -> list[dict[str, str]]:
+    """ShareGPT ``conversations`` (``from``/``value``) -> chat messages (``role``/``content``)."""
+    turns = raw.get("conversations")
+    if isinstance(turns, str):  # CSV and Parquet carry it as a JSON string
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: field 'conversations' is a string that is not a JSON list") from None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: conversations[{i}].from = {speaker!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: conversations[{i}].value must be a non-empty string")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return _messages({"messages": messages}, where)

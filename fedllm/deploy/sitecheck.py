@@ -355,7 +355,7 @@ def add_site_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"whose tokenizer counts the tokens (model.name; default {defaults.model.name})")
     parser.add_argument("--max-length", type=int, default=defaults.data.max_length,
                         help=f"the run's data.max-length (default {defaults.data.max_length})")
-    parser.add_argument("--data-format", default=defaults.data.format, choices=("auto", "instruction", "chat", "text"),
+    parser.add_argument("--data-format", default=defaults.data.format, choices=("auto", "instruction", "chat", "sharegpt", "text"),
                         help=f"the run's data.format (default {defaults.data.format})")
     parser.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
                         help=f"records whose tokens are counted, evenly spaced (default {DEFAULT_SAMPLE}; 0: none)")

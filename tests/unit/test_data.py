@@ -382,3 +382,54 @@ def test_pubmedqa_malformed_record_is_named(tmp_path):
     (tmp_path / "ori_pqal.json").write_text(json.dumps({"123": {"QUESTION": "q?", "CONTEXTS": ["c"]}}))
     with pytest.raises(DataError, match=r"record 123: missing or malformed field 'final_decision'"):
         pubmedqa_site_records(tmp_path)
+
+
+# -- ShareGPT conversations -------------------------------------------------------------------------
+
+
+def test_sharegpt_conversations_become_chat_messages(tmp_path):
+    from fedllm.data.loading import load_records
+
+    path = tmp_path / "sharegpt.jsonl"
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
+                               {"from": "gpt", "value": "Hello."}]},
+            {"id": "x", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
+                                          {"from": "human", "value": "and 3+3?"}, {"from": "gpt", "value": "6"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_records(path)
+    assert records[0] == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                                       {"role": "assistant", "content": "Hello."}]}
+    assert [m["role"] for m in records[1]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert load_records(path, format="sharegpt") == records
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"conversations": []}, "'conversations' must be a non-empty list"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "conversations[1].from = 'alien'"),
+    ({"conversations": [{"from": "human", "value": ""}]}, "conversations[1].value must be a non-empty string"),
+    ({"conversations": [{"from": "human", "value": "only a question"}]}, "no assistant turn"),
+    ({"conversations": "not json"}, "not a JSON list"),
+])
+def test_a_sharegpt_record_that_does_not_fit_is_named(tmp_path, row, message):
+    from fedllm.data.loading import load_records
+    from fedllm.errors import DataError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "ok"}, {"from": "gpt", "value": "ok"}]})
+                    + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert "record 2 (line 2)" in str(info.value) and message in str(info.value)
+
+
+def test_sharegpt_in_csv_carries_the_conversation_as_json(tmp_path):
+    import csv
+
+    from fedllm.data.loading import load_records
+
+    path = tmp_path / "sharegpt.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["conversations"])
+        writer.writerow([json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}])])
+    assert load_records(path)[0]["messages"][1] == {"role": "assistant", "content": "Hello"}
