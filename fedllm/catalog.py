@@ -199,9 +199,15 @@ def context_text(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
 
 
+def _estimates(fam: Family, **estimate) -> list[tuple[Shape, MemoryEstimate]]:
+    return [(shape, estimate_memory(shape, **estimate)) for shape in fam.sizes]
+
+
 def table_lines(*, rank: int, seq_len: int, physical_batch: int, precision: str, checkpointing: bool,
                 family: str | None = None) -> list[str]:
     """The ``fedllm models`` table."""
+    estimate = dict(rank=rank, seq_len=seq_len, physical_batch=physical_batch, precision=precision,
+                    checkpointing=checkpointing)
     title = (f"DP-LoRA memory estimate per site: rank {rank}, {seq_len} tokens, physical batch {physical_batch}, "
              f"{precision} base{', gradient checkpointing' if checkpointing else ''} (an estimate: add ~1 GB for the "
              "framework; see docs/models.md)")
@@ -211,9 +217,7 @@ def table_lines(*, rank: int, seq_len: int, physical_batch: int, precision: str,
     for fam in FAMILIES:
         if family and family.lower() not in (fam.name.lower(), fam.tiny):
             continue
-        for shape in fam.sizes:
-            est = estimate_memory(shape, rank=rank, seq_len=seq_len, physical_batch=physical_batch,
-                                  precision=precision, checkpointing=checkpointing)
+        for shape, est in _estimates(fam, **estimate):
             lines.append(f"{fam.name:<20} {shape.name:<12} {human(est.parameters):>7} {context_text(shape.context):>7} "
                          f"{est.total_gb:>7.1f}GB  {fam.license}")
         lines.append(f"{'':<20} LoRA targets: {fam.lora_targets}; test model tiny-random-{fam.tiny}; {fam.dp_notes}")
@@ -223,11 +227,11 @@ def table_lines(*, rank: int, seq_len: int, physical_batch: int, precision: str,
 
 
 def table_json(*, rank: int, seq_len: int, physical_batch: int, precision: str, checkpointing: bool) -> list[dict]:
+    estimate = dict(rank=rank, seq_len=seq_len, physical_batch=physical_batch, precision=precision,
+                    checkpointing=checkpointing)
     out = []
     for fam in FAMILIES:
-        for shape in fam.sizes:
-            est = estimate_memory(shape, rank=rank, seq_len=seq_len, physical_batch=physical_batch,
-                                  precision=precision, checkpointing=checkpointing)
+        for shape, est in _estimates(fam, **estimate):
             out.append({"family": fam.name, "size": shape.name, "model-type": fam.model_type, "license": fam.license,
                         "context": shape.context, "lora-targets": fam.lora_targets, "dp-notes": fam.dp_notes,
                         "test-model": f"tiny-random-{fam.tiny}", "memory-gb": round(est.total_gb, 2),

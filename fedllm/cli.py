@@ -309,50 +309,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lazy(module: str, function: str):
-    """A command function imported only when the command runs (``fedllm --help`` stays fast)."""
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(module), function)(args)
-    return run
-
-
 def _add_deployment_commands(sub) -> None:
     """``fedllm certs``, ``fedllm server start``, ``fedllm site check|start``, ``fedllm run``
-    (docs/deployment.md)."""
-    from fedllm.deploy.certs import add_certs_arguments
-    from fedllm.deploy.coordinator import add_run_arguments, add_server_start_arguments
-    from fedllm.deploy.sitecheck import add_site_check_arguments
-    from fedllm.deploy.sitenode import add_site_start_arguments
+    (docs/deployment.md). These modules import nothing heavy at module level."""
+    from fedllm.deploy.certs import add_certs_arguments, cmd_certs
+    from fedllm.deploy.coordinator import (
+        add_run_arguments,
+        add_server_start_arguments,
+        cmd_run,
+        cmd_server_start,
+    )
+    from fedllm.deploy.sitecheck import add_site_check_arguments, cmd_site_check
+    from fedllm.deploy.sitenode import add_site_start_arguments, cmd_site_start
 
     certs = sub.add_parser("certs", help="create a development CA, the coordinator's TLS certificate and site "
                                          "key pairs (trials; institutions use their own PKI)")
     add_certs_arguments(certs)
-    certs.set_defaults(func=_lazy("fedllm.deploy.certs", "cmd_certs"))
+    certs.set_defaults(func=cmd_certs)
 
     server = sub.add_parser("server", help="the coordinator: start the federation server")
     server_sub = server.add_subparsers(dest="server_command", required=True)
     start = server_sub.add_parser("start", help="start the coordinator's Flower SuperLink (TLS and SuperNode "
                                                 "authentication by default)")
     add_server_start_arguments(start)
-    start.set_defaults(func=_lazy("fedllm.deploy.coordinator", "cmd_server_start"))
+    start.set_defaults(func=cmd_server_start)
 
     site = sub.add_parser("site", help="a site (institution): check its file and data, or start it")
     site_sub = site.add_subparsers(dest="site_command", required=True)
     check = site_sub.add_parser("check", help="validate a site file and its data without training or sending "
                                               "anything")
     add_site_check_arguments(check)
-    check.set_defaults(func=_lazy("fedllm.deploy.sitecheck", "cmd_site_check"))
+    check.set_defaults(func=cmd_site_check)
     site_start = site_sub.add_parser("start", help="start this site: connect to the coordinator and train when "
                                                    "asked")
     add_site_start_arguments(site_start)
-    site_start.set_defaults(func=_lazy("fedllm.deploy.sitenode", "cmd_site_start"))
+    site_start.set_defaults(func=cmd_site_start)
 
     run = sub.add_parser("run", help="submit a federated run to a coordinator, follow it, write its outputs "
                                      "(exit 1 when it fails); --resume continues a run")
     add_run_arguments(run)
-    run.set_defaults(func=_lazy("fedllm.deploy.coordinator", "cmd_run"))
+    run.set_defaults(func=cmd_run)
 
 
 def _interrupt(signum, frame) -> None:

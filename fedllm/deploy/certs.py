@@ -335,7 +335,6 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity in days (default {DEFAULT_DAYS})")
     parser.add_argument("--force", action="store_true",
                         help="make the CA, the server certificate and the listed sites' keys anew, overwriting them")
-    parser.set_defaults(func=cmd_certs)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

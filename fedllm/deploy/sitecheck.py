@@ -360,7 +360,6 @@ def add_site_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
                         help=f"records whose tokens are counted, evenly spaced (default {DEFAULT_SAMPLE}; 0: none)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=cmd_site_check)
 
 
 def cmd_site_check(args: argparse.Namespace) -> int:

@@ -35,13 +35,15 @@ def _preflight(site_file) -> None:
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.loading import load_records
     from fedllm.privacy.ledger import verify_ledger
+    from fedllm.privacy.signing import load_private_key
 
     site = site_file.site
     records = load_records(site.data_path)
     _echo(f"site {site.name}: {len(records)} records in {site.data_path} (they stay on this machine)")
     ledger = Path(site.ledger_path)
-    if ledger.is_file():
-        result = verify_ledger(ledger, public_key=None, dataset_fingerprint=dataset_fingerprint(records))
+    if ledger.is_file():  # the same checks the site makes before it trains: this data, and its own key if it signs
+        public_key = load_private_key(site.signing_key).public_key() if site.signing_key else None
+        result = verify_ledger(ledger, public_key=public_key, dataset_fingerprint=dataset_fingerprint(records))
         if not result.ok:
             raise FedLLMError(f"site {site.name}: privacy ledger {ledger} does not verify: "
                               f"{'; '.join(result.problems[:3])}; run fedllm ledger verify {ledger}")

@@ -42,17 +42,7 @@ from fedllm.strategy import (
     with_central_dp,
 )
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages built outside a Flower process need a run id (set by Flower at run time)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
 
 # ------------------------------------------------------------------------------------ accounting

@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from fedllm.cli import main
 from fedllm.deploy import certs
-from fedllm.deploy.certs import add_certs_arguments, create_dev_pki
+from fedllm.deploy.certs import create_dev_pki
 from fedllm.errors import ConfigError
 
 PRIVATE = ("ca.key", "server.key", "sites/alpha", "sites/beta")
@@ -219,17 +220,13 @@ def test_the_documented_ssh_keygen_command_makes_a_key_flower_loads(tmp_path: Pa
 
 
 def test_command_prints_where_each_file_goes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_certs_arguments(parser)
     out = tmp_path / "certs"
-    args = parser.parse_args(["--out", str(out), "--sites", "alpha, beta,", "--server-name", "localhost"])
-    assert args.func(args) == 0
+    assert main(["certs", "--out", str(out), "--sites", "alpha, beta,", "--server-name", "localhost"]) == 0
     text = capsys.readouterr().out
     for name in PRIVATE + PUBLIC:
         assert f"created {out / name}" in text
     assert f"flwr supernode register {out}/sites/alpha.pub" in text
     assert "site 'beta' only" in text and "development CA" in text and certs.SITE_KEY_COMMAND in text
-    args = parser.parse_args(["--out", str(out), "--sites", "gamma"])
-    assert args.func(args) == 0
+    assert main(["certs", "--out", str(out), "--sites", "gamma"]) == 0
     text = capsys.readouterr().out
     assert f"kept    {out / 'ca.crt'}" in text and f"created {out / 'sites' / 'gamma'}" in text

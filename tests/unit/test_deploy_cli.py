@@ -95,3 +95,30 @@ def test_insecure_with_site_keys_is_refused_because_flower_needs_tls_for_authent
     (keys / "a.pub").write_text("ecdsa-sha2-nistp384 AAAA a\n")
     assert main(["server", "start", "--insecure", "--site-keys", str(keys), "--state", str(tmp_path / "s")]) == 2
     assert "needs TLS" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(tmp_path, capsys):
+    from fedllm.data.fingerprint import dataset_fingerprint
+    from fedllm.data.loading import load_records
+    from fedllm.deploy.sitefile import load_site_file
+    from fedllm.deploy.sitenode import _preflight
+    from fedllm.privacy.ledger import PrivacyLedger
+    from fedllm.privacy.signing import generate_signing_key, load_private_key
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(4)))
+    mine, _ = generate_signing_key(tmp_path / "mine", site="a")
+    other, _ = generate_signing_key(tmp_path / "other", site="a")
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", site="a",
+                                dataset_fingerprint=dataset_fingerprint(load_records(data)),
+                                signing_key=load_private_key(other))
+    ledger.record(run_id="r", server_round=1, steps=1, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0,
+                  target_delta=1e-5, num_examples=4)
+    (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nledger-path = "ledger.json"\n'
+                                     f'signing-key = "{mine}"\n')
+    with pytest.raises(FedLLMError, match="does not verify"):
+        _preflight(load_site_file(tmp_path / "a.toml"))
+    (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nledger-path = "ledger.json"\n'
+                                     f'signing-key = "{other}"\n')
+    _preflight(load_site_file(tmp_path / "a.toml"))  # its own key: fine
+    assert "1 releases" in capsys.readouterr().out

@@ -9,7 +9,6 @@ certificates are parsed as Flower parses them, and nothing touches the network.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.cli import build_parser
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.loading import load_records
@@ -27,8 +27,8 @@ from fedllm.deploy.sitecheck import (
     FAILED,
     OK,
     WARNING,
-    add_site_check_arguments,
     check_site,
+    cmd_site_check,
     sample_indices,
 )
 from fedllm.deploy.sitefile import CONNECTION_KEYS, load_site_file
@@ -378,9 +378,9 @@ def test_check_opens_no_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_site_check_arguments(parser)
-    args = parser.parse_args(argv)
+    """``fedllm site check ARGV`` as the CLI parses it, with errors raised instead of mapped to exit 2."""
+    args = build_parser().parse_args(["site", "check", *argv])
+    assert args.func is cmd_site_check
     return args.func(args)
 
 

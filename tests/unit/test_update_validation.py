@@ -26,17 +26,7 @@ from fedllm.errors import InvalidUpdateError
 from fedllm.screening import triage_replies, update_norm, validate_update
 from fedllm.strategy import build_strategy
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages built outside a Flower process need a run id (set by Flower at run time)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
 
 SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2)}
