@@ -11,6 +11,7 @@ Flower objects (records, arrays) the site uploaded.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -74,8 +75,7 @@ class RecordingProxy:
         record = bytearray()
         with self._lock:
             self.sent.append(record)
-        threading.Thread(target=_pump, args=(upstream, client, None), daemon=True).start()
-        _pump(client, upstream, record)
+        _relay(client, upstream, record)
 
     def all_sent(self) -> bytes:
         with self._lock:
@@ -90,18 +90,44 @@ class RecordingProxy:
         return out
 
 
-def _pump(src: ssl.SSLSocket, dst: ssl.SSLSocket, record: bytearray | None) -> None:
+def _relay(client: ssl.SSLSocket, upstream: ssl.SSLSocket, record: bytearray) -> None:
+    """Both directions in one thread, on non-blocking sockets. OpenSSL connections are not
+    thread-safe: reading a socket in one thread while another writes to it or closes it can crash
+    the interpreter. Non-blocking because a readable socket may carry only TLS housekeeping (a
+    session ticket), and a blocking read would then wait for data that the other side never sends."""
+    peer = {client: upstream, upstream: client}
+    for sock in peer:
+        sock.setblocking(False)
     try:
-        while data := src.recv(65536):
-            if record is not None:
-                record += data
-            dst.sendall(data)
-    except (OSError, ssl.SSLError):
+        while True:
+            ready = [s for s in peer if s.pending()] or select.select(list(peer), [], [], 1.0)[0]
+            for src in ready:
+                try:
+                    data = src.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+                if not data:
+                    return
+                if src is client:
+                    record += data
+                _send_all(peer[src], data)
+    except (OSError, ssl.SSLError, ValueError):
         pass
     finally:
-        for sock in (src, dst):
+        for sock in peer:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+def _send_all(sock: ssl.SSLSocket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except ssl.SSLWantReadError:
+            select.select([sock], [], [], 1.0)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            select.select([], [sock], [], 1.0)
 
 
 def decode_requests(stream: bytes) -> list[Request]:
