@@ -222,7 +222,8 @@ def table_lines(*, rank: int, seq_len: int, physical_batch: int, precision: str,
                          f"{est.total_gb:>7.1f}GB  {fam.license}")
         lines.append(f"{'':<20} LoRA targets: {fam.lora_targets}; test model tiny-random-{fam.tiny}; {fam.dp_notes}")
     if precision == "4bit":
-        lines += ["", "4-bit (QLoRA) bases: a planning figure only; fedllm does not load quantized bases yet."]
+        lines += ["", "4-bit (QLoRA) bases: model.quantization = \"4bit\" on a CUDA site with bitsandbytes "
+                      "(docs/models.md, Large models)."]
     return lines
 
 

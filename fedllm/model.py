@@ -113,16 +113,32 @@ def ensure_model_available(config: ModelConfig) -> str:
     return name
 
 
-def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
-    """The base causal LM (frozen later by peft) and its tokenizer, with a pad token set."""
+def load_model_and_tokenizer(config: ModelConfig, *, device: str | None = None) -> tuple[Any, Any]:
+    """The base causal LM (frozen later by peft) and its tokenizer, with a pad token set.
+
+    ``device``: where a site trains. With ``model.quantization`` set, the base is quantized by
+    bitsandbytes straight onto that CUDA device (QLoRA); anywhere else that is refused with what to
+    do. ``None`` (the coordinator, which only writes adapters): the unquantized base in
+    ``model.dtype``, which has the same LoRA layer names."""
+    quantized = config.quantization != "none" and device is not None
+    if quantized:
+        check_quantization(config, device)
     source = ensure_model_available(config)
     if source.startswith(TINY_PREFIX):
-        return build_tiny_model(source[len(TINY_PREFIX):]), build_byte_tokenizer()
+        if quantized:
+            raise ModelError(f"{config.name}: tiny random models are not quantized; model.quantization needs a model "
+                             "folder or a Hugging Face id")
+        return build_tiny_model(source[len(TINY_PREFIX):], dtype=DTYPES[config.dtype]), build_byte_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra: dict[str, Any] = {}
+    if quantized:
+        extra = {"quantization_config": bnb_config(config), "device_map": {"": device}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[quantized_dtype(config) if quantized
+                                                                       else config.dtype],
+                                                     local_files_only=True, **extra)
     except OSError as exc:
         raise ModelError(
             f"model {config.name!r} is not available offline ({exc.__class__.__name__}). fedllm never "
@@ -134,17 +150,54 @@ def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def quantized_dtype(config: ModelConfig) -> str:
+    """The dtype of a quantized model's unquantized parts and of its matmuls: ``model.dtype``, but
+    bf16 where that says fp32 (bitsandbytes computes in 16 bits)."""
+    return "bfloat16" if config.dtype == "float32" else config.dtype
+
+
+def bnb_config(config: ModelConfig) -> Any:
+    """bitsandbytes settings for ``model.quantization``: 4-bit NF4 with double quantization (the
+    QLoRA recipe) or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=DTYPES[quantized_dtype(config)])
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def check_quantization(config: ModelConfig, device: str) -> None:
+    """A quantized base needs a CUDA device, a visible GPU and bitsandbytes: say which is missing."""
+    what = f"model.quantization = {config.quantization!r} quantizes the frozen base with bitsandbytes, which needs a CUDA GPU"
+    if not device.startswith("cuda"):
+        raise ModelError(f"{what}; this site computes on {device!r}. Set device = \"cuda\" in the site file (or "
+                         "simulation on a GPU machine), or on a CPU use model.quantization = \"none\" with "
+                         "model.dtype = \"bfloat16\" (half the memory of float32)")
+    if not torch.cuda.is_available():
+        raise ModelError(f"{what}; the site's device is {device!r} but this process sees no CUDA GPU "
+                         "(torch.cuda.is_available() is false: a CPU-only torch build, or no driver)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"{what}; install it at the site: pip install bitsandbytes")
+
+
+def is_quantized(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
 _RESIDENT: dict[tuple, tuple[Any, Any]] = {}
 
 
-def shared_model(config: Any) -> tuple[Any, Any]:
+def shared_model(config: Any, *, device: str | None = None) -> tuple[Any, Any]:
     """(peft model, tokenizer) for a ``RunConfig``, loaded once per process and per model + LoRA
     configuration: virtual sites and rounds served by the same process reuse it and only swap
-    adapter tensors."""
-    key = (config.model, config.lora)
+    adapter tensors. ``device`` as in ``load_model_and_tokenizer`` (it matters only for a
+    quantized base)."""
+    key = (config.model, config.lora, device if config.model.quantization != "none" else None)
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one resident base model per process
-        model, tokenizer = load_model_and_tokenizer(config.model)
+        model, tokenizer = load_model_and_tokenizer(config.model, device=device)
         for p in model.parameters():
             p.requires_grad_(False)
         _RESIDENT[key] = (apply_lora(model, config.lora), tokenizer)
@@ -190,8 +243,9 @@ def build_byte_tokenizer() -> Any:
     return tokenizer
 
 
-def build_tiny_model(arch: str, *, seed: int = 1234) -> Any:
-    """A tiny random model of ``arch`` (same weights in every process for the same seed)."""
+def build_tiny_model(arch: str, *, seed: int = 1234, dtype: torch.dtype = torch.float32) -> Any:
+    """A tiny random model of ``arch`` (same weights in every process for the same seed; drawn in
+    fp32, then cast to ``dtype``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(TINY_CONFIGS[arch])
@@ -199,7 +253,7 @@ def build_tiny_model(arch: str, *, seed: int = 1234) -> Any:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model
+    return model.to(dtype)
 
 
 # ---------------------------------------------------------------------------------- LoRA
@@ -243,6 +297,25 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
             if "lora_A" in name:
                 param.requires_grad_(False)
     return peft_model
+
+
+def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
+    """Switch gradient checkpointing of a (peft-wrapped) transformers model on or off.
+
+    On: reentrant checkpointing (``use_reentrant=True``) plus ``enable_input_require_grads``. With
+    the non-reentrant default, Opacus' forward hooks never see the recomputed activations and the
+    per-example gradients are missing (dp-lora.md P9); without input gradients, reentrant
+    checkpointing cuts the graph at the first checkpointed layer (the base is frozen)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enabled:
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ModelError(f"{type(base).__name__} does not support gradient checkpointing; "
+                             "set train.gradient-checkpointing = false")
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        base.enable_input_require_grads()
+    elif base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()
 
 
 def _trainable_keys(peft_model: Any) -> set[str]:

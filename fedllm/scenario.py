@@ -4,10 +4,12 @@ A scenario folder holds:
 
 * ``run.toml``: run-config overrides (only keys of ``[tool.flwr.app.config]``);
 * ``sites.toml``: the virtual sites, in one of three forms:
-  - ``[[site]]`` tables with ``name``, ``data`` (a file, relative to the folder) and optionally
-    ``max-epsilon`` (the site's own cap, which can only tighten the run's);
+  - ``[[site]]`` tables with ``name``, ``data`` (a file or saved dataset folder, relative to the
+    folder) and optionally ``max-epsilon`` (the site's own cap, which can only tighten the run's),
+    ``device`` and ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``);
   - ``[partition]`` with ``data``, ``num-sites``, ``method`` ("iid" or "dirichlet"), ``label``
-    (field for dirichlet), ``alpha``, ``seed``: one dataset split into simulated sites;
+    (field for dirichlet), ``alpha``, ``seed``, ``data-columns``: one dataset split into
+    simulated sites;
   - ``[pubmedqa]`` with ``path`` (the shared PubMedQA folder, relative to the scenario folder;
     ``$FEDLLM_PUBMEDQA_DIR`` overrides it) plus ``[[site]]`` tables naming population sites;
 * ``README.md``: the command, the expected runtime and the expected final ε.
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import SiteConfig, load_run_overrides, read_toml
-from fedllm.errors import ConfigError
+from fedllm.data.loading import parse_columns
+from fedllm.errors import ConfigError, DataError
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "simulations"
 
@@ -70,6 +73,20 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+SITE_KEYS = ("name", "data", "max-epsilon", "device", "data-columns")
+
+
+def _check_columns(table: dict[str, Any], where: str) -> str:
+    columns = table.get("data-columns", "")
+    if not isinstance(columns, str):
+        raise ConfigError(f"{where}: data-columns = {columns!r}: must be a string \"FIELD=COLUMN, ...\"")
+    try:
+        parse_columns(columns)
+    except DataError as exc:
+        raise ConfigError(f"{where}: data-columns = {columns!r}: {str(exc).split(': ', 1)[-1]}") from None
+    return columns
+
+
 def _site_entries(spec: dict[str, Any], where: Path) -> list[dict[str, Any]]:
     entries = spec.get("site", [])
     if not isinstance(entries, list):
@@ -78,9 +95,10 @@ def _site_entries(spec: dict[str, Any], where: Path) -> list[dict[str, Any]]:
     for i, entry in enumerate(entries, start=1):
         if not isinstance(entry.get("name"), str) or not entry["name"].strip():
             raise ConfigError(f"{where}: site {i}: 'name' is required (a non-empty string)")
-        unknown = set(entry) - {"name", "data", "max-epsilon", "device"}
+        unknown = set(entry) - set(SITE_KEYS)
         if unknown:
-            raise ConfigError(f"{where}: site {entry['name']!r}: unknown keys {sorted(unknown)}; allowed: name, data, max-epsilon, device")
+            raise ConfigError(f"{where}: site {entry['name']!r}: unknown keys {sorted(unknown)}; allowed: {', '.join(SITE_KEYS)}")
+        _check_columns(entry, f"{where}: site {entry['name']!r}")
         names.append(entry["name"])
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: site names must be unique, found {names}")
@@ -117,7 +135,7 @@ def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
 
 
 def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Path) -> list[SiteConfig]:
-    from fedllm.data.loading import _read_raw, load_records
+    from fedllm.data.loading import load_records, read_raw
     from fedllm.data.partition import partition_dirichlet, partition_iid
 
     for key in ("data", "num-sites"):
@@ -129,7 +147,8 @@ def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Pa
         raise ConfigError(f"{where}: [partition] num-sites = {num_sites!r}: must be an integer >= 1")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}: [partition] seed = {seed!r}: must be an integer")
-    records = load_records(source)
+    columns = _check_columns(part, f"{where}: [partition]")
+    records = load_records(source, columns=columns)
     if num_sites > len(records):
         raise ConfigError(f"{where}: [partition] num-sites = {num_sites} but {source} has only {len(records)} "
                           "records; every site needs at least one")
@@ -139,7 +158,7 @@ def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Pa
         label = part.get("label")
         if not label:
             raise ConfigError(f"{where}: [partition] method 'dirichlet' needs 'label' (a record field)")
-        labels = [_raw_field(raw, label) for _, raw in _read_raw(source, source.suffix.lower())]
+        labels = [_raw_field(raw, label) for _, raw in read_raw(source)]
         idx = partition_dirichlet(labels, num_sites=num_sites,
                                   alpha=float(part.get("alpha", 0.5)), seed=seed)
         parts = [[records[i] for i in site] for site in idx]

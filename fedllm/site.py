@@ -40,7 +40,12 @@ from fedllm.data.formatting import TokenizedExample, tokenize_records
 from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
-from fedllm.model import get_adapter_state, set_adapter_state, shared_model
+from fedllm.model import (
+    get_adapter_state,
+    is_quantized,
+    set_adapter_state,
+    shared_model,
+)
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
@@ -53,7 +58,7 @@ def load_site_examples(config: RunConfig, site: SiteConfig, tokenizer: Any, *, r
                        ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     """A site's (train, held-out) tokenized examples; bad data raises ``DataError``."""
     if records is None:
-        records = load_records(site.data_path, format=config.data.format)
+        records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
     examples = tokenize_records(records, tokenizer, max_length=config.data.max_length, source=site.data_path)
     return split_holdout(examples, eval_fraction=config.data.eval_fraction,
                          seed=stable_seed(config.data.seed, site.name), max_eval=config.data.max_eval_examples)
@@ -72,9 +77,10 @@ class SiteRuntime:
 
     def __init__(self, config: RunConfig, site: SiteConfig, *, ledger_path: Path, simulated: bool = True) -> None:
         self.config, self.site = config, site
-        self.model, self.tokenizer = shared_model(config)
-        self.model.to(site.device)
-        records = load_records(site.data_path, format=config.data.format)
+        self.model, self.tokenizer = shared_model(config, device=site.device)
+        if not is_quantized(self.model):  # a quantized base was loaded onto its device
+            self.model.to(site.device)
+        records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
         self.dataset_fingerprint = dataset_fingerprint(records)
         self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)
         self.ledger_path = ledger_path
@@ -153,6 +159,7 @@ class SiteRuntime:
         result = train_local(self.model, self.train_examples, steps=steps, batch_size=cfg.train.batch_size,
                              learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                              optimizer=cfg.train.optimizer, physical_batch_size=cfg.train.physical_batch_size,
+                             gradient_checkpointing=cfg.train.gradient_checkpointing,
                              pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
                              device=self.site.device, on_step=show)
         entry = ledger.record(run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,

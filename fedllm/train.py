@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
+from fedllm.model import set_gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def train_local(
     sampling_generator: torch.Generator | None = None,
     noise_generator: torch.Generator | None = None,
     physical_batch_size: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> TrainResult:
     """Run ``steps`` local steps on ``model``'s trainable (adapter) parameters, in place.
 
@@ -139,7 +141,12 @@ def train_local(
     clipped and added to the step's sum (Opacus' skip-step mechanism, as in its
     BatchMemoryManager) and the noise is added once per logical step, so the mechanism and the
     accounting are exactly those of the whole batch; without DP the chunks' gradients are
-    accumulated into the batch mean."""
+    accumulated into the batch mean.
+
+    ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass
+    instead of storing them, for the duration of this call. It uses reentrant checkpointing with
+    gradients on the input embeddings, the only mode in which Opacus' hooks see the recomputed
+    activations (dp-lora.md P9): the per-example gradients are the same as without it (tested)."""
     if not examples:
         raise ValueError("no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -160,6 +167,8 @@ def train_local(
         optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=expected_batch, loss_reduction="mean",
                                 generator=noise_generator or fresh_generator())
+    if gradient_checkpointing:
+        set_gradient_checkpointing(model, True)
     model.train()
     losses, seen, tokens, start = [], 0, 0, time.perf_counter()
     try:
@@ -197,6 +206,8 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         if dp is not None:
             net._close()  # removes the hooks and per-example attributes; the model stays usable
+        if gradient_checkpointing:
+            set_gradient_checkpointing(model, False)
         model.eval()
     return TrainResult(
         train_loss=float(sum(losses) / len(losses)) if losses else math.nan,

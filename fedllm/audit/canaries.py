@@ -317,7 +317,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.formatting import tokenize_records
     from fedllm.data.loading import load_records
-    from fedllm.model import apply_lora, load_model_and_tokenizer
+    from fedllm.model import apply_lora, is_quantized, load_model_and_tokenizer
     from fedllm.privacy.accounting import DPEvent, epsilon_for
     from fedllm.privacy.ledger import PrivacyLedger
     from fedllm.site import load_site_examples
@@ -332,11 +332,13 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
         timings[phase], lap[0] = now - lap[0], now
 
     device = site.device
-    base, tokenizer = load_model_and_tokenizer(config.model)
+    base, tokenizer = load_model_and_tokenizer(config.model, device=device)
     for p in base.parameters():
         p.requires_grad_(False)
-    model = apply_lora(base, config.lora).to(device)
-    records = load_records(site.data_path, format=config.data.format)
+    model = apply_lora(base, config.lora)
+    if not is_quantized(model):
+        model.to(device)
+    records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
     real_train, held_out = load_site_examples(config, site, tokenizer, records=records)
     done("load")
     cset = build_canaries(one_run=canaries)
@@ -368,7 +370,9 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     dp = DPSettings(noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm) if mech["clipping"] else None
     result = train_local(model, train, steps=steps, batch_size=config.train.batch_size,
                          learning_rate=config.train.learning_rate, weight_decay=config.train.weight_decay,
-                         optimizer=config.train.optimizer, pad_id=tokenizer.pad_token_id, dp=dp, device=device)
+                         optimizer=config.train.optimizer, pad_id=tokenizer.pad_token_id, dp=dp, device=device,
+                         physical_batch_size=config.train.physical_batch_size,
+                         gradient_checkpointing=config.train.gradient_checkpointing)
     ledger.record(run_id=run_id, server_round=1, steps=steps, sample_rate=sample_rate, noise_multiplier=sigma,
                   max_grad_norm=config.privacy.max_grad_norm, target_delta=delta, num_examples=len(train),
                   accountant=config.privacy.accountant)

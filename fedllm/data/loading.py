@@ -1,7 +1,9 @@
 """Read a site's records from a local file and check their schema.
 
-Accepted files: JSON Lines (``.jsonl``), JSON (``.json``: a list of objects), CSV (``.csv``, a
-header row) and Parquet (``.parquet``). Accepted records, one kind per record:
+Accepted sources: JSON Lines (``.jsonl``), JSON (``.json``: a list of objects), CSV (``.csv``, a
+header row), Parquet (``.parquet``), and a folder written by Hugging Face ``datasets``'
+``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` of which the ``train`` split is read; read
+with pyarrow, ``datasets`` itself is not needed). Accepted records, one kind per record:
 
 * instruction: ``instruction`` (str), optional ``input`` (str), ``output`` (str);
 * chat: ``messages``, a list of ``{"role": "system"|"user"|"assistant", "content": str}`` that
@@ -9,6 +11,10 @@ header row) and Parquet (``.parquet``). Accepted records, one kind per record:
 * ShareGPT conversations: ``conversations``, a list of ``{"from": "system"|"human"|"gpt",
   "value": str}`` (also ``user``/``assistant``/``bot``) with at least one ``gpt`` turn;
 * plain text: ``text`` (str).
+
+A column mapping (``data.columns``, or a site's own ``data-columns``) such as
+``"instruction=question, input=context, output=answer"`` reads fedllm's fields from other column
+names; with a mapping, only the mapped columns are read.
 
 Every record is normalised to ``{"messages": [...]}`` or ``{"text": ...}``. Any problem stops the
 load with a ``DataError`` naming the file, the record number (1-based; for JSONL and CSV also
@@ -18,14 +24,17 @@ the line), the field and what was expected, before any training starts.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedllm.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SOURCES_TEXT = ".jsonl, .json, .csv or .parquet file, or a folder saved by Hugging Face datasets' save_to_disk"
+FIELDS = ("instruction", "input", "output", "messages", "conversations", "text")
 FORMATS = ("auto", "instruction", "chat", "sharegpt", "text")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "bot": "assistant"}
@@ -34,23 +43,119 @@ ROLES = ("system", "user", "assistant")
 Record = dict[str, Any]
 
 
-def load_records(path: str | Path, *, format: str = "auto") -> list[Record]:
-    """All records of one file, normalised; raises ``DataError`` on the first bad one."""
+def load_records(path: str | Path, *, format: str = "auto", columns: str | Mapping[str, str] = "") -> list[Record]:
+    """All records of one file or saved dataset, normalised; raises ``DataError`` on the first bad
+    one. ``columns``: fedllm field -> column name (``parse_columns``)."""
     path = Path(path)
     if format not in FORMATS:
         raise DataError(f"{path}: unknown data format {format!r}; use one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found; check the site's data path")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
-    records = [
-        normalise_record(raw, format=format, where=f"{path}: {where}")
-        for where, raw in _read_raw(path, suffix)
-    ]
+    mapping = parse_columns(columns) if isinstance(columns, str) else dict(columns)
+    raw_records = read_raw(path)
+    if mapping:
+        raw_records = _apply_columns(path, raw_records, mapping)
+    records = []
+    for where, raw in raw_records:
+        try:
+            records.append(normalise_record(raw, format=format, where=f"{path}: {where}"))
+        except DataError as exc:
+            raise DataError(_name_columns(str(exc), mapping)) from None
     if not records:
         raise DataError(f"{path}: no records; a site needs at least 2 records (train + held-out)")
     return records
+
+
+def read_raw(path: Path) -> list[tuple[str, Any]]:
+    """(where, raw record) for every record of a file or saved dataset, before any checks."""
+    if path.is_dir():
+        return list(_read_saved_dataset(path))
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; check the site's data path (a {SOURCES_TEXT})")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use a {SOURCES_TEXT}")
+    return list(_read_raw(path, suffix))
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """``"instruction=question, output=answer"`` -> ``{"instruction": "question", "output": "answer"}``."""
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field_name, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not field_name or not column:
+            raise DataError(f"data columns {text!r}: {part!r} is not FIELD=COLUMN; e.g. "
+                            "\"instruction=question, output=answer\"")
+        if field_name not in FIELDS:
+            close = difflib.get_close_matches(field_name, FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DataError(f"data columns {text!r}: unknown field {field_name!r}{hint}; fields: {', '.join(FIELDS)}")
+        if field_name in mapping:
+            raise DataError(f"data columns {text!r}: field {field_name!r} is mapped twice")
+        mapping[field_name] = column
+    return mapping
+
+
+def _apply_columns(path: Path, raw_records: list[tuple[str, Any]], mapping: dict[str, str]) -> list[tuple[str, Any]]:
+    """Rename mapped columns to fedllm's fields and drop the rest. A mapped column that no record
+    has is a mistake in the mapping, reported with the columns the data does have."""
+    seen: set[str] = set()
+    for _, raw in raw_records:
+        if isinstance(raw, dict):
+            seen.update(raw)
+    for field_name, column in mapping.items():
+        if column not in seen:
+            close = difflib.get_close_matches(column, sorted(seen), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DataError(f"{path}: data columns map {field_name} from column {column!r}, which no record has{hint}; "
+                            f"the data's columns: {', '.join(sorted(seen)) or 'none'}")
+    return [(where, {f: raw[c] for f, c in mapping.items() if c in raw} if isinstance(raw, dict) else raw)
+            for where, raw in raw_records]
+
+
+def _name_columns(message: str, mapping: dict[str, str]) -> str:
+    """Errors speak of fedllm's fields; with a mapping, also name the data's column."""
+    for field_name, column in mapping.items():
+        if column != field_name and f"'{field_name}'" in message:
+            return message.replace(f"'{field_name}'", f"'{field_name}' (column '{column}')", 1)
+    return message
+
+
+def _read_saved_dataset(folder: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a Hugging Face ``datasets`` folder (``save_to_disk``): Arrow stream shards listed
+    in ``state.json``; for a ``DatasetDict`` (``dataset_dict.json``) the ``train`` split, or its
+    only split."""
+    import pyarrow as pa
+
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{folder}/dataset_dict.json: unreadable; save the dataset again with save_to_disk") from None
+        split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+        if split is None:
+            raise DataError(f"{folder}: a DatasetDict with splits {', '.join(splits)} and no 'train' split; point "
+                            f"data-path at the split's folder, e.g. {folder / splits[0]}")
+        yield from _read_saved_dataset(folder / split)
+        return
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        raise DataError(f"{folder}: a folder, but not one written by datasets' save_to_disk (no state.json or "
+                        f"dataset_dict.json); use a {SOURCES_TEXT}")
+    try:
+        shards = [entry["filename"] for entry in json.loads(state_file.read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{state_file}: unreadable; save the dataset again with save_to_disk") from None
+    number = 0
+    for shard in shards:
+        try:
+            with pa.memory_map(str(folder / shard)) as source:
+                rows = pa.ipc.open_stream(source).read_all().to_pylist()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"{folder / shard}: cannot read this Arrow shard ({exc}); save the dataset again") from None
+        for row in rows:
+            number += 1
+            yield f"record {number}", {k: v for k, v in row.items() if v is not None}
 
 
 def _read_raw(path: Path, suffix: str) -> Iterator[tuple[str, Any]]:

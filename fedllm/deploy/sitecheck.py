@@ -140,7 +140,7 @@ def check_site(site_file: SiteFile, *, model: str, max_length: int, data_format:
                f"server {conn.server or '(not set: give --server)'}", server=conn.server)
     _check_device(report, site.device)
 
-    records = load_records(site.data_path, format=data_format)
+    records = load_records(site.data_path, format=data_format, columns=site.data_columns)
     kinds = {"prompt/response": sum("messages" in r for r in records), "text": sum("text" in r for r in records)}
     kind_text = ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n)
     fingerprint = dataset_fingerprint(records)

@@ -1,7 +1,8 @@
 """A site file ``sites/<name>.toml``: one institution's own settings, read and checked in one go.
 
 The top-level keys are the site's Flower *node config* (``SiteConfig.NODE_KEYS``): ``site-name``,
-``data-path``, ``ledger-path``, ``max-epsilon``, ``device``, ``signing-key``. An optional
+``data-path``, ``ledger-path``, ``max-epsilon``, ``device``, ``signing-key``, ``require-dp``,
+``data-columns``. An optional
 ``[connection]`` table holds what ``fedllm site start`` needs to reach the coordinator:
 ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``.
 
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import SiteConfig, read_toml
-from fedllm.errors import ConfigError
+from fedllm.data.loading import SOURCES_TEXT, parse_columns
+from fedllm.errors import ConfigError, DataError
 
 CONNECTION_TABLE = "connection"
 CONNECTION_KEYS = ("server", "root-certificates", "auth-key", "runtime-port", "state-dir")
@@ -78,6 +80,8 @@ class SiteFile:
             items.append(("signing-key", site.signing_key))
         if not site.require_dp:
             items.append(("require-dp", False))
+        if site.data_columns:
+            items.append(("data-columns", site.data_columns))
         return " ".join(f"{key}={node_config_value(value)}" for key, value in items)
 
 
@@ -208,14 +212,19 @@ def load_site_file(path: Path | str) -> SiteFile:
         name = None
     data = check.string(raw, "data-path", "data-path", "the path of the site's data file")
     if data == "":
-        check.add("data-path: required; the site's data file (.jsonl, .json, .csv or .parquet)")
+        check.add(f"data-path: required; the site's data (a {SOURCES_TEXT})")
     elif data is not None:
         resolved = _resolve(data, folder)
-        if not resolved.is_file():
-            where = "no such file" if not resolved.exists() else "not a file"
-            check.add(f"data-path = {_shown(data, resolved)}: {where}; must be the site's data file "
-                      "(.jsonl, .json, .csv or .parquet)")
+        if not resolved.exists():
+            check.add(f"data-path = {_shown(data, resolved)}: no such file or folder; must be the site's data "
+                      f"(a {SOURCES_TEXT})")
         data = str(resolved)
+    columns = check.string(raw, "data-columns", "data-columns", '"FIELD=COLUMN, ..." or ""')
+    if columns:
+        try:
+            parse_columns(columns)
+        except DataError as exc:
+            check.add(f"data-columns = {columns!r}: {str(exc).split(': ', 1)[-1]}")
     ledger = check.string(raw, "ledger-path", "ledger-path", "the path of the site's privacy ledger")
     if ledger:
         resolved = _resolve(ledger, folder)
@@ -275,6 +284,8 @@ def load_site_file(path: Path | str) -> SiteFile:
     if signing_key:
         node["signing-key"] = signing_key
     node["require-dp"] = require_dp
+    if columns:
+        node["data-columns"] = columns
     try:
         site = SiteConfig.from_node_config(node)
     except ConfigError as exc:  # pragma: no cover - every check above is at least as strict

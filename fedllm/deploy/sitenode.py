@@ -38,7 +38,7 @@ def _preflight(site_file) -> None:
     from fedllm.privacy.signing import load_private_key
 
     site = site_file.site
-    records = load_records(site.data_path)
+    records = load_records(site.data_path, columns=site.data_columns)
     _echo(f"site {site.name}: {len(records)} records in {site.data_path} (they stay on this machine)")
     ledger = Path(site.ledger_path)
     if ledger.is_file():  # the same checks the site makes before it trains: this data, and its own key if it signs

@@ -433,3 +433,119 @@ def test_sharegpt_in_csv_carries_the_conversation_as_json(tmp_path):
         writer.writerow(["conversations"])
         writer.writerow([json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}])])
     assert load_records(path)[0]["messages"][1] == {"role": "assistant", "content": "Hello"}
+
+
+# -- column mapping (data.columns / a site's data-columns) ------------------------------------------
+
+QA_ROWS = [{"question": "Is aspirin an NSAID?", "context": "Pharmacology note.", "answer": "yes", "id": "1"},
+           {"question": "Does rest cure a fracture?", "answer": "partly", "id": "2"}]
+QA_MAPPING = "instruction=question, input=context, output=answer"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_column_mapping_reads_fedllms_fields_from_other_columns(tmp_path, suffix):
+    path = WRITERS[suffix](tmp_path / f"qa{suffix}", QA_ROWS)
+    records = load_records(path, columns=QA_MAPPING)
+    assert records == [
+        {"messages": [{"role": "user", "content": "Is aspirin an NSAID?\n\nPharmacology note."},
+                      {"role": "assistant", "content": "yes"}]},
+        {"messages": [{"role": "user", "content": "Does rest cure a fracture?"},
+                      {"role": "assistant", "content": "partly"}]},
+    ]
+    assert load_records(path, columns={"instruction": "question", "output": "answer"})[0]["messages"][0] == \
+        {"role": "user", "content": "Is aspirin an NSAID?"}
+    with pytest.raises(DataError, match="unrecognised record"):  # without the mapping these rows mean nothing
+        load_records(path)
+
+
+def test_a_mapped_text_or_conversation_column(tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"body": "Aspirin is an NSAID.", "text": "ignored"},
+                                               {"body": "Rest helps.", "text": "ignored"}])
+    assert load_records(path, columns="text=body") == [{"text": "Aspirin is an NSAID."}, {"text": "Rest helps."}]
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"dialog": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
+    assert load_records(path, columns="conversations=dialog")[0]["messages"][1] == {"role": "assistant", "content": "Yo"}
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ("instruction=question, output=answr", "column 'answr', which no record has (did you mean 'answer'?); "
+                                           "the data's columns: answer, context, id, question"),
+    ("instruktion=question", "unknown field 'instruktion' (did you mean 'instruction'?)"),
+    ("instruction question", "'instruction question' is not FIELD=COLUMN"),
+    ("output=answer, output=id", "field 'output' is mapped twice"),
+])
+def test_a_bad_column_mapping_is_named(tmp_path, mapping, message):
+    path = _write_csv(tmp_path / "qa.csv", QA_ROWS)
+    with pytest.raises(DataError) as info:
+        load_records(path, columns=mapping)
+    assert message in str(info.value)
+
+
+def test_a_record_missing_a_mapped_column_names_the_record_field_and_column(tmp_path):
+    path = _write_csv(tmp_path / "qa.csv", [*QA_ROWS, {"question": "Unanswered?", "id": "3"}])
+    with pytest.raises(DataError) as info:
+        load_records(path, columns=QA_MAPPING)
+    assert str(info.value) == (f"{path}: record 3 (line 4): missing field 'output' (column 'answer') "
+                               "(expected a non-empty string)")
+
+
+def test_column_mappings_are_checked_in_site_configurations():
+    from fedllm.config import SiteConfig
+    from fedllm.errors import ConfigError
+
+    site = SiteConfig.from_node_config({"site-name": "a", "data-path": "a.csv", "data-columns": "text=body"})
+    assert site.data_columns == "text=body"
+    assert SiteConfig.from_dict(site.to_dict()) == site
+    with pytest.raises(ConfigError, match="data-columns = 'txt=body': unknown field 'txt'"):
+        SiteConfig.from_node_config({"site-name": "a", "data-path": "a.csv", "data-columns": "txt=body"})
+
+
+def test_scenario_sites_and_partitions_take_a_column_mapping(tmp_path):
+    from fedllm.errors import ConfigError
+    from fedllm.scenario import load_scenario, materialise_sites
+
+    _write_csv(tmp_path / "qa.csv", QA_ROWS * 4)
+    (tmp_path / "run.toml").write_text("")
+    (tmp_path / "sites.toml").write_text(f'[[site]]\nname = "a"\ndata = "qa.csv"\ndata-columns = "{QA_MAPPING}"\n')
+    [site] = materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out")
+    assert site.data_columns == QA_MAPPING and len(load_records(site.data_path, columns=site.data_columns)) == 8
+    (tmp_path / "sites.toml").write_text(f'[partition]\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "{QA_MAPPING}"\n')
+    sites = materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out2")
+    assert sum(len(load_records(s.data_path)) for s in sites) == 8  # written normalised: no mapping needed
+    (tmp_path / "sites.toml").write_text('[partition]\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "q=question"\n')
+    with pytest.raises(ConfigError, match=r"\[partition\]: data-columns = 'q=question': unknown field 'q'"):
+        materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out3")
+
+
+# -- Hugging Face datasets saved to disk --------------------------------------------------------------
+
+
+def test_a_dataset_saved_to_disk_loads_like_a_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [INSTRUCTION, CHAT, TEXT] * 3
+    datasets.Dataset.from_list([{"instruction": None, "input": None, "output": None, "messages": None, "text": None, **r}
+                                for r in rows]).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    assert len(list((tmp_path / "ds").glob("*.arrow"))) == 2  # shards are read in order
+    assert load_records(tmp_path / "ds") == EXPECTED * 3
+    qa = datasets.Dataset.from_list([{**r, "context": r.get("context")} for r in QA_ROWS])
+    datasets.DatasetDict({"train": qa, "test": qa.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_records(tmp_path / "dd", columns=QA_MAPPING)) == 2  # a DatasetDict: its train split
+    assert len(load_records(tmp_path / "dd" / "test", columns=QA_MAPPING)) == 1
+
+
+def test_a_bad_record_in_a_saved_dataset_is_named(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([INSTRUCTION, {**INSTRUCTION, "output": ""}]).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError) as info:
+        load_records(tmp_path / "ds")
+    assert str(info.value) == f"{tmp_path / 'ds'}: record 2: field 'output' is empty; expected a non-empty string"
+
+
+def test_a_folder_that_is_not_a_saved_dataset_is_refused(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        load_records(tmp_path / "plain")
+    qa = datasets.Dataset.from_list(QA_ROWS[:1])
+    datasets.DatasetDict({"a": qa, "b": qa}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match="splits a, b and no 'train' split; point data-path at the split's folder"):
+        load_records(tmp_path / "dd")

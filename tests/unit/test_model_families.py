@@ -104,3 +104,78 @@ def test_mixture_of_experts_trains_attention_only_and_keeps_experts_and_router_f
     targets = target_modules(config.lora, model)
     assert targets == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert target_modules(config.lora, build_tiny_model("llama")) == "all-linear"
+
+
+def _random_lora(family: str, dtype: torch.dtype = torch.float32):
+    """A tiny model of ``family`` with a trainable, random LoRA (A and B), so every factor has a gradient."""
+    from fedllm.config import LoraConfig
+    from fedllm.model import apply_lora
+
+    model = build_tiny_model(family, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = apply_lora(model, LoraConfig(r=2, alpha=4, freeze_a=False, seed=1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def _per_example_gradients(model, ids, mask) -> dict[str, torch.Tensor]:
+    from opacus.grad_sample import GradSampleModule
+
+    model.train()
+    net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        logits = net(input_ids=ids, attention_mask=mask).logits
+        (logits.float().log_softmax(-1)[..., 7] * mask).sum().backward()
+        return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        net._close()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_gradient_checkpointing_gives_the_same_per_example_gradients(family):
+    from fedllm.model import set_gradient_checkpointing
+
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    plain = _per_example_gradients(_random_lora(family), ids, mask)
+    model = _random_lora(family)
+    set_gradient_checkpointing(model, True)
+    checkpointed = _per_example_gradients(model, ids, mask)
+    assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_base_trains_an_fp32_adapter_with_the_same_clipped_step():
+    """model.dtype = bfloat16: the frozen base in bf16, the adapter and its per-example gradients,
+    clipping and noise in fp32; the step matches the fp32 model's to bf16 precision and is
+    bounded by C."""
+    from fedllm.config import ModelConfig
+    from fedllm.data.formatting import tokenize_records
+    from fedllm.data.loading import normalise_record
+    from fedllm.model import build_byte_tokenizer, load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama", dtype="bfloat16"))
+    assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+    tokenizer = build_byte_tokenizer()
+    examples = tokenize_records([normalise_record(r) for r in RECORDS], tokenizer, max_length=48, source="t")
+    steps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _random_lora("llama", dtype)
+        adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert {p.dtype for p in adapter.values()} == {torch.float32}
+        before = {n: p.detach().clone() for n, p in adapter.items()}
+        train_local(model, examples, steps=1, batch_size=8, learning_rate=1.0, optimizer="sgd", pad_id=tokenizer.pad_token_id,
+                    dp=DPSettings(noise_multiplier=0.0, max_grad_norm=0.01),
+                    sampling_generator=torch.Generator().manual_seed(4))
+        steps[dtype] = torch.cat([(adapter[n].detach() - before[n]).flatten() for n in adapter])
+    assert 0 < float(steps[torch.bfloat16].norm()) <= 0.01 * 16 / 8 + 1e-6
+    cosine = torch.nn.functional.cosine_similarity(steps[torch.float32], steps[torch.bfloat16], dim=0)
+    assert float(cosine) > 0.98

@@ -410,3 +410,22 @@ def test_bad_data_and_bad_file_raise_for_exit_code_2(tmp_path: Path) -> None:
         _run_cli([str(path), "--model", TINY])
     with pytest.raises(ConfigError):
         _run_cli([str(tmp_path / "missing.toml"), "--model", TINY])
+
+
+def test_a_site_with_its_own_columns_and_a_saved_dataset_folder(tmp_path: Path) -> None:
+    """data-columns travels in the node config; site check (and the site) read the data with it;
+    data-path may be a datasets save_to_disk folder."""
+    from flwr.common.config import parse_config_args
+
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(20)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "sites" / "qa"))
+    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "qa"\n'
+                                     'data-columns = "instruction=question, output=answer"\n'))
+    assert site_file.site.data_columns == "instruction=question, output=answer"
+    assert SiteConfig.from_node_config(parse_config_args([site_file.node_config()])) == site_file.site
+    report = check_site(site_file, model=TINY, max_length=64, sample=5)
+    assert report.ok and _by_name(report)["data"].values["records"] == 20
+    with pytest.raises(ConfigError, match="data-columns = 'instruction=question, outptu=answer': unknown field 'outptu'"):
+        load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "qa"\n'
+                             'data-columns = "instruction=question, outptu=answer"\n', "bad.toml"))

@@ -149,6 +149,50 @@ def test_physical_batches_clip_each_example_and_add_noise_once(setup, physical):
     assert float(diff.std()) * 8 / math.sqrt(2) == pytest.approx(sigma * clip, rel=0.05)
 
 
+@pytest.mark.parametrize("physical", [0, 3])
+def test_gradient_checkpointing_keeps_per_example_gradients_exact(setup, physical):
+    """With checkpointing (reentrant + input grads, dp-lora.md P9) the DP step is the same clipped
+    sum of per-example gradients; afterwards the model is back to normal."""
+    model, tok, examples = setup
+    clip = 0.05
+    start = get_adapter_state(model)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
+    expected, norms = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
+    assert min(norms) > clip
+    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, physical_batch_size=physical,
+         gradient_checkpointing=True)
+    after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for b, a, want in zip(before, after, expected):
+        torch.testing.assert_close(b - a, want / 8, rtol=1e-4, atol=1e-7)
+    assert not model.get_base_model().is_activation_checkpointing
+    set_adapter_state(model, start)
+
+
+def test_non_reentrant_checkpointing_would_lose_the_per_example_gradients(setup):
+    """Why the mode matters: with transformers' default (non-reentrant) checkpointing Opacus' hooks
+    see no activations and the LoRA layers get no per-example gradient."""
+    from opacus.grad_sample import GradSampleModule
+
+    _, tok, examples = setup
+    ids, mask, labels = collate(examples[:3], tok.pad_token_id)
+    for reentrant in (True, False):
+        base, _ = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))  # a fresh one: this leaves state behind
+        for p in base.parameters():
+            p.requires_grad_(False)
+        model = apply_lora(base, LoraConfig(r=4, alpha=8, freeze_a=False))
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        base.enable_input_require_grads()
+        model.train()
+        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        try:
+            per_sequence_loss(net(input_ids=ids, attention_mask=mask).logits, labels).mean().backward()
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad_sample is None]
+        finally:
+            net._close()
+        assert bool(missing) == (not reentrant)
+
+
 def test_physical_batches_without_dp_accumulate_the_batch_mean(setup):
     model, tok, examples = setup
     start = get_adapter_state(model)
