@@ -142,27 +142,34 @@ def os_entropy_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 
 
-def _names(count: int, rng: np.random.Generator) -> list[str]:
+def _names(count: int, rng: np.random.Generator, fits: Callable[[str], bool] | None = None) -> list[str]:
+    """``count`` distinct random names; with ``fits``, only names whose canary fits the sequence
+    length (a name's length says nothing about its code, so the codes stay uniform)."""
     names: set[str] = set()
     out = []
-    while len(out) < count:
+    for _ in range(200 * count):
         first = "".join(rng.choice(_SYLLABLES, size=2)).capitalize()
         last = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
         name = f"{first} {last}"
-        if name not in names:
+        if name not in names and (fits is None or fits(name)):
             names.add(name)
             out.append(name)
-    return out
+            if len(out) == count:
+                return out
+    raise FedLLMError(f"canary audit: only {len(out)} of {count} canary names fit data.max-length with this model's "
+                      "tokenizer; raise data.max-length (a canary needs about 100 tokens with a chat template)")
 
 
 def build_canaries(*, one_run: int, repeats: Sequence[int] = EXPOSURE_REPEATS, per_repeat: int = CANARIES_PER_REPEAT,
-                   controls: int = CONTROLS, rng: np.random.Generator | None = None) -> CanarySet:
+                   controls: int = CONTROLS, rng: np.random.Generator | None = None,
+                   name_fits: Callable[[str], bool] | None = None) -> CanarySet:
     """Draw the canary sets: names, uniform random codes and the one-run inclusion vector (each
     one-run canary included independently with probability ½), all from ``rng`` (default: fresh
-    OS entropy, which is what makes the one-run test valid)."""
+    OS entropy, which is what makes the one-run test valid). ``name_fits``: keep only names whose
+    canary fits the training sequence length."""
     rng = rng or os_entropy_rng()
     total = len(repeats) * per_repeat + controls + one_run
-    names = _names(total, rng)
+    names = _names(total, rng, name_fits)
     codes = [f"{int(c):0{CODE_DIGITS}d}" for c in rng.integers(0, CODE_SPACE, size=total)]
     pairs = iter(zip(names, codes))
     exposure = tuple(Canary(*next(pairs), copies=r) for r in repeats for _ in range(per_repeat))
@@ -315,7 +322,7 @@ def run_canary_audit(config: Any, site: Any, *, canaries: int, guesses: int | No
 def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, output: Path, scenario: str,
          echo: Callable[[str], None]) -> dict[str, Any]:
     from fedllm.data.fingerprint import dataset_fingerprint
-    from fedllm.data.formatting import tokenize_records
+    from fedllm.data.formatting import tokenize_record, tokenize_records
     from fedllm.data.loading import load_records
     from fedllm.model import apply_lora, is_quantized, load_model_and_tokenizer
     from fedllm.privacy.accounting import DPEvent, epsilon_for
@@ -341,8 +348,13 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
     real_train, held_out = load_site_examples(config, site, tokenizer, records=records)
     done("load")
-    cset = build_canaries(one_run=canaries)
     max_length = config.data.max_length
+
+    def fits(name: str) -> bool:  # the longest code has the same number of digit tokens as any other
+        record = Canary(name, "9" * CODE_DIGITS, 1).record()
+        return len(tokenize_record(record, tokenizer, max_length=1 << 30).input_ids) <= max_length
+
+    cset = build_canaries(one_run=canaries, name_fits=fits)
     spans = {c.name: locate_secret(c, tokenizer, max_length=max_length) for c in (*cset.exposure, *cset.controls)}
     inserted = tokenize_records(cset.training_records(), tokenizer, max_length=max_length, source="canaries")
     one_run_examples = tokenize_records([c.record() for c in cset.one_run], tokenizer, max_length=max_length,

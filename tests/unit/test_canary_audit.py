@@ -33,6 +33,7 @@ from fedllm.audit.scoring import (
 )
 from fedllm.cli import main
 from fedllm.config import ModelConfig
+from fedllm.data.formatting import tokenize_record
 from fedllm.errors import FedLLMError
 from fedllm.model import build_byte_tokenizer, load_model_and_tokenizer
 from fedllm.privacy.ledger import PrivacyLedger
@@ -159,6 +160,26 @@ def test_canary_sets():
     assert not np.array_equal(a.included, b.included)  # fresh entropy every time (P = 2^-200 of a clash)
     assert len(a.training_records()) == 63 + a.included.sum()
     assert audit.default_guesses(100) == 10 and audit.default_guesses(40) == 5
+
+
+def test_canary_names_are_drawn_to_fit_the_sequence_length():
+    """Names vary in length; with a tight data.max-length only names whose canary fits are drawn
+    (CI once failed at random on a 65-token canary with max-length 64), and when none can fit the
+    error says to raise data.max-length."""
+    _, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+    lengths = {n: len(tokenize_record(audit.Canary(n, "9999", 1).record(), tokenizer, max_length=1 << 30).input_ids)
+               for n in audit._names(300, np.random.default_rng(0))}
+    limit = sorted(lengths.values())[len(lengths) // 2]  # about half the names are too long
+    assert min(lengths.values()) < limit < max(lengths.values())
+
+    def fits(name):
+        return len(tokenize_record(audit.Canary(name, "9999", 1).record(), tokenizer, max_length=1 << 30).input_ids) <= limit
+
+    cset = audit.build_canaries(one_run=40, name_fits=fits)
+    for canary in (*cset.exposure, *cset.controls, *cset.one_run):
+        locate_secret(canary, tokenizer, max_length=limit)  # no error: every canary fits
+    with pytest.raises(FedLLMError, match="canary names fit data.max-length"):
+        audit.build_canaries(one_run=40, name_fits=lambda name: False)
 
 
 def test_bad_canary_counts_are_refused(scenario, tmp_path, capsys):
