@@ -41,6 +41,7 @@ from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
 from fedllm.model import (
+    choose_attention,
     get_adapter_state,
     is_quantized,
     set_adapter_state,
@@ -80,6 +81,7 @@ class SiteRuntime:
         self.model, self.tokenizer = shared_model(config, device=site.device)
         if not is_quantized(self.model):  # a quantized base was loaded onto its device
             self.model.to(site.device)
+        choose_attention(self.model, device=site.device, max_length=config.data.max_length)
         records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
         self.dataset_fingerprint = dataset_fingerprint(records)
         self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)

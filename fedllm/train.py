@@ -107,6 +107,38 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+# Output-head post-processing per model_type, applied to lm_head's output by the model's own
+# forward; a model_type not listed here takes the full forward (tested per family against it).
+_HEAD_POST: dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {
+    **{t: (lambda logits, config: logits) for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma",
+                                                   "gemma3_text", "falcon", "mpt")},
+    "cohere": lambda logits, config: logits * config.logit_scale,
+    "gemma2": lambda logits, config: (torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+                                      if config.final_logit_softcapping else logits),
+}
+
+
+def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                    net: torch.nn.Module | None = None) -> torch.Tensor:
+    """Each sequence's mean loss over its own label tokens, shape (B,), computing the vocabulary
+    logits only where a label exists (the response tokens): the decoder runs on every token, the
+    output head only on those. Same values as ``per_sequence_loss(net(...).logits, labels)``
+    (tested per family); a model whose head this does not know takes that full path."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    post = _HEAD_POST.get(getattr(base.config, "model_type", ""))
+    head = base.get_output_embeddings() if post is not None else None
+    if head is None or type(head) is not torch.nn.Linear:
+        return per_sequence_loss((net or model)(input_ids=ids, attention_mask=mask).logits, labels)
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask)[0]  # hooks fire: they are on the modules
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = post(head(hidden[:, :-1][keep]), base.config).float()
+    nll = F.cross_entropy(logits, targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    total = torch.zeros(ids.size(0), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return total / keep.sum(1).clamp(min=1)
+
+
 def _poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> list[int]:
     return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist()
 
@@ -181,7 +213,7 @@ def train_local(
                 total = 0.0
                 for k, chunk in enumerate(chunks):
                     ids, mask, labels = collate([examples[i] for i in chunk], pad_id, device)
-                    per_sequence = per_sequence_loss(net(input_ids=ids, attention_mask=mask).logits, labels)
+                    per_sequence = sequence_losses(model, ids, mask, labels, net)
                     # DP: the chunk's mean; Opacus rescales it to per-example gradients (loss_reduction
                     # "mean" over this backward's rows). No DP: this chunk's share of the batch mean.
                     loss = per_sequence.mean() if dp is not None else per_sequence.sum() / len(batch)
@@ -249,8 +281,8 @@ def evaluate_loss(
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         ids, mask, labels = collate(examples[start:start + batch_size], pad_id, device)
-        nll, label_mask = token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
-        total += float((nll * label_mask).sum())
-        count += int(label_mask.sum())
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        total += float((sequence_losses(model, ids, mask, labels) * counts).sum())
+        count += int(counts.sum())
     loss = total / max(count, 1)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, num_examples=len(examples))

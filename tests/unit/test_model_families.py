@@ -106,7 +106,7 @@ def test_mixture_of_experts_trains_attention_only_and_keeps_experts_and_router_f
     assert target_modules(config.lora, build_tiny_model("llama")) == "all-linear"
 
 
-def _random_lora(family: str, dtype: torch.dtype = torch.float32):
+def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool = False):
     """A tiny model of ``family`` with a trainable, random LoRA (A and B), so every factor has a gradient."""
     from fedllm.config import LoraConfig
     from fedllm.model import apply_lora
@@ -114,7 +114,7 @@ def _random_lora(family: str, dtype: torch.dtype = torch.float32):
     model = build_tiny_model(family, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
-    model = apply_lora(model, LoraConfig(r=2, alpha=4, freeze_a=False, seed=1))
+    model = apply_lora(model, LoraConfig(r=2, alpha=4, freeze_a=freeze_a, seed=1))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -179,3 +179,34 @@ def test_bf16_base_trains_an_fp32_adapter_with_the_same_clipped_step():
     assert 0 < float(steps[torch.bfloat16].norm()) <= 0.01 * 16 / 8 + 1e-6
     cosine = torch.nn.functional.cosine_similarity(steps[torch.float32], steps[torch.bfloat16], dim=0)
     assert float(cosine) > 0.98
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_response_only_logits_and_lean_lora_give_peft_and_the_full_forward_s_results(family):
+    """The two speed-ups of the training step change no value: the loss computed with vocabulary
+    logits on response tokens only equals the loss from the model's full forward, and fedllm's lean
+    LoRA forward gives the same outputs and per-example gradients as peft's own (A frozen, and A
+    trained)."""
+    from fedllm.train import per_sequence_loss, sequence_losses
+
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[2, 7:] = -100
+    labels[1, 5:9] = -100  # a gap inside the response
+    for freeze_a in (True, False):
+        model = _random_lora(family, freeze_a=freeze_a)
+        with torch.no_grad():
+            full = per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+            assert torch.allclose(sequence_losses(model, ids, mask, labels), full, rtol=1e-5, atol=1e-6)
+        lean = _per_example_gradients(model, ids, mask)
+        lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+        assert lora_layers and all("_lean_lora_forward" in repr(m.forward) for m in lora_layers)
+        for m in lora_layers:
+            m.forward = type(m).forward.__get__(m)  # peft's own forward
+        peft = _per_example_gradients(model, ids, mask)
+        assert lean.keys() == peft.keys() and all(("lora_A" in n) != freeze_a for n in peft if "lora_A" in n)
+        for name in peft:
+            torch.testing.assert_close(lean[name], peft[name], rtol=1e-4, atol=1e-6)

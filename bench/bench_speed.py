@@ -1,0 +1,208 @@
+"""Speed benchmark (issue 6): fedllm's DP-LoRA step against the plain Opacus + PEFT recipe, side by
+side in one run (the machine is shared and noisy: compare the ratios, not single timings).
+
+Setup as in the issue: SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, batch 8 x 128 tokens
+(loss on the second half of each sequence, like a response), 2 threads.
+
+* **plain recipe** (the baseline, written as a user would write it from the PEFT and Opacus docs):
+  fp32 model, ``get_peft_model(LoraConfig(r=8, target_modules="all-linear"))``, Opacus
+  ``PrivacyEngine.make_private`` (hooks mode), the loss from ``model(..., labels=labels).loss``;
+  with and without DP.
+* **fedllm**: ``fedllm.train.train_local`` as the sites run it: FFA-LoRA (A frozen, B trained),
+  vocabulary logits on response tokens only, the lean LoRA forward, and the base in
+  ``model.dtype`` (bf16 and fp32 both measured); with and without DP. Every step trains exactly the
+  same 8 x 128 tokens (the site holds 8 records and the batch size is 8, so q = 1).
+
+Step times are medians over ``--steps`` interleaved steps per variant. Peak memory is measured in
+a fresh process per variant: the peak RSS during ``--steps`` steps above the RSS after loading
+(so it counts what training adds, not the model itself).
+
+    python bench/bench_speed.py [--steps 5] [--threads 2] [--no-memory] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedllm.config import RunConfig  # noqa: E402
+from fedllm.data.formatting import TokenizedExample  # noqa: E402
+from fedllm.model import apply_lora, choose_attention, load_model_and_tokenizer  # noqa: E402
+from fedllm.train import DPSettings, train_local  # noqa: E402
+
+SEQ, BATCH = 128, 8
+TOKENS_PER_STEP = SEQ * BATCH
+VARIANTS = ("plain-dp", "plain-no-dp", "fedllm-bf16-dp", "fedllm-bf16-no-dp", "fedllm-fp32-dp", "fedllm-fp32-no-dp")
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab - 1, (BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, : SEQ // 2] = -100
+    return ids, labels
+
+
+class PlainRecipe:
+    """PEFT + Opacus as their docs show it (fp32, peft's default LoRA, HF's labels= loss)."""
+
+    def __init__(self, dp: bool) -> None:
+        from opacus import PrivacyEngine
+        from peft import LoraConfig, get_peft_model
+        from torch.utils.data import DataLoader, TensorDataset
+
+        base, tok = load_model_and_tokenizer(RunConfig().model)
+        self.model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM"))
+        self.ids, self.labels = _batch(tok.vocab_size)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
+        if dp:
+            loader = DataLoader(TensorDataset(self.ids, self.labels), batch_size=BATCH)
+            self.model, self.optimizer, _ = PrivacyEngine().make_private(
+                module=self.model, optimizer=self.optimizer, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0)
+        self.model.train()
+
+    def step(self) -> None:
+        self.optimizer.zero_grad()
+        loss = self.model(input_ids=self.ids, attention_mask=torch.ones_like(self.ids), labels=self.labels).loss
+        loss.backward()
+        self.optimizer.step()
+
+
+class Fedllm:
+    """``train_local`` on 8 records with batch size 8: one step = the same 8 x 128 tokens."""
+
+    def __init__(self, dtype: str, dp: bool) -> None:
+        config = RunConfig.from_flat({"model.dtype": dtype})
+        base, tok = load_model_and_tokenizer(config.model)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.model = apply_lora(base, config.lora)
+        choose_attention(self.model, device="cpu", max_length=SEQ)  # as SiteRuntime does
+        ids, labels = _batch(tok.vocab_size)
+        self.examples = [TokenizedExample(tuple(i.tolist()), tuple(lab.tolist())) for i, lab in zip(ids, labels)]
+        self.dp = DPSettings(1.0, 1.0) if dp else None
+        self.pad = tok.pad_token_id
+
+    def step(self) -> None:
+        train_local(self.model, self.examples, steps=1, batch_size=BATCH, learning_rate=1e-3, pad_id=self.pad, dp=self.dp)
+
+
+def build(variant: str):
+    dp = variant.endswith("-dp") and not variant.endswith("no-dp")
+    if variant.startswith("plain"):
+        return PlainRecipe(dp)
+    return Fedllm("bfloat16" if "bf16" in variant else "float32", dp)
+
+
+def bench_steps(steps: int) -> dict:
+    runners = {v: build(v) for v in VARIANTS}
+    for runner in runners.values():
+        runner.step()  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(steps):
+        for variant, runner in runners.items():
+            start = time.perf_counter()
+            runner.step()
+            times[variant].append(time.perf_counter() - start)
+    out = {v: {"step-s": round(statistics.median(t), 3), "tokens-per-s": round(TOKENS_PER_STEP / statistics.median(t), 1)}
+           for v, t in times.items()}
+    med = {v: statistics.median(t) for v, t in times.items()}
+    out["ratios"] = {
+        "throughput-fedllm-bf16-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-bf16-dp"], 2),
+        "throughput-fedllm-fp32-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-fp32-dp"], 2),
+        "dp-overhead-fedllm-bf16": round(med["fedllm-bf16-dp"] / med["fedllm-bf16-no-dp"], 3),
+        "dp-overhead-fedllm-fp32": round(med["fedllm-fp32-dp"] / med["fedllm-fp32-no-dp"], 3),
+        "dp-overhead-plain": round(med["plain-dp"] / med["plain-no-dp"], 3),
+    }
+    return out
+
+
+def _peak_one(variant: str, steps: int, threads: int) -> dict:
+    """In this (fresh) process: RSS after building the variant, and the peak during its steps."""
+    torch.set_num_threads(threads)
+    runner = build(variant)
+    before = _rss_mb()
+    for _ in range(steps):
+        runner.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rss-after-load-mb": round(before), "peak-mb": round(peak), "training-adds-mb": round(peak - before)}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_memory(steps: int, threads: int) -> dict:
+    out = {}
+    for variant in VARIANTS:
+        proc = subprocess.run([sys.executable, __file__, "--one", variant, "--steps", str(steps), "--threads", str(threads)],
+                              capture_output=True, text=True, check=True)
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    add = {v: out[v]["training-adds-mb"] for v in VARIANTS}
+    out["ratios"] = {
+        "dp-memory-overhead-fedllm-bf16": round(add["fedllm-bf16-dp"] / add["fedllm-bf16-no-dp"], 3),
+        "dp-memory-overhead-fedllm-fp32": round(add["fedllm-fp32-dp"] / add["fedllm-fp32-no-dp"], 3),
+        "dp-memory-overhead-plain": round(add["plain-dp"] / add["plain-no-dp"], 3),
+        "peak-fedllm-bf16-dp-vs-plain-dp": round(out["fedllm-bf16-dp"]["peak-mb"] / out["plain-dp"]["peak-mb"], 3),
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(_peak_one(args.one, args.steps, args.threads)))
+        return
+    report = {"machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+              "setup": f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, batch {BATCH} x {SEQ} tokens, loss on the second half"}
+    report["steps"] = bench_steps(args.steps)
+    if not args.no_memory:
+        report["memory"] = bench_memory(args.steps, args.threads)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(report["setup"], "|", report["machine"])
+    for variant in VARIANTS:
+        r = report["steps"][variant]
+        mem = report.get("memory", {}).get(variant)
+        extra = f"  peak {mem['peak-mb']} MB (training adds {mem['training-adds-mb']} MB)" if mem else ""
+        print(f"{variant:<20} {r['step-s']:6.3f} s/step  {r['tokens-per-s']:8.1f} tokens/s{extra}")
+    for section in ("steps", "memory"):
+        for name, value in report.get(section, {}).get("ratios", {}).items():
+            print(f"{name:<45} {value}")
+
+
+if __name__ == "__main__":
+    main()
