@@ -5,8 +5,11 @@ The loop is written out in plain PyTorch + Opacus so that its privacy can be rev
 * **Poisson sampling**: every step includes each training record independently with probability
   ``q = batch_size / n``, which is what the accountant assumes. An empty batch still takes a
   noise-only step (skipping it would make the run depend on the data).
-* **Per-example gradients** from Opacus in hooks mode on the LoRA ``nn.Linear`` layers only (peft
-  freezes the base; with FFA-LoRA ``lora_A`` is frozen too).
+* **Per-example gradients** of the LoRA factors only (peft freezes the base): with FFA-LoRA (A
+  frozen, only B trained) from ``fedllm.model.PerExampleLinear`` in B's backward pass; otherwise
+  from Opacus in hooks mode. Either way Opacus' ``DPOptimizer`` clips and noises them.
+* **Logits on response tokens only**: the output head runs only where a label exists
+  (``sequence_losses``), which is most of the saving in memory and time for long prompts.
 * **Per-sequence loss**: each example's loss is the mean over its own response tokens, so its
   gradient depends on that example only (Hugging Face's ``labels=`` loss averages over the whole
   batch and couples examples).
@@ -191,11 +194,13 @@ def train_local(
     else:
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     net: torch.nn.Module = model
+    own = dp is not None and _own_per_example_gradients(model, True)
     if dp is not None:
         from opacus.grad_sample import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        if not own:
+            net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=expected_batch, loss_reduction="mean",
                                 generator=noise_generator or fresh_generator())
@@ -215,8 +220,12 @@ def train_local(
                     ids, mask, labels = collate([examples[i] for i in chunk], pad_id, device)
                     per_sequence = sequence_losses(model, ids, mask, labels, net)
                     # DP: the chunk's mean; Opacus rescales it to per-example gradients (loss_reduction
-                    # "mean" over this backward's rows). No DP: this chunk's share of the batch mean.
-                    loss = per_sequence.mean() if dp is not None else per_sequence.sum() / len(batch)
+                    # "mean" over this backward's rows); fedllm's own capture takes each example's
+                    # loss as it is (the sum). No DP: this chunk's share of the batch mean.
+                    if dp is None:
+                        loss = per_sequence.sum() / len(batch)
+                    else:
+                        loss = per_sequence.sum() if own else per_sequence.mean()
                     loss.backward()
                     total += float(per_sequence.detach().sum())
                     tokens += int(mask.sum())
@@ -236,7 +245,11 @@ def train_local(
                 on_step(StepInfo(step, steps, len(batch), losses[-1] if batch else math.nan))
     finally:
         optimizer.zero_grad(set_to_none=True)
-        if dp is not None:
+        if own:
+            _own_per_example_gradients(model, False)
+            for p in params:
+                p.grad_sample = None
+        elif dp is not None:
             net._close()  # removes the hooks and per-example attributes; the model stays usable
         if gradient_checkpointing:
             set_gradient_checkpointing(model, False)
@@ -249,6 +262,22 @@ def train_local(
         tokens=tokens,
         seconds=time.perf_counter() - start,
     )
+
+
+def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
+    """Switch fedllm's own per-example gradients (``fedllm.model.PerExampleLinear``) on or off.
+    Used when every trained parameter is the weight of a LoRA B factor whose A is frozen
+    (FFA-LoRA, the default); otherwise (A trained, other trainable modules) Opacus' hooks do it.
+    Returns whether it is on."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_B") and "_lean_lora_forward" in repr(m.forward)]
+    factors = [m.lora_B[name] for m in layers for name in m.lora_B]
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    covered = {id(f.weight) for f in factors if f.weight.requires_grad and f.bias is None}
+    usable = bool(trained) and trained == covered and all(
+        not m.lora_A[name].weight.requires_grad for m in layers for name in m.lora_A)
+    for factor in factors:
+        factor.per_example_gradients = enabled and usable
+    return enabled and usable
 
 
 def _step(optimizer, params, anchor, proximal_mu: float, private: bool) -> None:

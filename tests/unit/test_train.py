@@ -122,6 +122,67 @@ def test_per_example_gradients_are_clipped_to_c(setup):
     set_adapter_state(model, start)
 
 
+@pytest.fixture(scope="module")
+def ffa():
+    """FFA-LoRA (A frozen, the default) with a random B: fedllm's own per-example gradients."""
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return peft_model, tokenizer, tokenize_records(RECORDS, tokenizer, max_length=64)
+
+
+def test_ffa_lora_uses_fedllms_own_per_example_gradients_equal_to_opacus(ffa):
+    from opacus.grad_sample import GradSampleModule
+
+    from fedllm.train import _own_per_example_gradients, sequence_losses
+
+    model, tok, examples = ffa
+    ids, mask, labels = collate(examples[:5], tok.pad_token_id)
+    model.train()
+    net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    sequence_losses(model, ids, mask, labels, net).sum().backward()
+    opacus = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    net._close()
+    model.zero_grad(set_to_none=True)
+    assert _own_per_example_gradients(model, True)
+    try:
+        sequence_losses(model, ids, mask, labels).sum().backward()
+        own = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.grad is None for p in model.parameters())  # only per-example gradients, no sum
+    finally:
+        _own_per_example_gradients(model, False)
+        for p in model.parameters():
+            p.grad_sample = None
+        model.eval()
+    assert own.keys() == opacus.keys() and len(own) == 7 * 2  # q,k,v,o,gate,up,down B in 2 layers
+    for name in own:
+        assert own[name].shape[0] == 5
+        torch.testing.assert_close(own[name], opacus[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("physical, checkpointing", [(0, False), (2, False), (0, True)])
+def test_ffa_lora_dp_step_is_the_clipped_sum(ffa, physical, checkpointing):
+    model, tok, examples = ffa
+    clip = 0.05
+    start = get_adapter_state(model)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
+    expected, norms = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
+    assert min(norms) > clip
+    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, physical_batch_size=physical,
+         gradient_checkpointing=checkpointing)
+    after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for b, a, want in zip(before, after, expected):
+        torch.testing.assert_close(b - a, want / 8, rtol=1e-4, atol=1e-7)
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    set_adapter_state(model, start)
+
+
 @pytest.mark.parametrize("physical", [1, 3])
 def test_physical_batches_clip_each_example_and_add_noise_once(setup, physical):
     """Chunked (physical) batches give exactly the whole batch's clipped sum; noise is added once."""
