@@ -326,7 +326,7 @@ def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
         u = torch.nn.functional.linear(x, lora_a.weight.to(x.dtype)).to(lora_b.weight.dtype)
     u = u * self.scaling[name]
     if getattr(lora_b, "per_example_gradients", False) and torch.is_grad_enabled():
-        return result + PerExampleLinear.apply(u, lora_b.weight).to(result.dtype)
+        return result + PerExampleLinear.apply(u, lora_b.weight, result.dtype)
     return result + lora_b(u).to(result.dtype)
 
 
@@ -343,17 +343,19 @@ class PerExampleLinear(torch.autograd.Function):
     Opacus' GradSampleModule)."""
 
     @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, u: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(u, weight)
-        return torch.nn.functional.linear(u, weight)
+        # the product in the base's dtype (bf16 on a bf16 base: no fp32 copy of the layer's output)
+        return torch.nn.functional.linear(u.to(dtype), weight.to(dtype))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         u, weight = ctx.saved_tensors
-        per_example = torch.einsum("b...o,b...r->bor", grad, u)
+        # per-example gradients in fp32, whatever the base's dtype
+        per_example = torch.einsum("b...o,b...r->bor", grad.to(weight.dtype), u)
         previous = getattr(weight, "grad_sample", None)
         weight.grad_sample = per_example if previous is None else previous + per_example
-        return grad @ weight, None
+        return (grad @ weight.to(grad.dtype)).to(u.dtype), None, None
 
 
 EAGER_ATTENTION_MAX_LENGTH = 256
