@@ -33,6 +33,7 @@ test: install-test
 
 bench: install
 	$(BIN)/python bench/bench_foundation.py
+	$(BIN)/python bench/bench_speed.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

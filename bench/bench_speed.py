@@ -14,10 +14,13 @@ Setup as in the issue: SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, ba
   same 8 x 128 tokens (the site holds 8 records and the batch size is 8, so q = 1).
 
 Step times are medians over ``--steps`` interleaved steps per variant. Peak memory is measured in
-a fresh process per variant: the peak RSS during ``--steps`` steps above the RSS after loading
-(so it counts what training adds, not the model itself).
+a fresh process per variant: the peak RSS (``VmHWM``, reset after loading) during ``--steps``
+steps, above the RSS after loading (so it counts what training adds, not the model itself).
+``startup``: the default model's load time in a fresh process once it is converted. ``quality``
+(needs ``../shared/data/pubmedqa``): held-out loss after DP training on one PubMedQA site with the
+base in fp32 and in bf16, same seeds.
 
-    python bench/bench_speed.py [--steps 5] [--threads 2] [--no-memory] [--json]
+    python bench/bench_speed.py [--steps 5] [--threads 2] [--parts speed,memory,startup,quality] [--json]
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,17 +138,19 @@ def _peak_one(variant: str, steps: int, threads: int) -> dict:
     """In this (fresh) process: RSS after building the variant, and the peak during its steps."""
     torch.set_num_threads(threads)
     runner = build(variant)
-    before = _rss_mb()
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM, the peak RSS, to the current RSS
+        fh.write("5")
     for _ in range(steps):
         runner.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     return {"rss-after-load-mb": round(before), "peak-mb": round(peak), "training-adds-mb": round(peak - before)}
 
 
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -166,11 +171,75 @@ def bench_memory(steps: int, threads: int) -> dict:
     return out
 
 
+def bench_startup() -> dict:
+    """The default model's load time in a fresh process, after its first conversion (cached)."""
+    code = ("import time, sys; sys.path.insert(0, %r); t0 = time.perf_counter()\n"
+            "from fedllm.config import ModelConfig\nfrom fedllm.model import load_model_and_tokenizer\n"
+            "t1 = time.perf_counter(); load_model_and_tokenizer(ModelConfig()); t2 = time.perf_counter()\n"
+            "print(round(t1 - t0, 2), round(t2 - t1, 2))" % str(ROOT))
+    load_model_and_tokenizer(RunConfig().model)  # converts once if needed
+    runs = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        runs.append([float(x) for x in proc.stdout.strip().splitlines()[-1].split()])
+    return {"import-s": statistics.median(r[0] for r in runs), "load-s": statistics.median(r[1] for r in runs),
+            "runs": runs}
+
+
+def bench_quality(steps: int, site: str, seeds: list[int]) -> dict:
+    """Held-out loss after ``steps`` DP steps on one PubMedQA site (../shared/data/pubmedqa), with the
+    base in fp32 and in bf16, the same sampling and noise seeds for both: does bf16 change what is
+    learned beyond run-to-run noise (the spread over seeds)?"""
+    from fedllm.config import SiteConfig
+    from fedllm.data.pubmedqa import pubmedqa_site_records
+    from fedllm.model import get_adapter_state, set_adapter_state
+    from fedllm.privacy.accounting import noise_multiplier_for
+    from fedllm.site import load_site_examples
+    from fedllm.train import evaluate_loss
+
+    folder = ROOT.parent / "shared" / "data" / "pubmedqa"
+    records = pubmedqa_site_records(folder)[site]
+    out: dict = {"site": site, "records": len(records), "steps": steps, "seeds": seeds}
+    for dtype in ("float32", "bfloat16"):
+        config = RunConfig.from_flat({"model.dtype": dtype, "data.max-length": 256, "train.learning-rate": 0.015})
+        base, tok = load_model_and_tokenizer(config.model)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        model = apply_lora(base, config.lora)
+        choose_attention(model, device="cpu", max_length=config.data.max_length)
+        start = get_adapter_state(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "site.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in records))
+            train, held = load_site_examples(config, SiteConfig(name=site, data_path=str(data)), tok)
+        q = config.train.batch_size / len(train)
+        sigma = noise_multiplier_for(target_epsilon=6.0, target_delta=1e-5, sample_rate=q, steps=steps, accountant="prv")
+        losses = []
+        for seed in seeds:
+            set_adapter_state(model, start)
+            train_local(model, train, steps=steps, batch_size=config.train.batch_size, learning_rate=0.015,
+                        pad_id=tok.pad_token_id, dp=DPSettings(sigma, 1.0),
+                        sampling_generator=torch.Generator().manual_seed(seed),
+                        noise_generator=torch.Generator().manual_seed(1000 + seed))
+            losses.append(round(evaluate_loss(model, held, batch_size=8, pad_id=tok.pad_token_id).loss, 4))
+        set_adapter_state(model, start)
+        before = evaluate_loss(model, held, batch_size=8, pad_id=tok.pad_token_id).loss
+        out[dtype] = {"held-out-before": round(before, 4), "held-out-after": losses,
+                      "mean": round(statistics.mean(losses), 4), "sd": round(statistics.stdev(losses), 4) if len(losses) > 1 else None}
+        out["noise-multiplier"] = round(sigma, 3)
+    out["difference-of-means"] = round(out["bfloat16"]["mean"] - out["float32"]["mean"], 4)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--parts", default="speed,memory,startup", help="comma-separated: speed, memory, startup, quality")
+    parser.add_argument("--quality-steps", type=int, default=30)
+    parser.add_argument("--quality-site", default="geriatric")
+    parser.add_argument("--quality-seeds", default="1,2,3")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,14 +256,21 @@ def main() -> None:
         return
     report = {"machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
               "setup": f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, batch {BATCH} x {SEQ} tokens, loss on the second half"}
-    report["steps"] = bench_steps(args.steps)
-    if not args.no_memory:
+    parts = set(args.parts.split(","))
+    if "speed" in parts:
+        report["steps"] = bench_steps(args.steps)
+    if "memory" in parts and not args.no_memory:
         report["memory"] = bench_memory(args.steps, args.threads)
+    if "startup" in parts:
+        report["startup"] = bench_startup()
+    if "quality" in parts:
+        report["quality"] = bench_quality(args.quality_steps, args.quality_site,
+                                          [int(s) for s in args.quality_seeds.split(",")])
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(report["setup"], "|", report["machine"])
-    for variant in VARIANTS:
+    for variant in VARIANTS if "steps" in report else ():
         r = report["steps"][variant]
         mem = report.get("memory", {}).get(variant)
         extra = f"  peak {mem['peak-mb']} MB (training adds {mem['training-adds-mb']} MB)" if mem else ""
@@ -202,6 +278,9 @@ def main() -> None:
     for section in ("steps", "memory"):
         for name, value in report.get(section, {}).get("ratios", {}).items():
             print(f"{name:<45} {value}")
+    for section in ("startup", "quality"):
+        if section in report:
+            print(section, json.dumps(report[section]))
 
 
 if __name__ == "__main__":
