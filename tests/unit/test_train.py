@@ -31,19 +31,24 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _tiny_lora(freeze_a: bool):
+    """A tiny Llama with LoRA r=4 and a random B (B = 0 at init would zero A's gradient and
+    make every step start from the same point)."""
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=False))
-    # random B so that A also gets a gradient (B = 0 at init would zero A's gradient)
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=freeze_a))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(name) % 1000))
-    examples = tokenize_records(RECORDS, tokenizer, max_length=64)
-    return peft_model, tokenizer, examples
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return peft_model, tokenizer, tokenize_records(RECORDS, tokenizer, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A and B trained: Opacus' hooks give the per-example gradients."""
+    return _tiny_lora(freeze_a=False)
 
 
 def _trainable(model):
@@ -124,16 +129,8 @@ def test_per_example_gradients_are_clipped_to_c(setup):
 
 @pytest.fixture(scope="module")
 def ffa():
-    """FFA-LoRA (A frozen, the default) with a random B: fedllm's own per-example gradients."""
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=True))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return peft_model, tokenizer, tokenize_records(RECORDS, tokenizer, max_length=64)
+    """FFA-LoRA (A frozen, the default): fedllm's own per-example gradients."""
+    return _tiny_lora(freeze_a=True)
 
 
 def test_ffa_lora_uses_fedllms_own_per_example_gradients_equal_to_opacus(ffa):
@@ -165,22 +162,27 @@ def test_ffa_lora_uses_fedllms_own_per_example_gradients_equal_to_opacus(ffa):
         torch.testing.assert_close(own[name], opacus[name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("physical, checkpointing", [(0, False), (2, False), (0, True)])
-def test_ffa_lora_dp_step_is_the_clipped_sum(ffa, physical, checkpointing):
-    model, tok, examples = ffa
-    clip = 0.05
+def _assert_step_is_the_clipped_sum(model, tok, examples, clip=0.05, **kw):
+    """σ = 0, SGD with lr 1: the step equals Σ clip(g_i) / B with g_i from one backward pass per
+    example (every example's gradient longer than C); the adapter is restored afterwards."""
     start = get_adapter_state(model)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
     expected, norms = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
-    assert min(norms) > clip
-    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, physical_batch_size=physical,
-         gradient_checkpointing=checkpointing)
+    assert min(norms) > clip and len(batch) >= 4
+    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, **kw)
     after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     for b, a, want in zip(before, after, expected):
         torch.testing.assert_close(b - a, want / 8, rtol=1e-4, atol=1e-7)
-    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
     set_adapter_state(model, start)
+
+
+@pytest.mark.parametrize("physical, checkpointing", [(0, False), (2, False), (0, True)])
+def test_ffa_lora_dp_step_is_the_clipped_sum(ffa, physical, checkpointing):
+    model, tok, examples = ffa
+    _assert_step_is_the_clipped_sum(model, tok, examples, physical_batch_size=physical,
+                                    gradient_checkpointing=checkpointing)
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("physical", [1, 3])
@@ -189,15 +191,7 @@ def test_physical_batches_clip_each_example_and_add_noise_once(setup, physical):
     model, tok, examples = setup
     clip = 0.05
     start = get_adapter_state(model)
-    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
-    assert len(batch) > physical, "test needs more than one chunk"
-    expected, _ = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
-    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, physical_batch_size=physical)
-    after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    for b, a, want in zip(before, after, expected):
-        torch.testing.assert_close(b - a, want / 8, rtol=1e-4, atol=1e-7)
-    set_adapter_state(model, start)
+    _assert_step_is_the_clipped_sum(model, tok, examples, clip, physical_batch_size=physical)  # > 1 chunk: batch ≥ 4
     # noise: the same batch with two noise seeds differs by noise of std σ·C/B, not √chunks times more
     sigma = 1.3
     runs = []
@@ -215,19 +209,8 @@ def test_gradient_checkpointing_keeps_per_example_gradients_exact(setup, physica
     """With checkpointing (reentrant + input grads, dp-lora.md P9) the DP step is the same clipped
     sum of per-example gradients; afterwards the model is back to normal."""
     model, tok, examples = setup
-    clip = 0.05
-    start = get_adapter_state(model)
-    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
-    expected, norms = _manual_clipped_sum(model, examples, batch, tok.pad_token_id, clip)
-    assert min(norms) > clip
-    _run(model, examples, tok.pad_token_id, sigma=0.0, clip=clip, seed=3, physical_batch_size=physical,
-         gradient_checkpointing=True)
-    after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    for b, a, want in zip(before, after, expected):
-        torch.testing.assert_close(b - a, want / 8, rtol=1e-4, atol=1e-7)
+    _assert_step_is_the_clipped_sum(model, tok, examples, physical_batch_size=physical, gradient_checkpointing=True)
     assert not model.get_base_model().is_activation_checkpointing
-    set_adapter_state(model, start)
 
 
 def test_non_reentrant_checkpointing_would_lose_the_per_example_gradients(setup):
