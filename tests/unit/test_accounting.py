@@ -204,3 +204,16 @@ def test_max_steps_under_cap_counts_the_spent_history():
     assert max_steps_under_cap(max_epsilon=3.0, spent=over, **kwargs) == 0
     assert max_steps_under_cap(max_epsilon=0.5, **kwargs) == 0  # one RDP step already costs 0.90 (P11)
     assert max_steps_under_cap(max_epsilon=3.0, **{**kwargs, "noise_multiplier": 0.0}) == 0
+
+
+def test_epsilon_is_memoised_per_history_and_unchanged_by_it():
+    """Sites with the same history (same σ, q, steps) share one accountant evaluation."""
+    from fedllm.privacy.accounting import _epsilon_of
+
+    events = [DPEvent(1.1, 0.02, 40), DPEvent(0.9, 0.05, 7)]
+    first = epsilon_for(events, target_delta=1e-5)
+    hits = _epsilon_of.cache_info().hits
+    assert epsilon_for([DPEvent(1.1, 0.02, 40), DPEvent(0.9, 0.05, 7)], target_delta=1e-5) == first
+    assert _epsilon_of.cache_info().hits == hits + 1
+    _epsilon_of.cache_clear()
+    assert epsilon_for(events, target_delta=1e-5) == first  # recomputed: the same value
