@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm.data.loading import parse_columns
-from fedllm.errors import ConfigError, DataError
+from fedllm.data.loading import columns_problem
+from fedllm.errors import ConfigError
 
 Scalar = bool | int | float | str
 
@@ -448,13 +448,8 @@ class SiteConfig:
         if not isinstance(require_dp, bool):
             problems.append(f"require-dp = {require_dp!r}: must be true (refuse runs without DP, the default) or false")
         columns = node.get("data-columns", "")
-        if not isinstance(columns, str):
-            problems.append(f"data-columns = {columns!r}: must be a string \"FIELD=COLUMN, ...\"")
-        else:
-            try:
-                parse_columns(columns)
-            except DataError as exc:
-                problems.append(f"data-columns = {columns!r}: {str(exc).split(': ', 1)[-1]}")
+        if why := columns_problem(columns):
+            problems.append(f"data-columns = {columns!r}: {why}")
         if problems:
             raise ConfigError("Invalid site configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -465,7 +460,7 @@ class SiteConfig:
             device=str(node.get("device", "cpu")),
             signing_key=str(Path(signing_key).expanduser()) if signing_key else "",
             require_dp=require_dp,
-            data_columns=columns if isinstance(columns, str) else "",
+            data_columns=columns,
         )
 
     def effective_max_epsilon(self, run: PrivacyConfig) -> float:

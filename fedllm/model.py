@@ -303,6 +303,11 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     return peft_model
 
 
+def uses_lean_lora_forward(module: Any) -> bool:
+    """True for a peft LoRA layer that ``apply_lora`` gave fedllm's lean forward."""
+    return getattr(module.forward, "__func__", None) is _lean_lora_forward
+
+
 def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's LoRA ``Linear.forward`` for the plain case (one active adapter, not merged, no
     variant), with less memory traffic; anything else goes to peft's own forward.

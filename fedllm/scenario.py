@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import SiteConfig, load_run_overrides, read_toml
-from fedllm.data.loading import parse_columns
-from fedllm.errors import ConfigError, DataError
+from fedllm.data.loading import columns_problem
+from fedllm.errors import ConfigError
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "simulations"
 
@@ -78,12 +78,8 @@ SITE_KEYS = ("name", "data", "max-epsilon", "device", "data-columns")
 
 def _check_columns(table: dict[str, Any], where: str) -> str:
     columns = table.get("data-columns", "")
-    if not isinstance(columns, str):
-        raise ConfigError(f"{where}: data-columns = {columns!r}: must be a string \"FIELD=COLUMN, ...\"")
-    try:
-        parse_columns(columns)
-    except DataError as exc:
-        raise ConfigError(f"{where}: data-columns = {columns!r}: {str(exc).split(': ', 1)[-1]}") from None
+    if why := columns_problem(columns):
+        raise ConfigError(f"{where}: data-columns = {columns!r}: {why}")
     return columns
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
-from fedllm.model import set_gradient_checkpointing
+from fedllm.model import set_gradient_checkpointing, uses_lean_lora_forward
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 # Output-head post-processing per model_type, applied to lm_head's output by the model's own
 # forward; a model_type not listed here takes the full forward (tested per family against it).
 _HEAD_POST: dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {
-    **{t: (lambda logits, config: logits) for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma",
+    **{t: (lambda logits, config: logits) for t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma",
                                                    "gemma3_text", "falcon", "mpt")},
     "cohere": lambda logits, config: logits * config.logit_scale,
     "gemma2": lambda logits, config: (torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
@@ -269,7 +269,7 @@ def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
     Used when every trained parameter is the weight of a LoRA B factor whose A is frozen
     (FFA-LoRA, the default); otherwise (A trained, other trainable modules) Opacus' hooks do it.
     Returns whether it is on."""
-    layers = [m for m in model.modules() if hasattr(m, "lora_B") and "_lean_lora_forward" in repr(m.forward)]
+    layers = [m for m in model.modules() if uses_lean_lora_forward(m)]
     factors = [m.lora_B[name] for m in layers for name in m.lora_B]
     trained = {id(p) for p in model.parameters() if p.requires_grad}
     covered = {id(f.weight) for f in factors if f.weight.requires_grad and f.bias is None}

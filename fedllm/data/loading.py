@@ -12,7 +12,7 @@ with pyarrow, ``datasets`` itself is not needed). Accepted records, one kind per
   "value": str}`` (also ``user``/``assistant``/``bot``) with at least one ``gpt`` turn;
 * plain text: ``text`` (str).
 
-A column mapping (``data.columns``, or a site's own ``data-columns``) such as
+A site's column mapping (its ``data-columns``) such as
 ``"instruction=question, input=context, output=answer"`` reads fedllm's fields from other column
 names; with a mapping, only the mapped columns are read.
 
@@ -78,22 +78,32 @@ def read_raw(path: Path) -> list[tuple[str, Any]]:
 
 def parse_columns(text: str) -> dict[str, str]:
     """``"instruction=question, output=answer"`` -> ``{"instruction": "question", "output": "answer"}``."""
-    mapping: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
+    problem = columns_problem(text)
+    if problem:
+        raise DataError(f"data columns {text!r}: {problem}")
+    pairs = (part.partition("=") for part in text.split(",") if part.strip())
+    return {field_name.strip(): column.strip() for field_name, _, column in pairs}
+
+
+def columns_problem(value: Any) -> str | None:
+    """What is wrong with a column mapping (a site's ``data-columns``), or None when it is valid."""
+    if not isinstance(value, str):
+        return 'must be a string "FIELD=COLUMN, ..."'
+    seen: set[str] = set()
+    for part in (p.strip() for p in value.split(",")):
         if not part:
             continue
         field_name, sep, column = (x.strip() for x in part.partition("="))
         if not sep or not field_name or not column:
-            raise DataError(f"data columns {text!r}: {part!r} is not FIELD=COLUMN; e.g. "
-                            "\"instruction=question, output=answer\"")
+            return f'{part!r} is not FIELD=COLUMN; e.g. "instruction=question, output=answer"'
         if field_name not in FIELDS:
             close = difflib.get_close_matches(field_name, FIELDS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise DataError(f"data columns {text!r}: unknown field {field_name!r}{hint}; fields: {', '.join(FIELDS)}")
-        if field_name in mapping:
-            raise DataError(f"data columns {text!r}: field {field_name!r} is mapped twice")
-        mapping[field_name] = column
-    return mapping
+            return f"unknown field {field_name!r}{hint}; fields: {', '.join(FIELDS)}"
+        if field_name in seen:
+            return f"field {field_name!r} is mapped twice"
+        seen.add(field_name)
+    return None
 
 
 def _apply_columns(path: Path, raw_records: list[tuple[str, Any]], mapping: dict[str, str]) -> list[tuple[str, Any]]:
@@ -248,15 +258,21 @@ def normalise_record(raw: Any, *, format: str = "auto", where: str = "record") -
     return {"text": _text_field(raw, "text", where, required=True)}
 
 
-def _messages(raw: dict, where: str) -> list[dict[str, str]]:
-    messages = raw.get("messages")
-    if isinstance(messages, str):
+def _turns(raw: dict, key: str, keys: str, where: str) -> list:
+    """The non-empty list in field ``key`` (CSV and Parquet carry it as a JSON string)."""
+    turns = raw.get(key)
+    if isinstance(turns, str):
         try:
-            messages = json.loads(messages)
+            turns = json.loads(turns)
         except json.JSONDecodeError:
-            raise DataError(f"{where}: field 'messages' is a string that is not a JSON list") from None
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+            raise DataError(f"{where}: field '{key}' is a string that is not a JSON list") from None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{{keys}}} objects")
+    return turns
+
+
+def _messages(raw: dict, where: str) -> list[dict[str, str]]:
+    messages = _turns(raw, "messages", "role, content", where)
     out = []
     for i, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
@@ -274,14 +290,7 @@ def _messages(raw: dict, where: str) -> list[dict[str, str]]:
 
 def _sharegpt(raw: dict, where: str) -> list[dict[str, str]]:
     """ShareGPT ``conversations`` (``from``/``value``) -> chat messages (``role``/``content``)."""
-    turns = raw.get("conversations")
-    if isinstance(turns, str):  # CSV and Parquet carry it as a JSON string
-        try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: field 'conversations' is a string that is not a JSON list") from None
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
+    turns = _turns(raw, "conversations", "from, value", where)
     messages = []
     for i, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):

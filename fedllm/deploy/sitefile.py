@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import SiteConfig, read_toml
-from fedllm.data.loading import SOURCES_TEXT, parse_columns
-from fedllm.errors import ConfigError, DataError
+from fedllm.data.loading import SOURCES_TEXT, columns_problem
+from fedllm.errors import ConfigError
 
 CONNECTION_TABLE = "connection"
 CONNECTION_KEYS = ("server", "root-certificates", "auth-key", "runtime-port", "state-dir")
@@ -220,11 +220,8 @@ def load_site_file(path: Path | str) -> SiteFile:
                       f"(a {SOURCES_TEXT})")
         data = str(resolved)
     columns = check.string(raw, "data-columns", "data-columns", '"FIELD=COLUMN, ..." or ""')
-    if columns:
-        try:
-            parse_columns(columns)
-        except DataError as exc:
-            check.add(f"data-columns = {columns!r}: {str(exc).split(': ', 1)[-1]}")
+    if columns and (why := columns_problem(columns)):
+        check.add(f"data-columns = {columns!r}: {why}")
     ledger = check.string(raw, "ledger-path", "ledger-path", "the path of the site's privacy ledger")
     if ledger:
         resolved = _resolve(ledger, folder)

@@ -18,6 +18,7 @@ from fedllm.model import (
     get_adapter_state,
     save_adapter,
     target_modules,
+    uses_lean_lora_forward,
 )
 from fedllm.site import SiteRuntime
 from fedllm.train import DPSettings, train_local
@@ -203,7 +204,7 @@ def test_family_response_only_logits_and_lean_lora_give_peft_and_the_full_forwar
             assert torch.allclose(sequence_losses(model, ids, mask, labels), full, rtol=1e-5, atol=1e-6)
         lean = _per_example_gradients(model, ids, mask)
         lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
-        assert lora_layers and all("_lean_lora_forward" in repr(m.forward) for m in lora_layers)
+        assert lora_layers and all(uses_lean_lora_forward(m) for m in lora_layers)
         for m in lora_layers:
             m.forward = type(m).forward.__get__(m)  # peft's own forward
         peft = _per_example_gradients(model, ids, mask)
