@@ -308,21 +308,37 @@ def uses_lean_lora_forward(module: Any) -> bool:
     return getattr(module.forward, "__func__", None) is _lean_lora_forward
 
 
+def fused_lora_factors(module: Any) -> list[Any]:
+    """The B factors of a LoRA layer that runs as ``FrozenBaseLoRA`` (empty otherwise)."""
+    if not uses_lean_lora_forward(module):
+        return []
+    return [module.lora_B[name] for name in module.lora_B
+            if name in module.lora_A and _fusable(module, module.lora_A[name], module.lora_B[name], module.lora_dropout[name])]
+
+
 def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's LoRA ``Linear.forward`` for the plain case (one active adapter, not merged, no
     variant), with less memory traffic; anything else goes to peft's own forward.
 
     The same function, base(x) + B(A(x))·s, arranged for speed: s multiplies the rank-r tensor
     A(x) rather than the output, and a frozen A (FFA-LoRA) runs in the base's dtype, so a bf16
-    base never casts its layer inputs to fp32. The trained factors still run as modules in their
-    own dtype (fp32), which is where Opacus' hooks take the per-example gradients; multiplying
-    A(x) by s before B gives B exactly the gradient it gets in peft's order (tested)."""
+    base never casts its layer inputs to fp32. With A frozen, a plain ``nn.Linear`` base, no
+    dropout and nothing hooked on B, the whole layer is one ``FrozenBaseLoRA`` (fused: no extra
+    pass over the layer's output, no autograd nodes per factor). Otherwise the trained factors
+    run as modules in their own dtype (fp32), which is where Opacus' hooks take the per-example
+    gradients; multiplying A(x) by s before B gives B exactly the gradient it gets in peft's
+    order (tested)."""
     adapters = self.active_adapters
     if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
             or adapters[0] not in self.lora_A or adapters[0] in self.lora_variant):
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if _fusable(self, lora_a, lora_b, self.lora_dropout[name]):
+        per_example = bool(getattr(lora_b, "per_example_gradients", False)) and torch.is_grad_enabled()
+        base = self.base_layer
+        return FrozenBaseLoRA.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight,
+                                    float(self.scaling[name]), per_example)
     result = self.base_layer(x)
     x = self.lora_dropout[name](x)
     if lora_a.weight.requires_grad:
@@ -330,37 +346,82 @@ def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     else:
         u = torch.nn.functional.linear(x, lora_a.weight.to(x.dtype)).to(lora_b.weight.dtype)
     u = u * self.scaling[name]
-    if getattr(lora_b, "per_example_gradients", False) and torch.is_grad_enabled():
-        return result + PerExampleLinear.apply(u, lora_b.weight, result.dtype)
     return result + lora_b(u).to(result.dtype)
 
 
-class PerExampleLinear(torch.autograd.Function):
-    """``u @ weightᵀ`` (no bias) whose backward stores each example's gradient of ``weight`` in
-    ``weight.grad_sample`` (batch first: shape ``(B, *weight.shape)``) instead of their sum in
-    ``weight.grad``, the attribute Opacus' DPOptimizer clips and noises.
+# nn.Linear subclasses whose forward is x Wᵀ + b all the same (tested per family)
+_PLAIN_LINEAR = {"FalconLinear"}
 
-    fedllm uses it for FFA-LoRA's B factors, the only trained parameters there: the gradient of B
-    for example b is Σ_t g[b, t] ⊗ u[b, t], with u = s·A(x) of rank r, so it is computed straight
-    from what the backward pass has at hand. Opacus' hooks compute the same einsum but wrap every
-    hooked module's inputs and outputs in extra autograd nodes; this skips that (about 10% of a
-    DP step on the default model, bench/bench_speed.py). The values are the same (tested against
-    Opacus' GradSampleModule)."""
+
+def _fusable(layer: Any, lora_a: Any, lora_b: Any, dropout: Any) -> bool:
+    """Whether a LoRA layer can run as one ``FrozenBaseLoRA``: a plain frozen ``nn.Linear`` base,
+    a frozen bias-free A, a bias-free B, no dropout, and no hooks on B (Opacus' hooks, when it
+    takes the per-example gradients, must see B called as a module)."""
+    base = layer.base_layer
+    return ((type(base) is torch.nn.Linear or type(base).__name__ in _PLAIN_LINEAR) and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not lora_a.weight.requires_grad and lora_a.bias is None and lora_b.bias is None
+            and isinstance(dropout, torch.nn.Identity)
+            and not (lora_b._forward_hooks or lora_b._forward_pre_hooks or lora_b._backward_hooks
+                     or lora_b._backward_pre_hooks or getattr(lora_b, "_full_backward_hooks", None)))
+
+
+class FrozenBaseLoRA(torch.autograd.Function):
+    """One LoRA layer with a frozen base and a frozen A (FFA-LoRA), B trained:
+    ``y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ``, forward and backward written out.
+
+    Forward: the rank-r ``u = s·x Aᵀ`` and ``s·u Bᵀ (+ bias)`` are small; the base's product is
+    added to them inside the matrix multiply (``addmm``), so the layer's output is written once.
+    Backward: ``∂x = g W + s·(g B) A`` likewise in one ``addmm``; B's gradient is
+    ``Σ_t g_t ⊗ u_t``, per example (``per_example``, for DP: stored batch first in
+    ``B.grad_sample``, the attribute Opacus' ``DPOptimizer`` clips and noises, and nothing in
+    ``B.grad``) or summed (no DP: returned as ``B.grad``). Only u is kept for the backward pass.
+
+    The products run in the base's dtype; on a bf16 base the per-example product accumulates in
+    fp32 inside the matrix kernel, is rounded to bf16 once (its inputs, the output gradient and
+    u, are bf16 already) and is held, clipped and noised in fp32. The values are those of peft's
+    forward and of Opacus' GradSampleModule (tested per family; exact in fp32)."""
 
     @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(u, weight)
-        # the product in the base's dtype (bf16 on a bf16 base: no fp32 copy of the layer's output)
-        return torch.nn.functional.linear(u.to(dtype), weight.to(dtype))
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scaling: float, per_example: bool) -> torch.Tensor:
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        u = torch.mm(x2, a.to(dtype).t())
+        if scaling != 1.0:
+            u = u * scaling
+        b_low = b.to(dtype)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])  # returned whole: autograd forbids returning a view
+        out2 = out.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(u, b_low.t(), out=out2)
+        else:
+            torch.addmm(bias.to(dtype), u, b_low.t(), out=out2)
+        out2.addmm_(x2, weight.to(dtype).t())  # in place: addmm would first copy the LoRA term to a new tensor
+        ctx.save_for_backward(u, weight, a, b)
+        ctx.scaling, ctx.per_example, ctx.batch_shape = scaling, per_example, x.shape[:-1]
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        u, weight = ctx.saved_tensors
-        # per-example gradients in fp32, whatever the base's dtype
-        per_example = torch.einsum("b...o,b...r->bor", grad.to(weight.dtype), u)
-        previous = getattr(weight, "grad_sample", None)
-        weight.grad_sample = per_example if previous is None else previous + per_example
-        return (grad @ weight.to(grad.dtype)).to(u.dtype), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, weight, a, b = ctx.saved_tensors
+        dtype = u.dtype
+        g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gu = torch.mm(g2, b.to(dtype))
+            if ctx.scaling != 1.0:
+                gu = gu * ctx.scaling
+            grad_x = torch.mm(gu, a.to(dtype)).addmm_(g2, weight.to(dtype)).view(*ctx.batch_shape, -1)
+        if ctx.per_example:
+            rows = ctx.batch_shape[0]  # batch first; a 2-d input has one example per row
+            g3, u3 = g2.view(rows, -1, g2.shape[-1]), u.view(rows, -1, u.shape[-1])
+            per_example = torch.bmm(g3.transpose(1, 2), u3).to(b.dtype)
+            previous = getattr(b, "grad_sample", None)
+            b.grad_sample = per_example if previous is None else previous + per_example
+        elif ctx.needs_input_grad[4]:
+            grad_b = torch.mm(g2.t(), u).to(b.dtype)
+        return grad_x, None, None, None, grad_b, None, None
 
 
 EAGER_ATTENTION_MAX_LENGTH = 256

@@ -6,7 +6,7 @@ The loop is written out in plain PyTorch + Opacus so that its privacy can be rev
   ``q = batch_size / n``, which is what the accountant assumes. An empty batch still takes a
   noise-only step (skipping it would make the run depend on the data).
 * **Per-example gradients** of the LoRA factors only (peft freezes the base): with FFA-LoRA (A
-  frozen, only B trained) from ``fedllm.model.PerExampleLinear`` in B's backward pass; otherwise
+  frozen, only B trained) from ``fedllm.model.FrozenBaseLoRA`` in B's backward pass; otherwise
   from Opacus in hooks mode. Either way Opacus' ``DPOptimizer`` clips and noises them.
 * **Logits on response tokens only**: the output head runs only where a label exists
   (``sequence_losses``), which is most of the saving in memory and time for long prompts.
@@ -33,7 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
-from fedllm.model import set_gradient_checkpointing, uses_lean_lora_forward
+from fedllm.model import (
+    fused_lora_factors,
+    set_gradient_checkpointing,
+    uses_lean_lora_forward,
+)
 
 
 @dataclass(frozen=True)
@@ -265,16 +269,16 @@ def train_local(
 
 
 def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
-    """Switch fedllm's own per-example gradients (``fedllm.model.PerExampleLinear``) on or off.
-    Used when every trained parameter is the weight of a LoRA B factor whose A is frozen
-    (FFA-LoRA, the default); otherwise (A trained, other trainable modules) Opacus' hooks do it.
-    Returns whether it is on."""
+    """Switch fedllm's own per-example gradients (``fedllm.model.FrozenBaseLoRA``) on or off.
+    Used when every trained parameter is the weight of a LoRA B factor in a fused layer (FFA-LoRA,
+    the default: A frozen, no dropout, a plain linear base); otherwise (A trained, dropout, a
+    quantized base, other trainable modules) Opacus' hooks do it. Returns whether it is on."""
     layers = [m for m in model.modules() if uses_lean_lora_forward(m)]
     factors = [m.lora_B[name] for m in layers for name in m.lora_B]
+    fused = {id(f) for m in layers for f in fused_lora_factors(m)}
     trained = {id(p) for p in model.parameters() if p.requires_grad}
-    covered = {id(f.weight) for f in factors if f.weight.requires_grad and f.bias is None}
-    usable = bool(trained) and trained == covered and all(
-        not m.lora_A[name].weight.requires_grad for m in layers for name in m.lora_A)
+    covered = {id(f.weight) for f in factors if f.weight.requires_grad and id(f) in fused}
+    usable = bool(trained) and trained == covered
     for factor in factors:
         factor.per_example_gradients = enabled and usable
     return enabled and usable

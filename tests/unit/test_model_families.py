@@ -107,7 +107,7 @@ def test_mixture_of_experts_trains_attention_only_and_keeps_experts_and_router_f
     assert target_modules(config.lora, build_tiny_model("llama")) == "all-linear"
 
 
-def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool = False):
+def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool = False, alpha: int = 4):
     """A tiny model of ``family`` with a trainable, random LoRA (A and B), so every factor has a gradient."""
     from fedllm.config import LoraConfig
     from fedllm.model import apply_lora
@@ -115,7 +115,7 @@ def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool
     model = build_tiny_model(family, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
-    model = apply_lora(model, LoraConfig(r=2, alpha=4, freeze_a=freeze_a, seed=1))
+    model = apply_lora(model, LoraConfig(r=2, alpha=alpha, freeze_a=freeze_a, seed=1))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -211,3 +211,50 @@ def test_family_response_only_logits_and_lean_lora_give_peft_and_the_full_forwar
         assert lean.keys() == peft.keys() and all(("lora_A" in n) != freeze_a for n in peft if "lora_A" in n)
         for name in peft:
             torch.testing.assert_close(lean[name], peft[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_per_example_gradients(family):
+    """With A frozen (FFA-LoRA, the default) every LoRA layer runs as one ``FrozenBaseLoRA``: its
+    outputs and B's summed gradients equal peft's own forward's, and the per-example gradients it
+    stores for DP equal Opacus' GradSampleModule's on peft's forward (scaling 1.5: not a power of two)."""
+    from fedllm.model import fused_lora_factors
+    from fedllm.train import _own_per_example_gradients
+
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+
+    def loss_of(model):
+        return (model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[..., 7] * mask).sum()
+
+    model = _random_lora(family, freeze_a=True, alpha=3)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert layers and all(len(fused_lora_factors(m)) == 1 for m in layers)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    fused_loss = loss_of(model)
+    fused_loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in trained.items()}
+    model.zero_grad(set_to_none=True)
+    assert _own_per_example_gradients(model, True)
+    try:
+        loss_of(model).backward()
+        own = {n: p.grad_sample.clone() for n, p in trained.items()}
+        assert all(p.grad is None for p in trained.values())
+    finally:
+        _own_per_example_gradients(model, False)
+        for p in trained.values():
+            p.grad_sample = None
+    for m in layers:
+        m.forward = type(m).forward.__get__(m)  # peft's own forward
+    peft_loss = loss_of(model)
+    peft_loss.backward()
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-5, atol=1e-5)
+    for name, p in trained.items():
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    opacus = _per_example_gradients(model, ids, mask)
+    assert own.keys() == opacus.keys() and all(g.abs().sum() > 0 for g in opacus.values())
+    for name in opacus:
+        torch.testing.assert_close(own[name], opacus[name], rtol=1e-4, atol=1e-6)
