@@ -425,6 +425,10 @@ class FrozenBaseLoRA(torch.autograd.Function):
 
 
 EAGER_ATTENTION_MAX_LENGTH = 256
+GROUPED_ATTENTION = "fedllm_grouped_eager"
+# model types whose attention modules call transformers' generic eager attention (the same function,
+# copied per model) through the attention interface; others keep "eager" (tested per family)
+_GROUPED_ATTENTION_TYPES = {"llama", "mistral", "mixtral", "qwen2", "phi3", "cohere", "gemma"}
 
 
 def choose_attention(model: Any, *, device: str, max_length: int) -> str:
@@ -434,14 +438,59 @@ def choose_attention(model: Any, *, device: str, max_length: int) -> str:
     the plain ("eager") attention is faster (SmolLM2-135M, 8 x 128 tokens, bf16: a DP step 14%
     faster, bench/bench_speed.py). Eager attention keeps the attention weights for the backward
     pass (batch x heads x length² values a layer), so only sequences up to
-    ``EAGER_ATTENTION_MAX_LENGTH`` tokens use it; GPUs keep SDPA."""
+    ``EAGER_ATTENTION_MAX_LENGTH`` tokens use it; GPUs keep SDPA. Models whose eager attention is
+    transformers' generic one get ``grouped_eager_attention``, the same function with fewer
+    passes over memory."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = getattr(base.config, "_attn_implementation", None)
     original = base.__dict__.setdefault("_fedllm_original_attention", current)
-    wanted = "eager" if device == "cpu" and max_length <= EAGER_ATTENTION_MAX_LENGTH else original
+    wanted = original
+    if device == "cpu" and max_length <= EAGER_ATTENTION_MAX_LENGTH:
+        wanted = "eager"
+        if getattr(base.config, "model_type", None) in _GROUPED_ATTENTION_TYPES:
+            _register_grouped_attention()
+            wanted = GROUPED_ATTENTION
     if current != wanted and original in ("eager", "sdpa") and base._can_set_attn_implementation():
         base.set_attn_implementation(wanted)
     return base.config._attn_implementation
+
+
+def _register_grouped_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_eager_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # the same additive mask as "eager"
+
+
+def grouped_eager_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' generic eager attention, softmax(q kᵀ·scaling + mask) v, computed with fewer
+    passes over memory: the query heads that share a key/value head are multiplied as one group
+    (no copies of the keys and values per head, and no sum over those copies in the backward
+    pass), the scaling and the additive mask are applied inside the matrix multiply (``baddbmm``),
+    and the softmax runs in the model's dtype (PyTorch's CPU kernel computes it in fp32 inside and
+    rounds once, as the generic code's fp32 softmax then cast does). Anything else (dropout in
+    training, soft-capping, attention sinks) goes to the generic function."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if ((dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or query.dim() != 4 or query.shape[1] % key.shape[1]):
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    b, heads, t, d = query.shape
+    kv_heads, s = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    q = query.reshape(b * kv_heads, groups * t, d)  # head h uses key/value head h // groups, as repeat_kv
+    k = key.reshape(b * kv_heads, s, d)
+    if attention_mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)) * scaling
+    else:
+        mask = attention_mask[..., :s].to(query.dtype).expand(b, heads, t, s).reshape(b * kv_heads, groups * t, s)
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scaling)
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.bmm(weights, value.reshape(b * kv_heads, s, d))
+    return out.view(b, heads, t, d).transpose(1, 2).contiguous(), weights.view(b, heads, t, s)
 
 
 def set_gradient_checkpointing(model: Any, enabled: bool) -> None:

@@ -258,3 +258,33 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
     assert own.keys() == opacus.keys() and all(g.abs().sum() > 0 for g in opacus.values())
     for name in opacus:
         torch.testing.assert_close(own[name], opacus[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attention_s_values(family):
+    """On a CPU with short sequences ``choose_attention`` picks fedllm's grouped eager attention for
+    the families whose attention is transformers' generic one (not for the others): the
+    loss and the per-example gradients equal those of eager attention, with padding in the batch;
+    on a bf16 base they agree to bf16 precision."""
+    from fedllm.model import GROUPED_ATTENTION, choose_attention
+
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        model = _random_lora(family, dtype)
+        chosen = choose_attention(model, device="cpu", max_length=64)
+        assert (chosen == GROUPED_ATTENTION) == (family not in ("gemma2", "gemma3", "falcon", "mpt"))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        grads = _per_example_gradients(model, ids, mask)
+        model.get_base_model().set_attn_implementation("eager")
+        with torch.no_grad():
+            eager_logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        eager_grads = _per_example_gradients(model, ids, mask)
+        keep = mask.bool()
+        torch.testing.assert_close(logits[keep], eager_logits[keep], rtol=tolerance, atol=tolerance)
+        for name in grads:
+            scale = float(eager_grads[name].abs().max())
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=tolerance, atol=tolerance * scale)
+    assert choose_attention(model, device="cuda", max_length=64) == model.get_base_model()._fedllm_original_attention
