@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
-from fedllm.model import apply_lora, choose_attention, load_model_and_tokenizer  # noqa: E402
+from fedllm.model import apply_lora, load_model_and_tokenizer  # noqa: E402
+from fedllm.speed import choose_attention  # noqa: E402
 from fedllm.train import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8

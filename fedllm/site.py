@@ -41,7 +41,6 @@ from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
 from fedllm.model import (
-    choose_attention,
     get_adapter_state,
     is_quantized,
     set_adapter_state,
@@ -51,6 +50,7 @@ from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
 from fedllm.release_cache import ReleaseCache, adapter_digest
+from fedllm.speed import choose_attention
 from fedllm.train import DPSettings, StepInfo, evaluate_loss, train_local
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from fedllm.model import (
     get_adapter_state,
     save_adapter,
     target_modules,
-    uses_lean_lora_forward,
 )
 from fedllm.site import SiteRuntime
+from fedllm.speed import uses_lean_lora_forward
 from fedllm.train import DPSettings, train_local
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(16)]
@@ -218,7 +218,7 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
     """With A frozen (FFA-LoRA, the default) every LoRA layer runs as one ``FrozenBaseLoRA``: its
     outputs and B's summed gradients equal peft's own forward's, and the per-example gradients it
     stores for DP equal Opacus' GradSampleModule's on peft's forward (scaling 1.5: not a power of two)."""
-    from fedllm.model import fused_lora_factors
+    from fedllm.speed import fused_lora_factors
     from fedllm.train import _own_per_example_gradients
 
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -266,7 +266,7 @@ def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attent
     the families whose attention is transformers' generic one (not for the others): the
     loss and the per-example gradients equal those of eager attention, with padding in the batch;
     on a bf16 base they agree to bf16 precision."""
-    from fedllm.model import GROUPED_ATTENTION, choose_attention
+    from fedllm.speed import GROUPED_ATTENTION, choose_attention
 
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

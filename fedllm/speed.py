@@ -1,0 +1,209 @@
+"""Faster forms of the frozen base's building blocks for training, with the same values.
+
+Each piece computes what transformers or peft compute, with fewer passes over memory (on a CPU
+most of a LoRA step's time outside the matrix multiplies is spent streaming activations); each
+is tested against the original, per model family (``tests/unit/test_model_families.py``):
+
+* ``lean_lora_forward``: peft's LoRA layer forward; with A frozen (FFA-LoRA) the whole layer is
+  one ``FrozenBaseLoRA``, which also gives B's per-example gradients for DP.
+* ``choose_attention`` / ``grouped_eager_attention``: eager attention for short sequences on a
+  CPU, query heads grouped per key/value head.
+
+Nothing here decides privacy: the per-example gradients go to Opacus' ``DPOptimizer`` as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def uses_lean_lora_forward(module: Any) -> bool:
+    """True for a peft LoRA layer that ``apply_lora`` gave fedllm's lean forward."""
+    return getattr(module.forward, "__func__", None) is lean_lora_forward
+
+
+def fused_lora_factors(module: Any) -> list[Any]:
+    """The B factors of a LoRA layer that runs as ``FrozenBaseLoRA`` (empty otherwise)."""
+    if not uses_lean_lora_forward(module):
+        return []
+    return [module.lora_B[name] for name in module.lora_B
+            if name in module.lora_A and _fusable(module, module.lora_A[name], module.lora_B[name], module.lora_dropout[name])]
+
+
+def lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA ``Linear.forward`` for the plain case (one active adapter, not merged, no
+    variant), with less memory traffic; anything else goes to peft's own forward.
+
+    The same function, base(x) + B(A(x))·s, arranged for speed: s multiplies the rank-r tensor
+    A(x) rather than the output, and a frozen A (FFA-LoRA) runs in the base's dtype, so a bf16
+    base never casts its layer inputs to fp32. With A frozen, a plain ``nn.Linear`` base, no
+    dropout and nothing hooked on B, the whole layer is one ``FrozenBaseLoRA`` (fused: no extra
+    pass over the layer's output, no autograd nodes per factor). Otherwise the trained factors
+    run as modules in their own dtype (fp32), which is where Opacus' hooks take the per-example
+    gradients; multiplying A(x) by s before B gives B exactly the gradient it gets in peft's
+    order (tested)."""
+    adapters = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
+            or adapters[0] not in self.lora_A or adapters[0] in self.lora_variant):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if _fusable(self, lora_a, lora_b, self.lora_dropout[name]):
+        per_example = bool(getattr(lora_b, "per_example_gradients", False)) and torch.is_grad_enabled()
+        base = self.base_layer
+        return FrozenBaseLoRA.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight,
+                                    float(self.scaling[name]), per_example)
+    result = self.base_layer(x)
+    x = self.lora_dropout[name](x)
+    if lora_a.weight.requires_grad:
+        u = lora_a(x.to(lora_a.weight.dtype))
+    else:
+        u = torch.nn.functional.linear(x, lora_a.weight.to(x.dtype)).to(lora_b.weight.dtype)
+    u = u * self.scaling[name]
+    return result + lora_b(u).to(result.dtype)
+
+
+# nn.Linear subclasses whose forward is x Wᵀ + b all the same (tested per family)
+_PLAIN_LINEAR = {"FalconLinear"}
+
+
+def _fusable(layer: Any, lora_a: Any, lora_b: Any, dropout: Any) -> bool:
+    """Whether a LoRA layer can run as one ``FrozenBaseLoRA``: a plain frozen ``nn.Linear`` base,
+    a frozen bias-free A, a bias-free B, no dropout, and no hooks on B (Opacus' hooks, when it
+    takes the per-example gradients, must see B called as a module)."""
+    base = layer.base_layer
+    return ((type(base) is torch.nn.Linear or type(base).__name__ in _PLAIN_LINEAR) and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not lora_a.weight.requires_grad and lora_a.bias is None and lora_b.bias is None
+            and isinstance(dropout, torch.nn.Identity)
+            and not (lora_b._forward_hooks or lora_b._forward_pre_hooks or lora_b._backward_hooks
+                     or lora_b._backward_pre_hooks or getattr(lora_b, "_full_backward_hooks", None)))
+
+
+class FrozenBaseLoRA(torch.autograd.Function):
+    """One LoRA layer with a frozen base and a frozen A (FFA-LoRA), B trained:
+    ``y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ``, forward and backward written out.
+
+    Forward: the rank-r ``u = s·x Aᵀ`` and ``s·u Bᵀ (+ bias)`` are small; the base's product is
+    added to them inside the matrix multiply (``addmm``), so the layer's output is written once.
+    Backward: ``∂x = g W + s·(g B) A`` likewise in one ``addmm``; B's gradient is
+    ``Σ_t g_t ⊗ u_t``, per example (``per_example``, for DP: stored batch first in
+    ``B.grad_sample``, the attribute Opacus' ``DPOptimizer`` clips and noises, and nothing in
+    ``B.grad``) or summed (no DP: returned as ``B.grad``). Only u is kept for the backward pass.
+
+    The products run in the base's dtype; on a bf16 base the per-example product accumulates in
+    fp32 inside the matrix kernel, is rounded to bf16 once (its inputs, the output gradient and
+    u, are bf16 already) and is held, clipped and noised in fp32. The values are those of peft's
+    forward and of Opacus' GradSampleModule (tested per family; exact in fp32)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scaling: float, per_example: bool) -> torch.Tensor:
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        u = torch.mm(x2, a.to(dtype).t())
+        if scaling != 1.0:
+            u = u * scaling
+        b_low = b.to(dtype)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])  # returned whole: autograd forbids returning a view
+        out2 = out.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(u, b_low.t(), out=out2)
+        else:
+            torch.addmm(bias.to(dtype), u, b_low.t(), out=out2)
+        out2.addmm_(x2, weight.to(dtype).t())  # in place: addmm would first copy the LoRA term to a new tensor
+        ctx.save_for_backward(u, weight, a, b)
+        ctx.scaling, ctx.per_example, ctx.batch_shape = scaling, per_example, x.shape[:-1]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, weight, a, b = ctx.saved_tensors
+        dtype = u.dtype
+        g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gu = torch.mm(g2, b.to(dtype))
+            if ctx.scaling != 1.0:
+                gu = gu * ctx.scaling
+            grad_x = torch.mm(gu, a.to(dtype)).addmm_(g2, weight.to(dtype)).view(*ctx.batch_shape, -1)
+        if ctx.per_example:
+            rows = ctx.batch_shape[0]  # batch first; a 2-d input has one example per row
+            g3, u3 = g2.view(rows, -1, g2.shape[-1]), u.view(rows, -1, u.shape[-1])
+            per_example = torch.bmm(g3.transpose(1, 2), u3).to(b.dtype)
+            previous = getattr(b, "grad_sample", None)
+            b.grad_sample = per_example if previous is None else previous + per_example
+        elif ctx.needs_input_grad[4]:
+            grad_b = torch.mm(g2.t(), u).to(b.dtype)
+        return grad_x, None, None, None, grad_b, None, None
+
+
+EAGER_ATTENTION_MAX_LENGTH = 256
+GROUPED_ATTENTION = "fedllm_grouped_eager"
+# model types whose attention modules call transformers' generic eager attention (the same function,
+# copied per model) through the attention interface; others keep "eager" (tested per family)
+_GROUPED_ATTENTION_TYPES = {"llama", "mistral", "mixtral", "qwen2", "phi3", "cohere", "gemma"}
+
+
+def choose_attention(model: Any, *, device: str, max_length: int) -> str:
+    """The attention kernel for training on ``device`` with sequences of at most ``max_length``.
+
+    On a CPU, PyTorch's fused (flash) SDPA kernel has a slow backward pass: for short sequences
+    the plain ("eager") attention is faster (SmolLM2-135M, 8 x 128 tokens, bf16: a DP step 14%
+    faster, bench/bench_speed.py). Eager attention keeps the attention weights for the backward
+    pass (batch x heads x length² values a layer), so only sequences up to
+    ``EAGER_ATTENTION_MAX_LENGTH`` tokens use it; GPUs keep SDPA. Models whose eager attention is
+    transformers' generic one get ``grouped_eager_attention``, the same function with fewer
+    passes over memory."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(base.config, "_attn_implementation", None)
+    original = base.__dict__.setdefault("_fedllm_original_attention", current)
+    wanted = original
+    if device == "cpu" and max_length <= EAGER_ATTENTION_MAX_LENGTH:
+        wanted = "eager"
+        if getattr(base.config, "model_type", None) in _GROUPED_ATTENTION_TYPES:
+            _register_grouped_attention()
+            wanted = GROUPED_ATTENTION
+    if current != wanted and original in ("eager", "sdpa") and base._can_set_attn_implementation():
+        base.set_attn_implementation(wanted)
+    return base.config._attn_implementation
+
+
+def _register_grouped_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_eager_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # the same additive mask as "eager"
+
+
+def grouped_eager_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' generic eager attention, softmax(q kᵀ·scaling + mask) v, computed with fewer
+    passes over memory: the query heads that share a key/value head are multiplied as one group
+    (no copies of the keys and values per head, and no sum over those copies in the backward
+    pass), the scaling and the additive mask are applied inside the matrix multiply (``baddbmm``),
+    and the softmax runs in the model's dtype (PyTorch's CPU kernel computes it in fp32 inside and
+    rounds once, as the generic code's fp32 softmax then cast does). Anything else (dropout in
+    training, soft-capping, attention sinks) goes to the generic function."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if ((dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or query.dim() != 4 or query.shape[1] % key.shape[1]):
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    b, heads, t, d = query.shape
+    kv_heads, s = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    q = query.reshape(b * kv_heads, groups * t, d)  # head h uses key/value head h // groups, as repeat_kv
+    k = key.reshape(b * kv_heads, s, d)
+    if attention_mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)) * scaling
+    else:
+        mask = attention_mask[..., :s].to(query.dtype).expand(b, heads, t, s).reshape(b * kv_heads, groups * t, s)
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scaling)
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.bmm(weights, value.reshape(b * kv_heads, s, d))
+    return out.view(b, heads, t, d).transpose(1, 2).contiguous(), weights.view(b, heads, t, s)
