@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
 from fedllm.model import apply_lora, load_model_and_tokenizer  # noqa: E402
-from fedllm.speed import choose_attention  # noqa: E402
+from fedllm.speed import choose_attention, keep_freed_memory  # noqa: E402
 from fedllm.train import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8
@@ -112,7 +112,12 @@ def build(variant: str):
     return Fedllm("bfloat16" if "bf16" in variant else "float32", dp)
 
 
-def bench_steps(steps: int) -> dict:
+def bench_steps(steps: int, threads: int) -> dict:
+    """Median step time of every variant, interleaved in this process. fedllm's allocator setting
+    (``fedllm.speed.keep_freed_memory``, process-wide) is made first, so the plain recipe runs with
+    it too: the ratios are conservative. The plain DP recipe with glibc's default allocator, what
+    a user gets, is timed in a fresh process afterwards (``plain-dp-default-allocator``)."""
+    keep_freed_memory()
     runners = {v: build(v) for v in VARIANTS}
     for runner in runners.values():
         runner.step()  # warm-up
@@ -125,14 +130,32 @@ def bench_steps(steps: int) -> dict:
     out = {v: {"step-s": round(statistics.median(t), 3), "tokens-per-s": round(TOKENS_PER_STEP / statistics.median(t), 1)}
            for v, t in times.items()}
     med = {v: statistics.median(t) for v, t in times.items()}
+    del runners
+    proc = subprocess.run([sys.executable, __file__, "--time-one", "plain-dp", "--steps", str(steps), "--threads", str(threads)],
+                          capture_output=True, text=True, check=True)
+    default = json.loads(proc.stdout.strip().splitlines()[-1])["step-s"]
+    out["plain-dp-default-allocator"] = {"step-s": round(default, 3), "tokens-per-s": round(TOKENS_PER_STEP / default, 1)}
     out["ratios"] = {
         "throughput-fedllm-bf16-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-bf16-dp"], 2),
         "throughput-fedllm-fp32-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-fp32-dp"], 2),
+        "throughput-fedllm-bf16-dp-vs-plain-dp-default-allocator": round(default / med["fedllm-bf16-dp"], 2),
         "dp-overhead-fedllm-bf16": round(med["fedllm-bf16-dp"] / med["fedllm-bf16-no-dp"], 3),
         "dp-overhead-fedllm-fp32": round(med["fedllm-fp32-dp"] / med["fedllm-fp32-no-dp"], 3),
         "dp-overhead-plain": round(med["plain-dp"] / med["plain-no-dp"], 3),
     }
     return out
+
+
+def _time_one(variant: str, steps: int) -> dict:
+    """In this (fresh) process, with glibc's default allocator: the variant's median step time."""
+    runner = build(variant)
+    runner.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        runner.step()
+        times.append(time.perf_counter() - start)
+    return {"step-s": statistics.median(times)}
 
 
 def _peak_one(variant: str, steps: int, threads: int) -> dict:
@@ -243,6 +266,7 @@ def main() -> None:
     parser.add_argument("--quality-seeds", default="1,2,3")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--time-one", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -252,6 +276,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    if args.time_one:
+        print(json.dumps(_time_one(args.time_one, args.steps)))
+        return
     if args.one:
         print(json.dumps(_peak_one(args.one, args.steps, args.threads)))
         return
@@ -259,7 +286,7 @@ def main() -> None:
               "setup": f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, batch {BATCH} x {SEQ} tokens, loss on the second half"}
     parts = set(args.parts.split(","))
     if "speed" in parts:
-        report["steps"] = bench_steps(args.steps)
+        report["steps"] = bench_steps(args.steps, args.threads)
     if "memory" in parts and not args.no_memory:
         report["memory"] = bench_memory(args.steps, args.threads)
     if "startup" in parts:
@@ -271,7 +298,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(report["setup"], "|", report["machine"])
-    for variant in VARIANTS if "steps" in report else ():
+    for variant in (*VARIANTS, "plain-dp-default-allocator") if "steps" in report else ():
         r = report["steps"][variant]
         mem = report.get("memory", {}).get(variant)
         extra = f"  peak {mem['peak-mb']} MB (training adds {mem['training-adds-mb']} MB)" if mem else ""

@@ -8,15 +8,48 @@ is tested against the original, per model family (``tests/unit/test_model_famili
   one ``FrozenBaseLoRA``, which also gives B's per-example gradients for DP.
 * ``choose_attention`` / ``grouped_eager_attention``: eager attention for short sequences on a
   CPU, query heads grouped per key/value head.
+* ``lean_rms_norm_forward``: the RMSNorm of Llama-style models (weight frozen) as one
+  ``FrozenRMSNorm`` with a written-out backward pass.
+* ``keep_freed_memory``: the C allocator keeps freed activation memory for reuse instead of
+  handing it back to the system and faulting it in again on the next allocation.
 
 Nothing here decides privacy: the per-example gradients go to Opacus' ``DPOptimizer`` as before.
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from typing import Any
 
 import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_allocator_tuned: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for reuse (once per process; returns
+    whether it is in effect).
+
+    By default glibc serves blocks above a threshold (128 KiB, raised dynamically to at most
+    32 MiB) with fresh ``mmap`` pages and returns them on ``free``; a training step allocates and
+    frees hundreds of activation tensors of 1-12 MB, and every new one page-faults its memory in
+    again (zero-filled by the kernel). With both thresholds raised, freed blocks are reused:
+    SmolLM2-135M, bf16, 8 x 128 tokens, 2 threads: a DP step about 10% faster, peak RSS unchanged
+    (``bench/bench_speed.py``). The process keeps its peak memory until it exits, which is what a
+    site process does anyway. No effect, and ``False``, off glibc."""
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _allocator_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+                    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+            except (OSError, AttributeError):
+                pass
+    return _allocator_tuned
 
 
 def uses_lean_lora_forward(module: Any) -> bool:
@@ -138,6 +171,52 @@ class FrozenBaseLoRA(torch.autograd.Function):
         elif ctx.needs_input_grad[4]:
             grad_b = torch.mm(g2.t(), u).to(b.dtype)
         return grad_x, None, None, None, grad_b, None, None
+
+
+# RMSNorm classes whose forward is Llama's, the same code copied per model (tested per family)
+_LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Phi3RMSNorm"}
+
+
+def use_lean_norms(model: Any) -> int:
+    """Give every Llama-style RMSNorm of ``model`` the lean forward; returns how many."""
+    import types
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in _LLAMA_RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(lean_rms_norm_forward, module)
+            count += 1
+    return count
+
+
+def lean_rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama's ``RMSNorm.forward``: ``weight · (x / rms(x))`` computed in fp32 and rounded to the
+    input's dtype before the weight, as there; a trained weight takes the original forward."""
+    if self.weight.requires_grad:
+        return type(self).forward(self, hidden_states)
+    return FrozenRMSNorm.apply(hidden_states, self.weight, float(self.variance_epsilon))
+
+
+class FrozenRMSNorm(torch.autograd.Function):
+    """``w · (x·r)`` with ``r = 1/√(mean(x²) + ε)`` and a frozen weight ``w``: the values of
+    Llama's RMSNorm with about half the passes over the activations. Only ``x`` and the per-row
+    ``r`` are kept for the backward pass, ``∂x = r·(gy - x̂·mean(gy·x̂))`` with ``gy = g·w`` and
+    ``x̂ = x·r``, in fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        ctx.save_for_backward(x, r, weight)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, r, weight = ctx.saved_tensors
+        gy = (grad * weight).float()
+        xhat = x * r  # a new fp32 tensor (x itself is never written)
+        dot = (gy * xhat).mean(-1, keepdim=True)
+        return torch.addcmul(gy, xhat, dot, value=-1).mul_(r).to(x.dtype), None, None
 
 
 EAGER_ATTENTION_MAX_LENGTH = 256

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
 from fedllm.model import set_gradient_checkpointing
-from fedllm.speed import fused_lora_factors, uses_lean_lora_forward
+from fedllm.speed import fused_lora_factors, keep_freed_memory, uses_lean_lora_forward
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,7 @@ def train_local(
     activations (dp-lora.md P9): the per-example gradients are the same as without it (tested)."""
     if not examples:
         raise ValueError("no training examples")
+    keep_freed_memory()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     sample_rate = min(1.0, batch_size / len(examples))
@@ -307,6 +308,7 @@ def evaluate_loss(
     """Mean NLL per response token over ``examples`` and its perplexity."""
     if not examples:
         return EvalResult(math.nan, math.nan, 0, 0)
+    keep_freed_memory()
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):

@@ -288,3 +288,33 @@ def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attent
             scale = float(eager_grads[name].abs().max())
             torch.testing.assert_close(grads[name], eager_grads[name], rtol=tolerance, atol=tolerance * scale)
     assert choose_attention(model, device="cuda", max_length=64) == model.get_base_model()._fedllm_original_attention
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_lean_rms_norm_gives_the_model_s_own_values(family):
+    """Llama-style RMSNorms run as ``FrozenRMSNorm`` after ``apply_lora``: logits and per-example
+    gradients equal those of the model's own norm forward (fp32), and agree to bf16 precision on a
+    bf16 base; other families keep their own norms."""
+    from fedllm.speed import lean_rms_norm_forward
+
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        model = _random_lora(family, dtype)
+        norms = [m for m in model.modules() if getattr(m.forward, "__func__", None) is lean_rms_norm_forward]
+        assert bool(norms) == (family in ("llama", "mistral", "mixtral", "qwen2", "phi3"))
+        if not norms:
+            return
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        grads = _per_example_gradients(model, ids, mask)
+        for m in norms:
+            del m.forward  # the class's own forward again
+        with torch.no_grad():
+            own_logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        own_grads = _per_example_gradients(model, ids, mask)
+        torch.testing.assert_close(logits, own_logits, rtol=tolerance, atol=tolerance)
+        for name in grads:
+            scale = float(own_grads[name].abs().max())
+            torch.testing.assert_close(grads[name], own_grads[name], rtol=tolerance, atol=tolerance * scale)
