@@ -119,10 +119,10 @@ class FrozenBaseLoRA(torch.autograd.Function):
     """One LoRA layer with a frozen base and a frozen A (FFA-LoRA), B trained:
     ``y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ``, forward and backward written out.
 
-    Forward: the rank-r ``u = s·x Aᵀ`` and ``s·u Bᵀ (+ bias)`` are small; the base's product is
+    Forward: the rank-r ``u = x Aᵀ`` and ``s·u Bᵀ (+ bias)`` are small; the base's product is
     added to them inside the matrix multiply (``addmm``), so the layer's output is written once.
     Backward: ``∂x = g W + s·(g B) A`` likewise in one ``addmm``; B's gradient is
-    ``Σ_t g_t ⊗ u_t``, per example (``per_example``, for DP: stored batch first in
+    ``s·Σ_t g_t ⊗ u_t``, per example (``per_example``, for DP: stored batch first in
     ``B.grad_sample``, the attribute Opacus' ``DPOptimizer`` clips and noises, and nothing in
     ``B.grad``) or summed (no DP: returned as ``B.grad``). Only u is kept for the backward pass.
 
@@ -136,16 +136,13 @@ class FrozenBaseLoRA(torch.autograd.Function):
                 b: torch.Tensor, scaling: float, per_example: bool) -> torch.Tensor:
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        u = torch.mm(x2, a.to(dtype).t())
-        if scaling != 1.0:
-            u = u * scaling
+        u = torch.mm(x2, a.to(dtype).t())  # x Aᵀ; the scaling s is applied inside the products below
         b_low = b.to(dtype)
         out = x.new_empty(*x.shape[:-1], weight.shape[0])  # returned whole: autograd forbids returning a view
         out2 = out.view(-1, weight.shape[0])
-        if bias is None:
-            torch.mm(u, b_low.t(), out=out2)
-        else:
-            torch.addmm(bias.to(dtype), u, b_low.t(), out=out2)
+        # s·u Bᵀ (+ bias); beta = 0 ignores out2's uninitialised values
+        torch.addmm(out2 if bias is None else bias.to(dtype), u, b_low.t(), beta=0 if bias is None else 1,
+                    alpha=scaling, out=out2)
         out2.addmm_(x2, weight.to(dtype).t())  # in place: addmm would first copy the LoRA term to a new tensor
         ctx.save_for_backward(u, weight, a, b)
         ctx.scaling, ctx.per_example, ctx.batch_shape = scaling, per_example, x.shape[:-1]
@@ -159,17 +156,18 @@ class FrozenBaseLoRA(torch.autograd.Function):
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
             gu = torch.mm(g2, b.to(dtype))
-            if ctx.scaling != 1.0:
-                gu = gu * ctx.scaling
-            grad_x = torch.mm(gu, a.to(dtype)).addmm_(g2, weight.to(dtype)).view(*ctx.batch_shape, -1)
+            grad_x = torch.mm(g2, weight.to(dtype)).addmm_(gu, a.to(dtype), alpha=ctx.scaling).view(*ctx.batch_shape, -1)
         if ctx.per_example:
             rows = ctx.batch_shape[0]  # batch first; a 2-d input has one example per row
             g3, u3 = g2.view(rows, -1, g2.shape[-1]), u.view(rows, -1, u.shape[-1])
-            per_example = torch.bmm(g3.transpose(1, 2), u3).to(b.dtype)
+            # (uᵀ g)ᵀ: the same products as gᵀ u, in the faster operand order; s inside the product
+            per_example = torch.baddbmm(u3.new_empty(rows, u3.shape[-1], g3.shape[-1]), u3.transpose(1, 2), g3,
+                                        beta=0, alpha=ctx.scaling).transpose(1, 2).to(b.dtype)
             previous = getattr(b, "grad_sample", None)
             b.grad_sample = per_example if previous is None else previous + per_example
         elif ctx.needs_input_grad[4]:
-            grad_b = torch.mm(g2.t(), u).to(b.dtype)
+            grad_b = torch.addmm(g2.new_empty(g2.shape[-1], u.shape[-1]), g2.t(), u, beta=0,
+                                 alpha=ctx.scaling).to(b.dtype)
         return grad_x, None, None, None, grad_b, None, None
 
 
@@ -208,7 +206,8 @@ class FrozenRMSNorm(torch.autograd.Function):
         xf = x.float()
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
         ctx.save_for_backward(x, r, weight)
-        return weight * (xf * r).to(x.dtype)
+        xhat = torch.mul(xf, r, out=torch.empty_like(x))  # computed in fp32, rounded once on the way out
+        return weight * xhat
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -216,7 +215,7 @@ class FrozenRMSNorm(torch.autograd.Function):
         gy = (grad * weight).float()
         xhat = x * r  # a new fp32 tensor (x itself is never written)
         dot = (gy * xhat).mean(-1, keepdim=True)
-        return torch.addcmul(gy, xhat, dot, value=-1).mul_(r).to(x.dtype), None, None
+        return torch.mul(torch.addcmul(gy, xhat, dot, value=-1), r, out=torch.empty_like(x)), None, None
 
 
 EAGER_ATTENTION_MAX_LENGTH = 256
