@@ -13,14 +13,17 @@ Setup as in the issue: SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, ba
   ``model.dtype`` (bf16 and fp32 both measured); with and without DP. Every step trains exactly the
   same 8 x 128 tokens (the site holds 8 records and the batch size is 8, so q = 1).
 
-Step times are medians over ``--steps`` interleaved steps per variant. Peak memory is measured in
+Step times: each variant runs in a fresh process of its own (one model, as a site process), the
+variants taking turns over ``--rounds`` rounds; the median over all its ``--steps`` x rounds steps.
+The plain recipe runs with glibc's default allocator (what its user gets) and once more with
+fedllm's allocator setting (``plain-dp-tuned-allocator``). Peak memory is measured in
 a fresh process per variant: the peak RSS (``VmHWM``, reset after loading) during ``--steps``
 steps, above the RSS after loading (so it counts what training adds, not the model itself).
 ``startup``: the default model's load time in a fresh process once it is converted. ``quality``
 (needs ``../shared/data/pubmedqa``): held-out loss after DP training on one PubMedQA site with the
 base in fp32 and in bf16, same seeds.
 
-    python bench/bench_speed.py [--steps 5] [--threads 2] [--parts speed,memory,startup,quality] [--json]
+    python bench/bench_speed.py [--steps 5] [--rounds 2] [--threads 2] [--parts speed,memory,startup,quality,gemm] [--json]
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from fedllm.train import DPSettings, train_local  # noqa: E402
 SEQ, BATCH = 128, 8
 TOKENS_PER_STEP = SEQ * BATCH
 VARIANTS = ("plain-dp", "plain-no-dp", "fedllm-bf16-dp", "fedllm-bf16-no-dp", "fedllm-fp32-dp", "fedllm-fp32-no-dp")
+TIMED = (*VARIANTS, "plain-dp-tuned-allocator")
 
 
 def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,39 +110,35 @@ class Fedllm:
 
 
 def build(variant: str):
+    if variant == "plain-dp-tuned-allocator":
+        keep_freed_memory()
+        return PlainRecipe(True)
     dp = variant.endswith("-dp") and not variant.endswith("no-dp")
     if variant.startswith("plain"):
         return PlainRecipe(dp)
     return Fedllm("bfloat16" if "bf16" in variant else "float32", dp)
 
 
-def bench_steps(steps: int, threads: int) -> dict:
-    """Median step time of every variant, interleaved in this process. fedllm's allocator setting
-    (``fedllm.speed.keep_freed_memory``, process-wide) is made first, so the plain recipe runs with
-    it too: the ratios are conservative. The plain DP recipe with glibc's default allocator, what
-    a user gets, is timed in a fresh process afterwards (``plain-dp-default-allocator``)."""
-    keep_freed_memory()
-    runners = {v: build(v) for v in VARIANTS}
-    for runner in runners.values():
-        runner.step()  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(steps):
-        for variant, runner in runners.items():
-            start = time.perf_counter()
-            runner.step()
-            times[variant].append(time.perf_counter() - start)
-    out = {v: {"step-s": round(statistics.median(t), 3), "tokens-per-s": round(TOKENS_PER_STEP / statistics.median(t), 1)}
-           for v, t in times.items()}
+def bench_steps(steps: int, threads: int, rounds: int) -> dict:
+    """Step times of every variant, each in a fresh process of its own (as a site process runs
+    one model), the variants taking turns over ``rounds`` rounds in rotating order, so that the
+    machine's drifts spread over all of them; the median over all their steps. fedllm's variants
+    set fedllm's allocator (``fedllm.speed.keep_freed_memory``, done by ``train_local``); the plain
+    recipe runs as a user runs it, with glibc's default allocator, and once more with fedllm's
+    setting (``plain-dp-tuned-allocator``), for the conservative ratio."""
+    times: dict[str, list[float]] = {v: [] for v in TIMED}
+    for r in range(rounds):
+        order = TIMED[r % len(TIMED):] + TIMED[:r % len(TIMED)]
+        for variant in order:
+            proc = subprocess.run([sys.executable, __file__, "--time-one", variant, "--steps", str(steps),
+                                   "--threads", str(threads)], capture_output=True, text=True, check=True)
+            times[variant] += json.loads(proc.stdout.strip().splitlines()[-1])["step-s"]
     med = {v: statistics.median(t) for v, t in times.items()}
-    del runners
-    proc = subprocess.run([sys.executable, __file__, "--time-one", "plain-dp", "--steps", str(steps), "--threads", str(threads)],
-                          capture_output=True, text=True, check=True)
-    default = json.loads(proc.stdout.strip().splitlines()[-1])["step-s"]
-    out["plain-dp-default-allocator"] = {"step-s": round(default, 3), "tokens-per-s": round(TOKENS_PER_STEP / default, 1)}
+    out: dict = {v: {"step-s": round(med[v], 3), "tokens-per-s": round(TOKENS_PER_STEP / med[v], 1)} for v in TIMED}
     out["ratios"] = {
         "throughput-fedllm-bf16-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-bf16-dp"], 2),
+        "throughput-fedllm-bf16-dp-vs-plain-dp-tuned-allocator": round(med["plain-dp-tuned-allocator"] / med["fedllm-bf16-dp"], 2),
         "throughput-fedllm-fp32-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-fp32-dp"], 2),
-        "throughput-fedllm-bf16-dp-vs-plain-dp-default-allocator": round(default / med["fedllm-bf16-dp"], 2),
         "dp-overhead-fedllm-bf16": round(med["fedllm-bf16-dp"] / med["fedllm-bf16-no-dp"], 3),
         "dp-overhead-fedllm-fp32": round(med["fedllm-fp32-dp"] / med["fedllm-fp32-no-dp"], 3),
         "dp-overhead-plain": round(med["plain-dp"] / med["plain-no-dp"], 3),
@@ -147,7 +147,7 @@ def bench_steps(steps: int, threads: int) -> dict:
 
 
 def _time_one(variant: str, steps: int) -> dict:
-    """In this (fresh) process, with glibc's default allocator: the variant's median step time."""
+    """In this (fresh) process: the variant's step times after one warm-up step."""
     runner = build(variant)
     runner.step()
     times = []
@@ -155,7 +155,7 @@ def _time_one(variant: str, steps: int) -> dict:
         start = time.perf_counter()
         runner.step()
         times.append(time.perf_counter() - start)
-    return {"step-s": statistics.median(times)}
+    return {"step-s": times}
 
 
 def _peak_one(variant: str, steps: int, threads: int) -> dict:
@@ -192,6 +192,35 @@ def bench_memory(steps: int, threads: int) -> dict:
         "dp-memory-overhead-plain": round(add["plain-dp"] / add["plain-no-dp"], 3),
         "peak-fedllm-bf16-dp-vs-plain-dp": round(out["fedllm-bf16-dp"]["peak-mb"] / out["plain-dp"]["peak-mb"], 3),
     }
+    return out
+
+
+def bench_gemm() -> dict:
+    """TFLOP/s of the default model's base products (bf16, ``out += a @ b`` as ``FrozenBaseLoRA``
+    runs them), whole and in row chunks of ``fedllm.speed.ROW_CHUNK``, for several row counts
+    (batch x tokens): what ``fedllm.speed.accumulate_product`` chooses between."""
+    from fedllm.speed import ROW_CHUNK, _addmm_in_row_chunks
+
+    def best(fn, repeats=5):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    out = {}
+    for inner, outer in ((576, 576), (576, 192), (576, 1536), (1536, 576)):
+        weight = torch.randn(outer, inner, dtype=torch.bfloat16)
+        for rows in (640, 1024, 1536):
+            a = torch.randn(rows, inner, dtype=torch.bfloat16)
+            acc = torch.zeros(rows, outer, dtype=torch.bfloat16)
+            flop = 2 * rows * inner * outer
+            whole = best(lambda: acc.addmm_(a, weight.t()))
+            chunks = best(lambda: _addmm_in_row_chunks(acc, a, weight.t()))
+            out[f"{rows}x{inner}->{outer}"] = {"whole-tflops": round(flop / whole / 1e12, 2),
+                                                f"chunks-of-{ROW_CHUNK}-tflops": round(flop / chunks / 1e12, 2)}
     return out
 
 
@@ -260,13 +289,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
-    parser.add_argument("--parts", default="speed,memory,startup", help="comma-separated: speed, memory, startup, quality")
+    parser.add_argument("--parts", default="speed,memory,startup",
+                        help="comma-separated: speed, memory, startup, quality, gemm")
     parser.add_argument("--quality-steps", type=int, default=30)
     parser.add_argument("--quality-site", default="geriatric")
     parser.add_argument("--quality-seeds", default="1,2,3")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--time-one", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--time-one", choices=TIMED, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2, help="speed: rounds of one fresh process per variant")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -286,11 +317,13 @@ def main() -> None:
               "setup": f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, batch {BATCH} x {SEQ} tokens, loss on the second half"}
     parts = set(args.parts.split(","))
     if "speed" in parts:
-        report["steps"] = bench_steps(args.steps, args.threads)
+        report["steps"] = bench_steps(args.steps, args.threads, args.rounds)
     if "memory" in parts and not args.no_memory:
         report["memory"] = bench_memory(args.steps, args.threads)
     if "startup" in parts:
         report["startup"] = bench_startup()
+    if "gemm" in parts:
+        report["gemm"] = bench_gemm()
     if "quality" in parts:
         report["quality"] = bench_quality(args.quality_steps, args.quality_site,
                                           [int(s) for s in args.quality_seeds.split(",")])
@@ -298,15 +331,15 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(report["setup"], "|", report["machine"])
-    for variant in (*VARIANTS, "plain-dp-default-allocator") if "steps" in report else ():
+    for variant in TIMED if "steps" in report else ():
         r = report["steps"][variant]
         mem = report.get("memory", {}).get(variant)
         extra = f"  peak {mem['peak-mb']} MB (training adds {mem['training-adds-mb']} MB)" if mem else ""
-        print(f"{variant:<20} {r['step-s']:6.3f} s/step  {r['tokens-per-s']:8.1f} tokens/s{extra}")
+        print(f"{variant:<26} {r['step-s']:6.3f} s/step  {r['tokens-per-s']:8.1f} tokens/s{extra}")
     for section in ("steps", "memory"):
         for name, value in report.get(section, {}).get("ratios", {}).items():
             print(f"{name:<45} {value}")
-    for section in ("startup", "quality"):
+    for section in ("startup", "quality", "gemm"):
         if section in report:
             print(section, json.dumps(report[section]))
 

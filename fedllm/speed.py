@@ -10,6 +10,8 @@ is tested against the original, per model family (``tests/unit/test_model_famili
   CPU, query heads grouped per key/value head.
 * ``lean_rms_norm_forward``: the RMSNorm of Llama-style models (weight frozen) as one
   ``FrozenRMSNorm`` with a written-out backward pass.
+* ``accumulate_product``: ``out += a @ b`` for the base's products, as one multiply or in row
+  chunks, whichever this CPU's kernel runs faster for that shape (timed once per shape).
 * ``keep_freed_memory``: the C allocator keeps freed activation memory for reuse instead of
   handing it back to the system and faulting it in again on the next allocation.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import time
 from typing import Any
 
 import torch
@@ -143,7 +146,7 @@ class FrozenBaseLoRA(torch.autograd.Function):
         # s·u Bᵀ (+ bias); beta = 0 ignores out2's uninitialised values
         torch.addmm(out2 if bias is None else bias.to(dtype), u, b_low.t(), beta=0 if bias is None else 1,
                     alpha=scaling, out=out2)
-        out2.addmm_(x2, weight.to(dtype).t())  # in place: addmm would first copy the LoRA term to a new tensor
+        accumulate_product(out2, x2, weight.to(dtype).t())  # in place: addmm would first copy the LoRA term
         ctx.save_for_backward(u, weight, a, b)
         ctx.scaling, ctx.per_example, ctx.batch_shape = scaling, per_example, x.shape[:-1]
         return out
@@ -155,8 +158,8 @@ class FrozenBaseLoRA(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            gu = torch.mm(g2, b.to(dtype))
-            grad_x = torch.mm(g2, weight.to(dtype)).addmm_(gu, a.to(dtype), alpha=ctx.scaling).view(*ctx.batch_shape, -1)
+            gu = torch.mm(g2, b.to(dtype)).mul_(ctx.scaling)  # rank r: a small tensor
+            grad_x = accumulate_product(torch.mm(gu, a.to(dtype)), g2, weight.to(dtype)).view(*ctx.batch_shape, -1)
         if ctx.per_example:
             rows = ctx.batch_shape[0]  # batch first; a 2-d input has one example per row
             g3, u3 = g2.view(rows, -1, g2.shape[-1]), u.view(rows, -1, u.shape[-1])
@@ -169,6 +172,46 @@ class FrozenBaseLoRA(torch.autograd.Function):
             grad_b = torch.addmm(g2.new_empty(g2.shape[-1], u.shape[-1]), g2.t(), u, beta=0,
                                  alpha=ctx.scaling).to(b.dtype)
         return grad_x, None, None, None, grad_b, None, None
+
+
+ROW_CHUNK = 512
+_row_split: dict[tuple, bool] = {}
+
+
+def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out += a @ b`` in place (``out`` contiguous, rows of ``a`` = rows of ``out``).
+
+    On a CPU, oneDNN's matrix multiply runs some shapes no faster on two threads than on one: on
+    this project's 2-core machine, bf16 (rows 640-1280) x 1536 -> 576, SmolLM2's MLP down
+    projection, runs at about 1.1 TFLOP/s whole and 1.7-2.0 in row chunks of 512, while other shapes
+    are faster whole (``python bench/bench_speed.py --parts gemm``). The
+    first product of each shape (rows in buckets of 128, inner and outer size, dtype, layout of
+    ``b``) is computed both ways, twice each, the second timed; that shape then always takes the
+    faster way. The values are the same either way, up to the order of the sums inside the kernel
+    (tested)."""
+    rows = out.shape[0]
+    if out.device.type != "cpu" or rows <= ROW_CHUNK:
+        return out.addmm_(a, b)
+    key = (rows // 128, a.shape[1], out.shape[1], a.dtype, b.stride())
+    split = _row_split.get(key)
+    if split is None:  # each way once untimed (a new shape's first product includes building its kernel)
+        trial = out.clone()
+        trial.addmm_(a, b)
+        start = time.perf_counter()
+        trial.addmm_(a, b)
+        whole = time.perf_counter() - start
+        _addmm_in_row_chunks(trial, a, b)
+        start = time.perf_counter()
+        _addmm_in_row_chunks(out, a, b)
+        _row_split[key] = time.perf_counter() - start < whole
+        return out
+    return _addmm_in_row_chunks(out, a, b) if split else out.addmm_(a, b)
+
+
+def _addmm_in_row_chunks(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    for start in range(0, out.shape[0], ROW_CHUNK):
+        out[start:start + ROW_CHUNK].addmm_(a[start:start + ROW_CHUNK], b)
+    return out
 
 
 # RMSNorm classes whose forward is Llama's, the same code copied per model (tested per family)

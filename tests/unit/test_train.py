@@ -309,14 +309,3 @@ def test_training_without_dp_lowers_held_out_loss(setup):
     assert after.perplexity == pytest.approx(math.exp(after.loss))
     set_adapter_state(model, start)
 
-
-def test_training_keeps_freed_memory_for_reuse_on_glibc():
-    """fedllm.speed.keep_freed_memory: on Linux with glibc the allocator setting takes effect
-    (mallopt accepts both thresholds), once per process; elsewhere it reports that it did not."""
-    import platform
-
-    from fedllm.speed import keep_freed_memory
-
-    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is expected
-    assert keep_freed_memory() is expected

@@ -1,0 +1,44 @@
+"""fedllm.speed's pieces that are not per-family forms of a model's modules (those are tested in
+test_model_families.py): the base's product in row chunks, and the allocator setting."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from fedllm import speed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [True, False])
+def test_accumulate_product_adds_the_same_product_whole_or_in_row_chunks(monkeypatch, dtype, split):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1100, 48, generator=g).to(dtype)
+    w = torch.randn(40, 48, generator=g).to(dtype)
+    start = torch.randn(1100, 40, generator=g).to(dtype)
+    expected = start.clone().addmm_(a, w.t())
+    monkeypatch.setattr(speed, "_row_split", {})
+    first = speed.accumulate_product(start.clone(), a, w.t())  # times both ways, keeps the result once
+    assert len(speed._row_split) == 1
+    key = next(iter(speed._row_split))
+    speed._row_split[key] = split
+    again = speed.accumulate_product(start.clone(), a, w.t())
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(first, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(again, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_small_products_are_one_multiply(monkeypatch):
+    monkeypatch.setattr(speed, "_row_split", {})
+    out = speed.accumulate_product(torch.zeros(speed.ROW_CHUNK, 3), torch.ones(speed.ROW_CHUNK, 2), torch.ones(2, 3))
+    assert speed._row_split == {} and bool((out == 2).all())
+
+
+def test_training_keeps_freed_memory_for_reuse_on_glibc():
+    """keep_freed_memory: on Linux with glibc the allocator setting takes effect (mallopt accepts
+    both thresholds), once per process; elsewhere it reports that it did not."""
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert speed.keep_freed_memory() is expected
+    assert speed.keep_freed_memory() is expected
