@@ -134,7 +134,9 @@ def bench_steps(steps: int, threads: int, rounds: int) -> dict:
                                    "--threads", str(threads)], capture_output=True, text=True, check=True)
             times[variant] += json.loads(proc.stdout.strip().splitlines()[-1])["step-s"]
     med = {v: statistics.median(t) for v, t in times.items()}
-    out: dict = {v: {"step-s": round(med[v], 3), "tokens-per-s": round(TOKENS_PER_STEP / med[v], 1)} for v in TIMED}
+    out: dict = {v: {"step-s": round(med[v], 3), "tokens-per-s": round(TOKENS_PER_STEP / med[v], 1),
+                     "per-round-s": [round(statistics.median(times[v][i:i + steps]), 3) for i in range(0, len(times[v]), steps)]}
+                 for v in TIMED}
     out["ratios"] = {
         "throughput-fedllm-bf16-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-bf16-dp"], 2),
         "throughput-fedllm-bf16-dp-vs-plain-dp-tuned-allocator": round(med["plain-dp-tuned-allocator"] / med["fedllm-bf16-dp"], 2),
@@ -335,7 +337,7 @@ def main() -> None:
         r = report["steps"][variant]
         mem = report.get("memory", {}).get(variant)
         extra = f"  peak {mem['peak-mb']} MB (training adds {mem['training-adds-mb']} MB)" if mem else ""
-        print(f"{variant:<26} {r['step-s']:6.3f} s/step  {r['tokens-per-s']:8.1f} tokens/s{extra}")
+        print(f"{variant:<26} {r['step-s']:6.3f} s/step  {r['tokens-per-s']:8.1f} tokens/s  rounds {r['per-round-s']}{extra}")
     for section in ("steps", "memory"):
         for name, value in report.get(section, {}).get("ratios", {}).items():
             print(f"{name:<45} {value}")

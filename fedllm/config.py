@@ -192,7 +192,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.quantization": ("none", "4bit", "8bit"),
     "data.format": ("auto", "instruction", "chat", "sharegpt", "text"),
     "train.optimizer": ("adamw", "sgd"),

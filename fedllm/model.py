@@ -130,7 +130,7 @@ def load_model_and_tokenizer(config: ModelConfig, *, device: str | None = None) 
         if quantized:
             raise ModelError(f"{config.name}: tiny random models are not quantized; model.quantization needs a model "
                              "folder or a Hugging Face id")
-        return build_tiny_model(source[len(TINY_PREFIX):], dtype=DTYPES[config.dtype]), build_byte_tokenizer()
+        return build_tiny_model(source[len(TINY_PREFIX):], dtype=DTYPES[base_dtype(config, device)]), build_byte_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra: dict[str, Any] = {}
@@ -139,7 +139,7 @@ def load_model_and_tokenizer(config: ModelConfig, *, device: str | None = None) 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[quantized_dtype(config) if quantized
-                                                                       else config.dtype],
+                                                                       else base_dtype(config, device)],
                                                      local_files_only=True, **extra)
     except OSError as exc:
         raise ModelError(
@@ -152,10 +152,34 @@ def load_model_and_tokenizer(config: ModelConfig, *, device: str | None = None) 
     return model, tokenizer
 
 
+def base_dtype(config: ModelConfig, device: str | None) -> str:
+    """The frozen base's dtype on ``device``: ``model.dtype``; ``"auto"`` is bf16 where the
+    hardware computes it natively (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16) and fp32
+    elsewhere, where bf16 would be emulated and slower. The adapter, its per-example gradients,
+    clipping and noise are fp32 whatever this says."""
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if native_bf16(device or "cpu") else "float32"
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def quantized_dtype(config: ModelConfig) -> str:
     """The dtype of a quantized model's unquantized parts and of its matmuls: ``model.dtype``, but
-    bf16 where that says fp32 (bitsandbytes computes in 16 bits)."""
-    return "bfloat16" if config.dtype == "float32" else config.dtype
+    bf16 where that says fp32 or auto (bitsandbytes computes in 16 bits)."""
+    return "bfloat16" if config.dtype in ("float32", "auto") else config.dtype
 
 
 def bnb_config(config: ModelConfig) -> Any:
@@ -195,8 +219,9 @@ def shared_model(config: Any, *, device: str | None = None) -> tuple[Any, Any]:
     """(peft model, tokenizer) for a ``RunConfig``, loaded once per process and per model + LoRA
     configuration: virtual sites and rounds served by the same process reuse it and only swap
     adapter tensors. ``device`` as in ``load_model_and_tokenizer`` (it matters only for a
-    quantized base)."""
-    key = (config.model, config.lora, device if config.model.quantization != "none" else None)
+    quantized base and for ``model.dtype = "auto"``)."""
+    key = (config.model, config.lora,
+           device if config.model.quantization != "none" or config.model.dtype == "auto" else None)
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one resident base model per process
         model, tokenizer = load_model_and_tokenizer(config.model, device=device)

@@ -321,6 +321,8 @@ def run_canary_audit(config: Any, site: Any, *, canaries: int, guesses: int | No
 
 def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, output: Path, scenario: str,
          echo: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.formatting import tokenize_record, tokenize_records
     from fedllm.data.loading import load_records
@@ -391,6 +393,10 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     done("train")
     echo(f"Trained in {result.seconds:.0f}s (mean loss {result.train_loss:.3f}).")
 
+    if not is_quantized(model) and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        # score in fp32: the trained function exactly (16-bit weights are exact in fp32), without
+        # letting 16-bit rounding decide the ranks of 10^4 codes or the tree-attention check
+        model.to(torch.float32)
     batch = config.train.eval_batch_size
     pad = tokenizer.pad_token_id
 

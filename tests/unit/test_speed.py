@@ -42,3 +42,21 @@ def test_training_keeps_freed_memory_for_reuse_on_glibc():
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert speed.keep_freed_memory() is expected
     assert speed.keep_freed_memory() is expected
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it_natively(monkeypatch):
+    from fedllm import model
+    from fedllm.config import ModelConfig, RunConfig
+
+    assert RunConfig.from_flat({"model.dtype": "auto"}).model.dtype == "auto"
+    assert model.base_dtype(ModelConfig(dtype="float32"), "cpu") == "float32"
+    assert model.base_dtype(ModelConfig(dtype="bfloat16"), "cpu") == "bfloat16"
+    auto = ModelConfig(name="tiny-random-llama", dtype="auto")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(model, "native_bf16", lambda device, native=native: native)
+        base, _ = model.load_model_and_tokenizer(auto, device="cpu")
+        assert {p.dtype for p in base.parameters()} == {expected}
+    assert model.quantized_dtype(auto) == "bfloat16"
+    monkeypatch.undo()
+    assert model.native_bf16("mps") is False
+    assert model.native_bf16("cuda:0") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
