@@ -33,7 +33,8 @@ test: install-test
 
 bench: install
 	$(BIN)/python bench/bench_foundation.py
-	$(BIN)/python bench/bench_speed.py
+	$(BIN)/python bench/bench_speed.py --parts speed,memory,startup,quality,gemm
+	$(BIN)/python bench/bench_scale.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

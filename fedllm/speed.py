@@ -12,6 +12,8 @@ is tested against the original, per model family (``tests/unit/test_model_famili
   ``FrozenRMSNorm`` with a written-out backward pass.
 * ``accumulate_product``: ``out += a @ b`` for the base's products, as one multiply or in row
   chunks, whichever this CPU's kernel runs faster for that shape (timed once per shape).
+* ``lean_llama_attention_forward``: Llama's attention forward with the rotary embedding as one
+  ``Rotary`` function (written-out backward pass).
 * ``keep_freed_memory``: the C allocator keeps freed activation memory for reuse instead of
   handing it back to the system and faulting it in again on the next allocation.
 
@@ -165,7 +167,7 @@ class FrozenBaseLoRA(torch.autograd.Function):
             g3, u3 = g2.view(rows, -1, g2.shape[-1]), u.view(rows, -1, u.shape[-1])
             # (uᵀ g)ᵀ: the same products as gᵀ u, in the faster operand order; s inside the product
             per_example = torch.baddbmm(u3.new_empty(rows, u3.shape[-1], g3.shape[-1]), u3.transpose(1, 2), g3,
-                                        beta=0, alpha=ctx.scaling).transpose(1, 2).to(b.dtype)
+                                        beta=0, alpha=ctx.scaling).to(b.dtype).transpose(1, 2)  # cast, then a view
             previous = getattr(b, "grad_sample", None)
             b.grad_sample = per_example if previous is None else previous + per_example
         elif ctx.needs_input_grad[4]:
@@ -259,6 +261,77 @@ class FrozenRMSNorm(torch.autograd.Function):
         xhat = x * r  # a new fp32 tensor (x itself is never written)
         dot = (gy * xhat).mean(-1, keepdim=True)
         return torch.mul(torch.addcmul(gy, xhat, dot, value=-1), r, out=torch.empty_like(x)), None, None
+
+
+def lean_llama_attention_forward(self: Any, hidden_states: torch.Tensor,
+                                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                 attention_mask: torch.Tensor | None = None, cache: Any = None,
+                                 **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``LlamaAttention.forward`` (transformers 5) without a cache, the rotary embedding applied by
+    ``Rotary``; with a cache (generation) or anything unexpected, the original forward."""
+    if cache is not None or position_embeddings is None or kwargs.get("past_key_values") is not None:
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, cache=cache, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = Rotary.apply(query, cos, sin), Rotary.apply(key, cos, sin)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    output, weights = attention(self, query, key, value, attention_mask,
+                                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                                **kwargs)
+    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+
+class Rotary(torch.autograd.Function):
+    """``x·cos + rotate_half(x)·sin`` for x of shape (batch, heads, tokens, head dim) and cos, sin
+    of shape (batch, tokens, head dim), as Llama applies its rotary embedding, in two passes over
+    the halves: ``[x₁c₁ - x₂s₁, x₂c₂ + x₁s₂]``; backward ``[g₁c₁ + g₂s₂, g₂c₂ - g₁s₁]``. The
+    result is contiguous (batch, heads, tokens, head dim), which attention reshapes for free."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """``[x₁c₁ - sign·x₂s₁, x₂c₂ + sign·x₁s₂]`` (sign -1: the transpose, for the backward pass)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    first, second = out[..., :half], out[..., half:]
+    if sign > 0:
+        torch.mul(x1, cos[..., :half], out=first).addcmul_(x2, sin[..., :half], value=-1.0)
+        torch.mul(x2, cos[..., half:], out=second).addcmul_(x1, sin[..., half:])
+    else:  # the transpose: ∂x₁ = g₁c₁ + g₂s₂, ∂x₂ = g₂c₂ - g₁s₁
+        torch.mul(x1, cos[..., :half], out=first).addcmul_(x2, sin[..., half:])
+        torch.mul(x2, cos[..., half:], out=second).addcmul_(x1, sin[..., :half], value=-1.0)
+    return out
+
+
+def use_lean_attention(model: Any) -> int:
+    """Give every ``LlamaAttention`` of ``model`` the lean forward; returns how many."""
+    import types
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "LlamaAttention" and type(module).__module__.endswith("modeling_llama"):
+            module.forward = types.MethodType(lean_llama_attention_forward, module)
+            count += 1
+    return count
 
 
 EAGER_ATTENTION_MAX_LENGTH = 256

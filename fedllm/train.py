@@ -132,8 +132,9 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     post = _HEAD_POST.get(getattr(base.config, "model_type", ""))
     head = base.get_output_embeddings() if post is not None else None
     if head is None or type(head) is not torch.nn.Linear:
-        return per_sequence_loss((net or model)(input_ids=ids, attention_mask=mask).logits, labels)
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask)[0]  # hooks fire: they are on the modules
+        return per_sequence_loss((net or model)(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+    # no key/value cache (that is for generation); hooks fire: they are on the modules
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = post(head(hidden[:, :-1][keep]), base.config).float()

@@ -129,7 +129,7 @@ def _per_example_gradients(model, ids, mask) -> dict[str, torch.Tensor]:
     model.train()
     net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
-        logits = net(input_ids=ids, attention_mask=mask).logits
+        logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
         (logits.float().log_softmax(-1)[..., 7] * mask).sum().backward()
         return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     finally:

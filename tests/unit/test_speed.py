@@ -60,3 +60,45 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it_natively(monkeyp
     monkeypatch.undo()
     assert model.native_bf16("mps") is False
     assert model.native_bf16("cuda:0") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_rotary_function_matches_llamas_rotary_embedding_and_its_gradient():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    x.requires_grad_(True)
+    cos, sin = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(speed.Rotary.apply(x, cos, sin), expected)
+    assert torch.autograd.gradcheck(lambda t: speed.Rotary.apply(t, cos, sin), (x,))
+
+
+def test_lean_llama_attention_gives_the_model_s_own_values_and_leaves_generation_alone():
+    """apply_lora gives Llama's attention the lean forward (Rotary): logits and per-example
+    gradients equal the original forward's (fp32; bf16 to its precision); with a cache, as in
+    generation, the original forward runs."""
+    from tests.unit.test_model_families import _per_example_gradients, _random_lora
+
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        model = _random_lora("llama", dtype)
+        lean = [m for m in model.modules() if getattr(m.forward, "__func__", None) is speed.lean_llama_attention_forward]
+        assert len(lean) == 2
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            cached = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        grads = _per_example_gradients(model, ids, mask)
+        for m in lean:
+            del m.forward
+        with torch.no_grad():
+            own = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        own_grads = _per_example_gradients(model, ids, mask)
+        keep = mask.bool()
+        torch.testing.assert_close(logits[keep], own[keep], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(cached.logits.float()[keep], own[keep], rtol=tolerance, atol=tolerance)
+        for name in grads:
+            scale = float(own_grads[name].abs().max())
+            torch.testing.assert_close(grads[name], own_grads[name], rtol=tolerance, atol=tolerance * scale)
