@@ -2,7 +2,8 @@
 
 Each piece computes what transformers or peft compute, with fewer passes over memory (on a CPU
 most of a LoRA step's time outside the matrix multiplies is spent streaming activations); each
-is tested against the original, per model family (``tests/unit/test_model_families.py``):
+is tested against the original (per model family in ``tests/unit/test_model_families.py``, the
+rest in ``tests/unit/test_speed.py``):
 
 * ``lean_lora_forward``: peft's LoRA layer forward; with A frozen (FFA-LoRA) the whole layer is
   one ``FrozenBaseLoRA``, which also gives B's per-example gradients for DP.
