@@ -138,13 +138,37 @@ def _per_example_gradients(model, ids, mask) -> dict[str, torch.Tensor]:
         model.eval()
 
 
+def _outputs(model, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits (no key/value cache) and the per-example gradients of ``model`` on a batch."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    return logits, _per_example_gradients(model, ids, mask)
+
+
+def _assert_same_outputs(got, expected, tolerance: float) -> None:
+    """Logits and per-example gradients agree (gradients relative to their largest entry)."""
+    torch.testing.assert_close(got[0], expected[0], rtol=tolerance, atol=tolerance)
+    assert got[1].keys() == expected[1].keys() and all(g.abs().sum() > 0 for g in expected[1].values())
+    for name, grad in expected[1].items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(got[1][name], grad, rtol=tolerance, atol=tolerance * scale)
+
+
+def _batch_with_padding() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    return ids, mask
+
+
+DTYPE_TOLERANCES = ((torch.float32, 1e-4), (torch.bfloat16, 3e-2))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_gradient_checkpointing_gives_the_same_per_example_gradients(family):
     from fedllm.model import set_gradient_checkpointing
 
-    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
+    ids, mask = _batch_with_padding()
     plain = _per_example_gradients(_random_lora(family), ids, mask)
     model = _random_lora(family)
     set_gradient_checkpointing(model, True)
@@ -190,9 +214,7 @@ def test_family_response_only_logits_and_lean_lora_give_peft_and_the_full_forwar
     trained)."""
     from fedllm.train import per_sequence_loss, sequence_losses
 
-    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
+    ids, mask = _batch_with_padding()
     labels = ids.clone()
     labels[:, :5] = -100
     labels[2, 7:] = -100
@@ -221,9 +243,7 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
     from fedllm.speed import fused_lora_factors
     from fedllm.train import _own_per_example_gradients
 
-    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
+    ids, mask = _batch_with_padding()
 
     def loss_of(model):
         return (model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[..., 7] * mask).sum()
@@ -264,29 +284,18 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
 def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attention_s_values(family):
     """On a CPU with short sequences ``choose_attention`` picks fedllm's grouped eager attention for
     the families whose attention is transformers' generic one (not for the others): the
-    loss and the per-example gradients equal those of eager attention, with padding in the batch;
-    on a bf16 base they agree to bf16 precision."""
+    logits and the per-example gradients equal those of eager attention, with padding in the
+    batch; on a bf16 base they agree to bf16 precision."""
     from fedllm.speed import GROUPED_ATTENTION, choose_attention
 
-    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
-    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+    ids, mask = _batch_with_padding()
+    for dtype, tolerance in DTYPE_TOLERANCES:
         model = _random_lora(family, dtype)
         chosen = choose_attention(model, device="cpu", max_length=64)
         assert (chosen == GROUPED_ATTENTION) == (family not in ("gemma2", "gemma3", "falcon", "mpt"))
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        grads = _per_example_gradients(model, ids, mask)
+        chosen_outputs = _outputs(model, ids, mask)
         model.get_base_model().set_attn_implementation("eager")
-        with torch.no_grad():
-            eager_logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        eager_grads = _per_example_gradients(model, ids, mask)
-        keep = mask.bool()
-        torch.testing.assert_close(logits[keep], eager_logits[keep], rtol=tolerance, atol=tolerance)
-        for name in grads:
-            scale = float(eager_grads[name].abs().max())
-            torch.testing.assert_close(grads[name], eager_grads[name], rtol=tolerance, atol=tolerance * scale)
+        _assert_same_outputs(chosen_outputs, _outputs(model, ids, mask), tolerance)
     assert choose_attention(model, device="cuda", max_length=64) == model.get_base_model()._fedllm_original_attention
 
 
@@ -297,24 +306,14 @@ def test_family_lean_rms_norm_gives_the_model_s_own_values(family):
     bf16 base; other families keep their own norms."""
     from fedllm.speed import lean_rms_norm_forward
 
-    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
-    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+    ids, mask = _batch_with_padding()
+    for dtype, tolerance in DTYPE_TOLERANCES:
         model = _random_lora(family, dtype)
         norms = [m for m in model.modules() if getattr(m.forward, "__func__", None) is lean_rms_norm_forward]
         assert bool(norms) == (family in ("llama", "mistral", "mixtral", "qwen2", "phi3"))
         if not norms:
             return
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        grads = _per_example_gradients(model, ids, mask)
+        lean = _outputs(model, ids, mask)
         for m in norms:
             del m.forward  # the class's own forward again
-        with torch.no_grad():
-            own_logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        own_grads = _per_example_gradients(model, ids, mask)
-        torch.testing.assert_close(logits, own_logits, rtol=tolerance, atol=tolerance)
-        for name in grads:
-            scale = float(own_grads[name].abs().max())
-            torch.testing.assert_close(grads[name], own_grads[name], rtol=tolerance, atol=tolerance * scale)
+        _assert_same_outputs(lean, _outputs(model, ids, mask), tolerance)
