@@ -92,7 +92,8 @@ def test_family_clips_every_example_to_c(family):
     clip = 0.01
     result = train_local(model, examples, steps=1, batch_size=8, learning_rate=1.0, weight_decay=0.0,
                          optimizer="sgd", physical_batch_size=0, pad_id=tokenizer.pad_token_id,
-                         dp=DPSettings(noise_multiplier=0.0, max_grad_norm=clip), proximal_mu=0.0, device="cpu")
+                         dp=DPSettings(noise_multiplier=0.0, max_grad_norm=clip), proximal_mu=0.0, device="cpu",
+                         sampling_generator=torch.Generator().manual_seed(0))
     after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     step = math.sqrt(sum(float(((after[n] - before[n]) ** 2).sum()) for n in before))
     assert result.examples_seen > 0 and step > 0
