@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from flwr.app import (
@@ -23,6 +24,7 @@ from fedllm.errors import BudgetExceededError
 from fedllm.logs import configure_app_logging
 from fedllm.site import SiteRuntime
 
+log = logging.getLogger(__name__)
 app = ClientApp()
 _SITES: dict[tuple, SiteRuntime] = {}
 
@@ -55,10 +57,21 @@ def _reply(msg: Message, site: SiteRuntime, metrics: dict, arrays: ArrayRecord |
     return Message(content, reply_to=msg)
 
 
+def _announce(context: Context, server_round: int) -> None:
+    """A real site says that a round's work arrived before it loads the model and data (each Flower
+    message starts a fresh ClientApp process there: seconds). Simulated sites keep their model loaded."""
+    if "partition-id" in context.node_config:
+        return
+    configure_app_logging()
+    log.info("[round %d/%s] site %s | received the global adapter; loading the model and data", server_round,
+             context.run_config.get("num-server-rounds", "?"), context.node_config.get("site-name", "?"))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = site_runtime(context)
     config = msg.content[keys.CONFIG]
+    _announce(context, int(config[keys.SERVER_ROUND]))
+    site = site_runtime(context)
     try:
         outcome = site.train_round(
             run_id=str(config.get(keys.RUN_ID, "") or context.run_id),  # stable across fedllm run --resume

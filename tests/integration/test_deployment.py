@@ -81,12 +81,12 @@ class Federation:
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
 
-    def wait_for(self, predicate, what: str, timeout: float = 180) -> None:
+    def wait_for(self, predicate, what: str, timeout: float = 180, poll: float = 0.5) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
                 return
-            time.sleep(0.5)
+            time.sleep(poll)
         raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(
             f"--- {n}:\n{self.log(n)[-3000:]}" for n in self.logs))
 
@@ -196,9 +196,12 @@ def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_t
         run = fed.start("run", "run", "--server", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
                         "--config", "run.toml", "--rounds", "2", "--output", "run")
 
-        # site c crashes while it trains round 1; round 1 completes with a and b
-        fed.wait_for(lambda: "[round 1/2] site c | step" in fed.log("site-c"), "site c to train round 1")
+        # site c crashes in round 1, as soon as its round's work arrived (its ClientApp then needs seconds
+        # to load the model and data and train: the kill lands before c can reply, on any machine)
+        fed.wait_for(lambda: "[round 1/2] site c | received the global adapter" in fed.log("site-c"),
+                     "site c to receive round 1", poll=0.05)
         fed.kill("site-c")
+        assert "[round 1/2] site c | trained" not in fed.log("site-c")
         fed.wait_for(lambda: "[round 1/2] 2/3 sites trained" in fed.log("run"), "round 1 to complete without c",
                      timeout=300)
         fed.start("site-c2", "site", "start", "c.toml", "--server", f"127.0.0.1:{port}")  # c rejoins
