@@ -144,13 +144,19 @@ class _SiteLevelDP:
         self.num_sampled_clients = max(1, len(replies))
         self.round_clipping_norm = self.clipping_norm
         self.round_sites = len(replies)
-        np.random.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))
+        np.random.seed(os_entropy_seed())
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     @property
     def noise_stddev(self) -> float:
         """Std of the noise added to the last round's mean: z_update · S_t / m_t."""
         return self.noise_multiplier * self.round_clipping_norm / max(1, self.round_sites)
+
+
+def os_entropy_seed() -> np.ndarray:
+    """A seed from the OS entropy pool for numpy's global generator, which Flower's DP wrappers draw
+    their noise from: reseeded every round, so no one can reproduce the noise from earlier draws."""
+    return np.frombuffer(os.urandom(32), dtype=np.uint32)
 
 
 def _prepare_for_dp_mean(reply: Message, order: list[str]) -> None:
