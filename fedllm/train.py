@@ -9,7 +9,9 @@ The loop is written out in plain PyTorch + Opacus so that its privacy can be rev
   frozen, only B trained) from ``fedllm.speed.FrozenBaseLoRA`` in B's backward pass; otherwise
   from Opacus in hooks mode. Either way Opacus' ``DPOptimizer`` clips and noises them.
 * **Logits on response tokens only**: the output head runs only where a label exists
-  (``sequence_losses``), which is most of the saving in memory and time for long prompts.
+  (``sequence_losses``), which is most of the saving in memory and time for long prompts; for a
+  plain head the head and the loss are one function (``fedllm.speed.head_nll``) that never
+  stores the vocabulary-size logits.
 * **Per-sequence loss**: each example's loss is the mean over its own response tokens, so its
   gradient depends on that example only (Hugging Face's ``labels=`` loss averages over the whole
   batch and couples examples).
@@ -34,7 +36,12 @@ import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
 from fedllm.model import set_gradient_checkpointing
-from fedllm.speed import fused_lora_factors, keep_freed_memory, uses_lean_lora_forward
+from fedllm.speed import (
+    fused_lora_factors,
+    head_nll,
+    keep_freed_memory,
+    uses_lean_lora_forward,
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,12 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 # Output-head post-processing per model_type, applied to lm_head's output by the model's own
 # forward; a model_type not listed here takes the full forward (tested per family against it).
+def _as_is(logits: torch.Tensor, config: object) -> torch.Tensor:
+    return logits
+
+
 _HEAD_POST: dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {
-    **{t: (lambda logits, config: logits) for t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma",
+    **{t: _as_is for t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma",
                                                    "gemma3_text", "falcon", "mpt")},
     "cohere": lambda logits, config: logits * config.logit_scale,
     "gemma2": lambda logits, config: (torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
@@ -137,8 +148,11 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = post(head(hidden[:, :-1][keep]), base.config).float()
-    nll = F.cross_entropy(logits, targets[keep], reduction="none")
+    rows_hidden = hidden[:, :-1][keep]
+    if post is _as_is and head.bias is None and not head.weight.requires_grad:
+        nll = head_nll(rows_hidden, head.weight, targets[keep])  # the same values, no stored logits
+    else:
+        nll = F.cross_entropy(post(head(rows_hidden), base.config).float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     total = torch.zeros(ids.size(0), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     return total / keep.sum(1).clamp(min=1)
@@ -193,18 +207,17 @@ def train_local(
     expected_batch = max(1, round(sample_rate * len(examples)))
     sampler = sampling_generator or fresh_generator()
     if optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        optimizer = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+    else:  # foreach: one call per operation over all the factors (a LoRA adapter has hundreds), not one per factor
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
     net: torch.nn.Module = model
     own = dp is not None and _own_per_example_gradients(model, True)
     if dp is not None:
         from opacus.grad_sample import GradSampleModule
-        from opacus.optimizers import DPOptimizer
 
         if not own:
             net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        optimizer = _dp_optimizer_class()(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=expected_batch, loss_reduction="mean",
                                 generator=noise_generator or fresh_generator())
     if gradient_checkpointing:
@@ -281,6 +294,30 @@ def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
     for factor in factors:
         factor.per_example_gradients = enabled and usable
     return enabled and usable
+
+
+_DP_OPTIMIZER: type | None = None
+
+
+def _dp_optimizer_class() -> type:
+    """Opacus' ``DPOptimizer`` with one change, in ``scale_grad``: the number of accumulated
+    backward passes, which Opacus recomputes for every parameter by looping over all of them
+    (quadratic in the number of parameters: 44,100 checks a step for the default adapter's 210
+    factors), is computed once per step. The division, the clipping and the noise are Opacus' own
+    (the mechanism tests in ``tests/unit/test_train.py`` check the step against a hand computation)."""
+    global _DP_OPTIMIZER
+    if _DP_OPTIMIZER is None:
+        from opacus.optimizers import DPOptimizer
+
+        class FedllmDPOptimizer(DPOptimizer):
+            def scale_grad(self) -> None:
+                if self.loss_reduction == "mean":
+                    divisor = self.expected_batch_size * self.accumulated_iterations
+                    for p in self.params:
+                        p.grad /= divisor
+
+        _DP_OPTIMIZER = FedllmDPOptimizer
+    return _DP_OPTIMIZER
 
 
 def _step(optimizer, params, anchor, proximal_mu: float, private: bool) -> None:

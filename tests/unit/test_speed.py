@@ -1,5 +1,6 @@
 """fedllm.speed's pieces that are not per-family forms of a model's modules (those are tested in
-test_model_families.py): the base's product in row chunks, and the allocator setting."""
+test_model_families.py): the base's product in row chunks, the fused output head and loss, and
+the allocator setting."""
 
 from __future__ import annotations
 
@@ -34,6 +35,32 @@ def test_small_products_are_one_multiply(monkeypatch):
     monkeypatch.setattr(speed, "_row_split", {})
     out = speed.accumulate_product(torch.zeros(speed.ROW_CHUNK, 3), torch.ones(speed.ROW_CHUNK, 2), torch.ones(2, 3))
     assert speed._row_split == {} and bool((out == 2).all())
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_head_loss_gives_the_unfused_values_and_gradients_in_every_chunk(monkeypatch, dtype, tolerance):
+    """head_nll equals cross_entropy on the head's logits in fp32 (values and the gradient of a
+    weighted sum of the losses, as the per-sequence loss weights them), over several chunks of
+    rows and a partial last one; without gradients it computes none."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(21, 16, generator=g).to(dtype)
+    weight = (torch.randn(50, 16, generator=g) / 4).to(dtype)
+    targets = torch.randint(0, 50, (21,), generator=g)
+    weights = torch.rand(21, generator=g) + 0.5
+    monkeypatch.setattr(speed, "HEAD_CHUNK_ELEMENTS", 8 * 50)  # chunks of 8 rows: 8, 8, 5
+    fused_h = hidden.clone().requires_grad_(True)
+    fused = speed.head_nll(fused_h, weight, targets)
+    (fused * weights).sum().backward()
+    plain_h = hidden.clone().requires_grad_(True)
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(plain_h, weight).float(), targets,
+                                              reduction="none")
+    (plain * weights).sum().backward()
+    assert fused.dtype == torch.float32 and fused_h.grad.dtype == dtype
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-6, atol=1e-6)  # the same logits, fp32 loss
+    torch.testing.assert_close(fused_h.grad.float(), plain_h.grad.float(), rtol=tolerance, atol=tolerance)
+    assert fused_h.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(speed.head_nll(hidden, weight, targets), plain.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_training_keeps_freed_memory_for_reuse_on_glibc():
