@@ -199,30 +199,36 @@ def bench_memory(steps: int, threads: int) -> dict:
 
 def bench_gemm() -> dict:
     """TFLOP/s of the default model's base products (bf16, ``out += a @ b`` as ``FrozenBaseLoRA``
-    runs them), whole and in row chunks of ``fedllm.speed.ROW_CHUNK``, for several row counts
-    (batch x tokens): what ``fedllm.speed.accumulate_product`` chooses between."""
-    from fedllm.speed import ROW_CHUNK, _addmm_in_row_chunks
+    runs them: ``x Wᵀ`` forward, ``g W`` backward) every way ``fedllm.speed.accumulate_product``
+    chooses between (whole, in row chunks of ``ROW_CHUNK``, in two column halves), for several row
+    counts (batch x tokens), each weight cold (one of 40 distinct copies, as 30 layers are)."""
+    from fedllm.speed import PRODUCT_WAYS
 
-    def best(fn, repeats=5):
-        fn()
+    def best(fn, weights, repeats=3):
+        for w in weights[:4]:
+            fn(w)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            for w in weights:
+                fn(w)
+            times.append((time.perf_counter() - start) / len(weights))
         return min(times)
 
     out = {}
     for inner, outer in ((576, 576), (576, 192), (576, 1536), (1536, 576)):
-        weight = torch.randn(outer, inner, dtype=torch.bfloat16)
+        weights = [torch.randn(outer, inner, dtype=torch.bfloat16) for _ in range(40)]
         for rows in (640, 1024, 1536):
-            a = torch.randn(rows, inner, dtype=torch.bfloat16)
-            acc = torch.zeros(rows, outer, dtype=torch.bfloat16)
+            x = torch.randn(rows, inner, dtype=torch.bfloat16)
+            g = torch.randn(rows, outer, dtype=torch.bfloat16)
+            acc_out = torch.zeros(rows, outer, dtype=torch.bfloat16)
+            acc_in = torch.zeros(rows, inner, dtype=torch.bfloat16)
             flop = 2 * rows * inner * outer
-            whole = best(lambda: acc.addmm_(a, weight.t()))
-            chunks = best(lambda: _addmm_in_row_chunks(acc, a, weight.t()))
-            out[f"{rows}x{inner}->{outer}"] = {"whole-tflops": round(flop / whole / 1e12, 2),
-                                                f"chunks-of-{ROW_CHUNK}-tflops": round(flop / chunks / 1e12, 2)}
+            for direction, (acc, a, layout) in {"forward": (acc_out, x, lambda w: w.t()),
+                                                "backward": (acc_in, g, lambda w: w)}.items():
+                out[f"{rows}x{inner}->{outer} {direction}"] = {
+                    f"{way}-tflops": round(flop / best(lambda w: product(acc, a, layout(w)), weights) / 1e12, 2)
+                    for way, product in PRODUCT_WAYS.items()}
     return out
 
 

@@ -11,8 +11,9 @@ rest in ``tests/unit/test_speed.py``):
   CPU, query heads grouped per key/value head.
 * ``lean_rms_norm_forward``: the RMSNorm of Llama-style models (weight frozen) as one
   ``FrozenRMSNorm`` with a written-out backward pass.
-* ``accumulate_product``: ``out += a @ b`` for the base's products, as one multiply or in row
-  chunks, whichever this CPU's kernel runs faster for that shape (timed once per shape).
+* ``accumulate_product``: ``out += a @ b`` for the base's products, as one multiply, in row
+  chunks or in two column halves, whichever this CPU's kernel runs fastest for that shape (timed
+  once per shape).
 * ``lean_llama_attention_forward``: Llama's attention forward with the rotary embedding as one
   ``Rotary`` function (written-out backward pass).
 * ``head_nll``: the output head and the next-token loss on response tokens as one function, in
@@ -26,6 +27,7 @@ Nothing here decides privacy: the per-example gradients go to Opacus' ``DPOptimi
 from __future__ import annotations
 
 import ctypes
+import math
 import platform
 import time
 from typing import Any
@@ -180,7 +182,8 @@ class FrozenBaseLoRA(torch.autograd.Function):
 
 
 ROW_CHUNK = 512
-_row_split: dict[tuple, bool] = {}
+TRIALS = 3
+_product_way: dict[tuple, str] = {}
 
 
 def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -188,35 +191,48 @@ def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
 
     On a CPU, oneDNN's matrix multiply runs some shapes no faster on two threads than on one: on
     this project's 2-core machine, bf16 (rows 640-1280) x 1536 -> 576, SmolLM2's MLP down
-    projection, runs at about 1.1 TFLOP/s whole and 1.7-2.0 in row chunks of 512, while other shapes
-    are faster whole (``python bench/bench_speed.py --parts gemm``). The
-    first product of each shape (rows in buckets of 128, inner and outer size, dtype, layout of
-    ``b``) is computed both ways, twice each, the second timed; that shape then always takes the
-    faster way. The values are the same either way, up to the order of the sums inside the kernel
-    (tested)."""
+    projection, runs at about 1.1 TFLOP/s whole and 1.7-2.0 in row chunks of 512, 576 -> 576 about
+    10% faster as two halves of the output's columns, while other shapes are fastest whole
+    (``python bench/bench_speed.py --parts gemm``). The first products of each shape (rows in
+    buckets of 128, inner and outer size, dtype, layout of ``b``) are computed all three ways
+    (``PRODUCT_WAYS``), ``TRIALS`` times each in turn, after one untimed run each (a new shape's
+    first product includes building its kernel); the way with the shortest time is kept for that
+    shape (the shortest of several, as a single timing on a shared machine can be off by 10-20%).
+    The values are the same every way, up to the order of the sums inside the kernel (tested)."""
     rows = out.shape[0]
     if out.device.type != "cpu" or rows <= ROW_CHUNK:
         return out.addmm_(a, b)
     key = (rows // 128, a.shape[1], out.shape[1], a.dtype, b.stride())
-    split = _row_split.get(key)
-    if split is None:  # each way once untimed (a new shape's first product includes building its kernel)
-        trial = out.clone()
-        trial.addmm_(a, b)
-        start = time.perf_counter()
-        trial.addmm_(a, b)
-        whole = time.perf_counter() - start
-        _addmm_in_row_chunks(trial, a, b)
-        start = time.perf_counter()
-        _addmm_in_row_chunks(out, a, b)
-        _row_split[key] = time.perf_counter() - start < whole
-        return out
-    return _addmm_in_row_chunks(out, a, b) if split else out.addmm_(a, b)
+    way = _product_way.get(key)
+    if way is None:
+        trial, best = torch.empty_like(out), {}
+        for product in PRODUCT_WAYS.values():
+            product(trial.copy_(out), a, b)  # untimed: builds each way's kernels
+        for _ in range(TRIALS):
+            for name, product in PRODUCT_WAYS.items():
+                trial.copy_(out)
+                start = time.perf_counter()
+                product(trial, a, b)
+                best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+        way = _product_way[key] = min(best, key=best.get)
+    return PRODUCT_WAYS[way](out, a, b)
 
 
 def _addmm_in_row_chunks(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for start in range(0, out.shape[0], ROW_CHUNK):
         out[start:start + ROW_CHUNK].addmm_(a[start:start + ROW_CHUNK], b)
     return out
+
+
+def _addmm_in_column_halves(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    half = (out.shape[1] + 1) // 2
+    out[:, :half].addmm_(a, b[:, :half])
+    out[:, half:].addmm_(a, b[:, half:])
+    return out
+
+
+PRODUCT_WAYS = {"whole": lambda out, a, b: out.addmm_(a, b), "rows": _addmm_in_row_chunks,
+                "columns": _addmm_in_column_halves}
 
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of rows in head_nll (64 MB in fp32)

@@ -13,28 +13,30 @@ from fedllm import speed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("split", [True, False])
-def test_accumulate_product_adds_the_same_product_whole_or_in_row_chunks(monkeypatch, dtype, split):
+@pytest.mark.parametrize("way", ["whole", "rows", "columns"])
+def test_accumulate_product_adds_the_same_product_every_way(monkeypatch, dtype, way):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(1100, 48, generator=g).to(dtype)
-    w = torch.randn(40, 48, generator=g).to(dtype)
-    start = torch.randn(1100, 40, generator=g).to(dtype)
+    w = torch.randn(41, 48, generator=g).to(dtype)  # an odd width: column halves of 21 and 20
+    start = torch.randn(1100, 41, generator=g).to(dtype)
     expected = start.clone().addmm_(a, w.t())
-    monkeypatch.setattr(speed, "_row_split", {})
-    first = speed.accumulate_product(start.clone(), a, w.t())  # times both ways, keeps the result once
-    assert len(speed._row_split) == 1
-    key = next(iter(speed._row_split))
-    speed._row_split[key] = split
+    monkeypatch.setattr(speed, "_product_way", {})
+    first = speed.accumulate_product(start.clone(), a, w.t())  # times every way, then computes once
+    assert len(speed._product_way) == 1 and next(iter(speed._product_way.values())) in speed.PRODUCT_WAYS
+    key = next(iter(speed._product_way))
+    speed._product_way[key] = way
     again = speed.accumulate_product(start.clone(), a, w.t())
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(first, expected, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(again, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(speed.PRODUCT_WAYS[way](start.clone(), a, w.t()), expected, rtol=tolerance,
+                               atol=tolerance)
 
 
 def test_small_products_are_one_multiply(monkeypatch):
-    monkeypatch.setattr(speed, "_row_split", {})
+    monkeypatch.setattr(speed, "_product_way", {})
     out = speed.accumulate_product(torch.zeros(speed.ROW_CHUNK, 3), torch.ones(speed.ROW_CHUNK, 2), torch.ones(2, 3))
-    assert speed._row_split == {} and bool((out == 2).all())
+    assert speed._product_way == {} and bool((out == 2).all())
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
