@@ -191,8 +191,9 @@ def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
 
     On a CPU, oneDNN's matrix multiply runs some shapes no faster on two threads than on one: on
     this project's 2-core machine, bf16 (rows 640-1280) x 1536 -> 576, SmolLM2's MLP down
-    projection, runs at about 1.1 TFLOP/s whole and 1.7-2.0 in row chunks of 512, 576 -> 576 about
-    10% faster as two halves of the output's columns, while other shapes are fastest whole
+    projection, runs at about 1.1 TFLOP/s whole and 1.7-2.0 in row chunks of 512, 1024 x 576 -> 576
+    at 1.24 in two halves of the output's columns against 0.98 whole and 1.09 in row chunks, while
+    other shapes are fastest whole
     (``python bench/bench_speed.py --parts gemm``). The first products of each shape (rows in
     buckets of 128, inner and outer size, dtype, layout of ``b``) are computed all three ways
     (``PRODUCT_WAYS``), ``TRIALS`` times each in turn, after one untimed run each (a new shape's
@@ -255,9 +256,10 @@ class HeadCrossEntropy(torch.autograd.Function):
     forward pass while the chunk's logits are at hand (rounded to the head's dtype before the
     product, as autograd rounds the logits' gradient), and only these (tokens x width) values are
     kept; the backward pass scales each row by its incoming gradient. Nothing of vocabulary size
-    outlives its chunk: for 8 x 64 response tokens of a 49,152-word vocabulary that is 50 MB of
-    bf16 logits and two 100 MB fp32 copies not stored, and one pass less over them (tested against
-    the unfused computation, values and gradients)."""
+    outlives its chunk: for 8 x 64 response tokens of a 49,152-word vocabulary the 50 MB of bf16
+    logits, their 100 MB fp32 copy, the 100 MB fp32 log-probabilities kept for the backward pass
+    and the logits' gradients are never materialised whole (tested against the unfused
+    computation, values and gradients)."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

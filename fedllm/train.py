@@ -25,6 +25,7 @@ No Flower imports: the Flower ClientApp calls ``train_local`` and ``evaluate_los
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -118,15 +119,14 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-# Output-head post-processing per model_type, applied to lm_head's output by the model's own
-# forward; a model_type not listed here takes the full forward (tested per family against it).
 def _as_is(logits: torch.Tensor, config: object) -> torch.Tensor:
     return logits
 
 
+# Output-head post-processing per model_type, applied to lm_head's output by the model's own
+# forward; a model_type not listed here takes the full forward (tested per family against it).
 _HEAD_POST: dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {
-    **{t: _as_is for t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma",
-                                                   "gemma3_text", "falcon", "mpt")},
+    **{t: _as_is for t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma3_text", "falcon", "mpt")},
     "cohere": lambda logits, config: logits * config.logit_scale,
     "gemma2": lambda logits, config: (torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
                                       if config.final_logit_softcapping else logits),
@@ -217,9 +217,9 @@ def train_local(
 
         if not own:
             net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = _dp_optimizer_class()(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                expected_batch_size=expected_batch, loss_reduction="mean",
-                                generator=noise_generator or fresh_generator())
+        optimizer = _dp_optimizer_class()(optimizer, noise_multiplier=dp.noise_multiplier,
+                                          max_grad_norm=dp.max_grad_norm, expected_batch_size=expected_batch,
+                                          loss_reduction="mean", generator=noise_generator or fresh_generator())
     if gradient_checkpointing:
         set_gradient_checkpointing(model, True)
     model.train()
@@ -296,28 +296,23 @@ def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
     return enabled and usable
 
 
-_DP_OPTIMIZER: type | None = None
-
-
+@functools.cache
 def _dp_optimizer_class() -> type:
     """Opacus' ``DPOptimizer`` with one change, in ``scale_grad``: the number of accumulated
     backward passes, which Opacus recomputes for every parameter by looping over all of them
     (quadratic in the number of parameters: 44,100 checks a step for the default adapter's 210
     factors), is computed once per step. The division, the clipping and the noise are Opacus' own
     (the mechanism tests in ``tests/unit/test_train.py`` check the step against a hand computation)."""
-    global _DP_OPTIMIZER
-    if _DP_OPTIMIZER is None:
-        from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer
 
-        class FedllmDPOptimizer(DPOptimizer):
-            def scale_grad(self) -> None:
-                if self.loss_reduction == "mean":
-                    divisor = self.expected_batch_size * self.accumulated_iterations
-                    for p in self.params:
-                        p.grad /= divisor
+    class FedllmDPOptimizer(DPOptimizer):
+        def scale_grad(self) -> None:
+            if self.loss_reduction == "mean":
+                divisor = self.expected_batch_size * self.accumulated_iterations
+                for p in self.params:
+                    p.grad /= divisor
 
-        _DP_OPTIMIZER = FedllmDPOptimizer
-    return _DP_OPTIMIZER
+    return FedllmDPOptimizer
 
 
 def _step(optimizer, params, anchor, proximal_mu: float, private: bool) -> None:

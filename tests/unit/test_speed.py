@@ -43,7 +43,7 @@ def test_small_products_are_one_multiply(monkeypatch):
 def test_fused_head_loss_gives_the_unfused_values_and_gradients_in_every_chunk(monkeypatch, dtype, tolerance):
     """head_nll equals cross_entropy on the head's logits in fp32 (values and the gradient of a
     weighted sum of the losses, as the per-sequence loss weights them), over several chunks of
-    rows and a partial last one; without gradients it computes none."""
+    rows and a partial last one; under ``no_grad`` the same values."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(21, 16, generator=g).to(dtype)
     weight = (torch.randn(50, 16, generator=g) / 4).to(dtype)
