@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedllm.config import RunConfig, SiteConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
-from fedllm.model import apply_lora, get_adapter_state, load_model_and_tokenizer  # noqa: E402
-from fedllm.train import DPSettings, train_local  # noqa: E402
+from fedllm.model.loading import apply_lora, get_adapter_state, load_model_and_tokenizer  # noqa: E402
+from fedllm.site.training import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8
 
@@ -74,7 +74,7 @@ def bench_dp_overhead(steps: int, threads: int) -> dict:
 
 
 def bench_round_vs_plain_loop(round_steps: int, threads: int) -> dict:
-    from fedllm.simulation import run_simulation
+    from fedllm.simulation.runner import run_simulation
 
     config = RunConfig.from_flat({})
     _, tok = load_model_and_tokenizer(config.model)
@@ -97,8 +97,8 @@ def bench_round_vs_plain_loop(round_steps: int, threads: int) -> dict:
         site = {k: rounds[k]["train"]["sites"]["bench"] for k in rounds}
         # the same steps in a plain loop: same data, same sampling rate, same σ, no Flower, model loaded
         torch.set_num_threads(threads)
-        from fedllm.model import shared_model
-        from fedllm.site import load_site_examples
+        from fedllm.model.loading import shared_model
+        from fedllm.site.runtime import load_site_examples
 
         model, tok2 = shared_model(run)
         train, _ = load_site_examples(run, SiteConfig(name="bench", data_path=str(data)), tok2)
@@ -130,9 +130,9 @@ def _plain_loop_cold(run: RunConfig, data: Path, steps: int, sigma: float, threa
 import json, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
 from fedllm.config import RunConfig, SiteConfig
-from fedllm.model import shared_model
-from fedllm.site import load_site_examples
-from fedllm.train import DPSettings, train_local
+from fedllm.model.loading import shared_model
+from fedllm.site.runtime import load_site_examples
+from fedllm.site.training import DPSettings, train_local
 torch.set_num_threads({threads})
 run = RunConfig.from_flat(json.loads({json.dumps(json.dumps(run.to_flat()))}))
 start = time.perf_counter()
@@ -150,7 +150,7 @@ def bench_bytes() -> dict:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from fedllm import keys
+    from fedllm import wire
 
     config = RunConfig.from_flat({})
     base, _ = load_model_and_tokenizer(config.model)
@@ -163,9 +163,9 @@ def bench_bytes() -> dict:
     sent = {k: torch.randn(v.shape, generator=g) for k, v in get_adapter_state(model, trainable_only=True).items()}
     raw_all = sum(t.numel() * t.element_size() for t in everything.values())
     raw_sent = sum(t.numel() * t.element_size() for t in sent.values())
-    metrics = {k: 1.0 for k in keys.TRAIN_METRIC_KEYS}
-    reply = RecordDict({keys.ARRAYS: ArrayRecord(sent), keys.METRICS: MetricRecord(metrics),
-                        keys.SITE: ConfigRecord({keys.SITE_NAME: "a-hospital-name"})})
+    metrics = {k: 1.0 for k in wire.TRAIN_METRIC_KEYS}
+    reply = RecordDict({wire.ARRAYS: ArrayRecord(sent), wire.METRICS: MetricRecord(metrics),
+                        wire.SITE: ConfigRecord({wire.SITE_NAME: "a-hospital-name"})})
     wire = sum(len(obj.deflate()) for obj in get_all_nested_objects(reply).values())
     return {"reply-bytes": wire, "raw-sent-tensor-bytes": raw_sent, "raw-full-adapter-bytes": raw_all,
             "full-model-bytes": full_bytes, "ratio-vs-raw-sent": round(wire / raw_sent, 4),

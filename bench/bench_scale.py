@@ -67,7 +67,7 @@ def _run(scenario: Path, output: Path) -> dict:
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()
     with open(output.parent / f"{output.name}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedllm.cli", "simulate", str(scenario), "--output", str(output)],
+        proc = subprocess.Popen([sys.executable, "-m", "fedllm.cli.main", "simulate", str(scenario), "--output", str(output)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         parent, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:

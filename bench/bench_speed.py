@@ -8,7 +8,7 @@ Setup as in the issue: SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, ba
   fp32 model, ``get_peft_model(LoraConfig(r=8, target_modules="all-linear"))``, Opacus
   ``PrivacyEngine.make_private`` (hooks mode), the loss from ``model(..., labels=labels).loss``;
   with and without DP.
-* **fedllm**: ``fedllm.train.train_local`` as the sites run it: FFA-LoRA (A frozen, B trained),
+* **fedllm**: ``fedllm.site.training.train_local`` as the sites run it: FFA-LoRA (A frozen, B trained),
   vocabulary logits on response tokens only, the lean LoRA forward, and the base in
   ``model.dtype`` (bf16 and fp32 both measured); with and without DP. Every step trains exactly the
   same 8 x 128 tokens (the site holds 8 records and the batch size is 8, so q = 1).
@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
-from fedllm.model import apply_lora, load_model_and_tokenizer  # noqa: E402
-from fedllm.speed import choose_attention, keep_freed_memory  # noqa: E402
-from fedllm.train import DPSettings, train_local  # noqa: E402
+from fedllm.model.loading import apply_lora, load_model_and_tokenizer  # noqa: E402
+from fedllm.fastpath.layers import choose_attention, keep_freed_memory  # noqa: E402
+from fedllm.site.training import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8
 TOKENS_PER_STEP = SEQ * BATCH
@@ -123,7 +123,7 @@ def bench_steps(steps: int, threads: int, rounds: int) -> dict:
     """Step times of every variant, each in a fresh process of its own (as a site process runs
     one model), the variants taking turns over ``rounds`` rounds in rotating order, so that the
     machine's drifts spread over all of them; the median over all their steps. fedllm's variants
-    set fedllm's allocator (``fedllm.speed.keep_freed_memory``, done by ``train_local``); the plain
+    set fedllm's allocator (``fedllm.fastpath.layers.keep_freed_memory``, done by ``train_local``); the plain
     recipe runs as a user runs it, with glibc's default allocator, and once more with fedllm's
     setting (``plain-dp-tuned-allocator``), for the conservative ratio."""
     times: dict[str, list[float]] = {v: [] for v in TIMED}
@@ -199,10 +199,10 @@ def bench_memory(steps: int, threads: int) -> dict:
 
 def bench_gemm() -> dict:
     """TFLOP/s of the default model's base products (bf16, ``out += a @ b`` as ``FrozenBaseLoRA``
-    runs them: ``x Wᵀ`` forward, ``g W`` backward) every way ``fedllm.speed.accumulate_product``
+    runs them: ``x Wᵀ`` forward, ``g W`` backward) every way ``fedllm.fastpath.layers.accumulate_product``
     chooses between (whole, in row chunks of ``ROW_CHUNK``, in two column halves), for several row
     counts (batch x tokens), each weight cold (one of 40 distinct copies, as 30 layers are)."""
-    from fedllm.speed import PRODUCT_WAYS
+    from fedllm.fastpath.layers import PRODUCT_WAYS
 
     def best(fn, weights, repeats=3):
         for w in weights[:4]:
@@ -235,7 +235,7 @@ def bench_gemm() -> dict:
 def bench_startup() -> dict:
     """The default model's load time in a fresh process, after its first conversion (cached)."""
     code = ("import time, sys; sys.path.insert(0, %r); t0 = time.perf_counter()\n"
-            "from fedllm.config import ModelConfig\nfrom fedllm.model import load_model_and_tokenizer\n"
+            "from fedllm.config import ModelConfig\nfrom fedllm.model.loading import load_model_and_tokenizer\n"
             "t1 = time.perf_counter(); load_model_and_tokenizer(ModelConfig()); t2 = time.perf_counter()\n"
             "print(round(t1 - t0, 2), round(t2 - t1, 2))" % str(ROOT))
     load_model_and_tokenizer(RunConfig().model)  # converts once if needed
@@ -253,10 +253,10 @@ def bench_quality(steps: int, site: str, seeds: list[int]) -> dict:
     learned beyond run-to-run noise (the spread over seeds)?"""
     from fedllm.config import SiteConfig
     from fedllm.data.pubmedqa import pubmedqa_site_records
-    from fedllm.model import get_adapter_state, set_adapter_state
+    from fedllm.model.loading import get_adapter_state, set_adapter_state
     from fedllm.privacy.accounting import noise_multiplier_for
-    from fedllm.site import load_site_examples
-    from fedllm.train import evaluate_loss
+    from fedllm.site.runtime import load_site_examples
+    from fedllm.site.training import evaluate_loss
 
     folder = ROOT.parent / "shared" / "data" / "pubmedqa"
     records = pubmedqa_site_records(folder)[site]

@@ -17,7 +17,8 @@ def seeded_randomness(monkeypatch):
     import numpy as np
     import torch
 
-    from fedllm import strategy, train
+    from fedllm.flower import strategies as strategy
+    from fedllm.site import training as train
     from fedllm.audit import canaries
 
     seeds = itertools.count(1)

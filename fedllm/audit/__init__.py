@@ -1,2 +1,2 @@
-"""Privacy audit: the report of what each site spent (``report``) and the empirical canary audit
-(``canaries``)."""
+"""The empirical privacy audit: canaries planted in a site's data, their scoring, and the one-run
+ε lower bound (``canaries``, ``scoring``, ``empirical``). Its report text is in ``fedllm.reports``."""

@@ -22,7 +22,7 @@ adapter gives away about single records:
   of the two), with a DeLong 95% interval.
 
 **What is audited.** Exactly one site's whole federated run: ``num-server-rounds ×
-train.local-steps`` steps of :func:`fedllm.train.train_local` at the run's batch size, learning
+train.local-steps`` steps of :func:`fedllm.site.training.train_local` at the run's batch size, learning
 rate, optimizer and clipping norm, with σ as the site sets it (the configured
 ``privacy.noise-multiplier``, or ``noise_multiplier_for`` from min(target ε, the site's cap) over
 all those steps). A site's record-level guarantee is a property of its own sequence of noisy
@@ -326,11 +326,11 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.formatting import tokenize_record, tokenize_records
     from fedllm.data.loading import load_records
-    from fedllm.model import apply_lora, is_quantized, load_model_and_tokenizer
+    from fedllm.model.loading import apply_lora, is_quantized, load_model_and_tokenizer
     from fedllm.privacy.accounting import DPEvent, epsilon_for
     from fedllm.privacy.ledger import PrivacyLedger
-    from fedllm.site import load_site_examples
-    from fedllm.train import DPSettings, train_local
+    from fedllm.site.runtime import load_site_examples
+    from fedllm.site.training import DPSettings, train_local
 
     start_time = time.perf_counter()
     timings: dict[str, float] = {}
@@ -426,7 +426,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
         "ledger": str(ledger.path), "seconds": time.perf_counter() - start_time, "timings": timings,
     }
     report["verdict"] = verdict(report)
-    from fedllm.audit.canary_report import render_markdown
+    from fedllm.reports.canary_report import render_markdown
 
     write_json_atomic(output / "canary-audit.json", _jsonable(report))
     write_text_atomic(output / "canary-audit.md", render_markdown(report))
@@ -488,7 +488,7 @@ def _jsonable(value: Any) -> Any:
 def main(args: argparse.Namespace) -> int:
     """``fedllm audit --canaries N``: exit 1 when a run that claims DP is flagged, else 0."""
     from fedllm.config import RunConfig, parse_set_option
-    from fedllm.scenario import load_scenario, materialise_sites
+    from fedllm.simulation.scenario import load_scenario, materialise_sites
 
     scenario = load_scenario(args.scenario)
     overrides = dict(scenario.run_overrides)
@@ -522,7 +522,7 @@ def main(args: argparse.Namespace) -> int:
         if created and not (output / "ledger").exists():  # nothing was spent: leave nothing behind
             shutil.rmtree(output, ignore_errors=True)
         raise
-    from fedllm.audit.canary_report import summary_lines
+    from fedllm.reports.canary_report import summary_lines
 
     for line in summary_lines(report):
         print(line, flush=True)

@@ -140,7 +140,7 @@ def response_log_likelihoods(model: Any, examples: Sequence[Any], *, batch_size:
     """Per example: the summed log-likelihood of its response (label) tokens, and their number."""
     import torch
 
-    from fedllm.train import collate, token_losses
+    from fedllm.site.training import collate, token_losses
 
     sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedllm.deploy.sitefile import SITE_NAME_RE
+from fedllm.deploy.site_file import SITE_NAME_RE
 from fedllm.errors import ConfigError
 from fedllm.files import write_bytes_atomic
 

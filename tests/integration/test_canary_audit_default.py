@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fedllm.cli import main
+from fedllm.cli.main import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -65,7 +65,7 @@ class Federation:
         self.logs: dict[str, Path] = {}
 
     def fedllm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fedllm.cli", *args], check=False, cwd=self.tmp, env=self.env,
+        return subprocess.run([sys.executable, "-m", "fedllm.cli.main", *args], check=False, cwd=self.tmp, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
@@ -73,7 +73,7 @@ class Federation:
         self.logs[name] = log
         env = {**self.env, "FEDLLM_TEST_PROC": f"{name}-{self.marker}"}  # marks everything this command starts
         with open(log, "a") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "fedllm.cli", *args], cwd=self.tmp, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "fedllm.cli.main", *args], cwd=self.tmp, env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -246,7 +246,7 @@ def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_t
 
     from peft import PeftModel
 
-    from fedllm.model import build_tiny_model, get_adapter_state
+    from fedllm.model.loading import build_tiny_model, get_adapter_state
 
     loaded = get_adapter_state(PeftModel.from_pretrained(build_tiny_model("llama"), fed.tmp / "run" / "adapter"))
     assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in loaded.items())
@@ -271,8 +271,8 @@ def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp
     )
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-    from fedllm import keys
-    from fedllm.model import build_byte_tokenizer
+    from fedllm import wire
+    from fedllm.model.loading import build_byte_tokenizer
 
     requests = proxy.requests()
     paths = {r.path for r in requests}
@@ -288,22 +288,22 @@ def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp
             continue
         record = inflate_object_from_contents(object_id, dict(objects), keep_object_contents=True)
         assert isinstance(record, RecordDict)
-        assert set(record) <= {keys.ARRAYS, keys.METRICS, keys.SITE}, set(record)
-        assert isinstance(record[keys.SITE], ConfigRecord) and dict(record[keys.SITE]) == {keys.SITE_NAME: "a"}
-        metrics = record[keys.METRICS]
+        assert set(record) <= {wire.ARRAYS, wire.METRICS, wire.SITE}, set(record)
+        assert isinstance(record[wire.SITE], ConfigRecord) and dict(record[wire.SITE]) == {wire.SITE_NAME: "a"}
+        metrics = record[wire.METRICS]
         assert isinstance(metrics, MetricRecord)
         assert all(isinstance(v, (int, float)) for v in metrics.values())
-        if keys.ARRAYS in record:
+        if wire.ARRAYS in record:
             trained += 1
-            arrays = record[keys.ARRAYS]
+            arrays = record[wire.ARRAYS]
             assert isinstance(arrays, ArrayRecord)
-            assert set(metrics) == set(keys.TRAIN_METRIC_KEYS)
+            assert set(metrics) == set(wire.TRAIN_METRIC_KEYS)
             assert set(arrays) <= set(adapter) and all("lora_B" in k for k in arrays)  # FFA-LoRA: B only
             for k in arrays:
                 assert arrays[k].dtype == "float32" and tuple(arrays[k].shape) == tuple(adapter[k].shape)
         else:
             evaluated += 1
-            assert set(metrics) == set(keys.EVALUATE_METRIC_KEYS)
+            assert set(metrics) == set(wire.EVALUATE_METRIC_KEYS)
     assert trained >= 2 and evaluated >= 3  # rounds 1-2 trained (2 re-sent after the resume); 0-2 evaluated
 
     wire = proxy.all_sent()

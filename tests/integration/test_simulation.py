@@ -33,7 +33,7 @@ def _processes_with(marker: str) -> list[str]:
 def simulate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     marker = f"FEDLLM_TEST_RUN={uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEDLLM_TEST_RUN": marker.split("=", 1)[1]}
-    res = subprocess.run([sys.executable, "-m", "fedllm.cli", "simulate", *args], cwd=ROOT, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "fedllm.cli.main", "simulate", *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=timeout, env=env)
     leftover = _processes_with(marker)
     assert not leftover, f"processes left behind: {leftover}"
@@ -79,7 +79,7 @@ def test_smoke_federation_produces_a_loadable_adapter_history_and_ledgers(tmp_pa
     from peft import PeftModel
 
     from fedllm.config import RunConfig
-    from fedllm.model import apply_lora, build_tiny_model, get_adapter_state
+    from fedllm.model.loading import apply_lora, build_tiny_model, get_adapter_state
 
     run_cfg = RunConfig.from_flat({"model.name": "tiny-random-llama", "lora.r": 4, "lora.alpha": 8})
     initial = get_adapter_state(apply_lora(build_tiny_model("llama"), run_cfg.lora))

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from fedllm import cli, keys
-from fedllm.audit.report import (
+from fedllm import wire
+from fedllm.cli import main as cli
+from fedllm.reports.privacy_report import (
     CROSSCHECK_TOLERANCE,
     build_privacy_report,
     main,
@@ -31,7 +32,7 @@ from fedllm.audit.report import (
 )
 from fedllm.config import RunConfig, SiteConfig, to_toml
 from fedllm.errors import RunFailedError
-from fedllm.model_card import render_model_card, write_model_card
+from fedllm.reports.model_card import render_model_card, write_model_card
 from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import generate_signing_key, load_private_key
@@ -83,17 +84,17 @@ def make_run(root: Path, *, sites: dict = SITES, overrides: dict | None = None, 
         for r in range(1, trained + 1):
             entry = ledger.record(run_id=RUN_ID, server_round=r, **release)
             rounds[r]["train"]["sites"][name] = {
-                keys.NUM_EXAMPLES: n_train, keys.TRAIN_LOSS: 2.0, keys.LOCAL_STEPS: 6, keys.EXAMPLES_SEEN: 48,
-                keys.TOKENS: 4800, keys.TRAIN_SECONDS: 10.0,
-                keys.EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0, keys.DELTA: delta,
-                keys.NOISE_MULTIPLIER: sigma, keys.SAMPLE_RATE: q, keys.MAX_GRAD_NORM: 1.0}
+                wire.NUM_EXAMPLES: n_train, wire.TRAIN_LOSS: 2.0, wire.LOCAL_STEPS: 6, wire.EXAMPLES_SEEN: 48,
+                wire.TOKENS: 4800, wire.TRAIN_SECONDS: 10.0,
+                wire.EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0, wire.DELTA: delta,
+                wire.NOISE_MULTIPLIER: sigma, wire.SAMPLE_RATE: q, wire.MAX_GRAD_NORM: 1.0}
         if refused:
             rounds[refused]["train"]["refused"][name] = (
                 f"Site '{name}' would exceed its privacy budget: spent ε=3.73, this round +0.53, cap 4.00 "
                 "(δ=1e-05, prv). Refusing to train; raise privacy.max-epsilon or stop the run.")
         for r in range(4):
-            rounds[r]["evaluate"]["sites"][name] = {keys.NUM_EXAMPLES: n_held, keys.EVAL_LOSS: 2.5,
-                                                    keys.PERPLEXITY: 12.18, keys.EVAL_TOKENS: 900}
+            rounds[r]["evaluate"]["sites"][name] = {wire.NUM_EXAMPLES: n_held, wire.EVAL_LOSS: 2.5,
+                                                    wire.PERPLEXITY: 12.18, wire.EVAL_TOKENS: 900}
     history = {"run-id": RUN_ID, "status": "completed", "num-server-rounds": 3, "started": "2026-11-28T10:00:00Z",
                "rounds": rounds, "finished": "2026-11-28T10:05:00Z"}
     if central_dp is not None:
@@ -241,7 +242,7 @@ def test_another_sites_ledger_in_its_place_fails(tmp_path):
 def test_epsilon_reported_to_the_coordinator_must_match_the_ledger(tmp_path):
     run = make_run(tmp_path, sites=one_site())
     history = json.loads((run / "history.json").read_text())
-    history["rounds"][2]["train"]["sites"]["solo"][keys.EPSILON] = 0.5
+    history["rounds"][2]["train"]["sites"]["solo"][wire.EPSILON] = 0.5
     history["rounds"][3]["train"]["sites"]["solo"] = dict(history["rounds"][1]["train"]["sites"]["solo"])
     (run / "history.json").write_text(json.dumps(history))
     problems = build_privacy_report(run)["problems"]
@@ -366,7 +367,7 @@ def test_model_card_front_matter_and_no_paths(demo_run, tmp_path):
     for site in sites:
         assert f"| {site.name} |" in text
     # the same statement text as the report
-    from fedllm.audit.report import privacy_statement
+    from fedllm.reports.privacy_report import privacy_statement
     assert privacy_statement(accountant="prv", central_dp=None).rstrip("\n") in text
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fedllm.audit import canaries as audit
-from fedllm.audit.canary_report import (
+from fedllm.reports.canary_report import (
     can_and_cannot,
     render_markdown,
     summary_lines,
@@ -31,11 +31,11 @@ from fedllm.audit.scoring import (
     direct_code_log_likelihood,
     locate_secret,
 )
-from fedllm.cli import main
+from fedllm.cli.main import main
 from fedllm.config import ModelConfig
 from fedllm.data.formatting import tokenize_record
 from fedllm.errors import FedLLMError
-from fedllm.model import build_byte_tokenizer, load_model_and_tokenizer
+from fedllm.model.loading import build_byte_tokenizer, load_model_and_tokenizer
 from fedllm.privacy.ledger import PrivacyLedger
 
 SMOKE_DATA = Path(__file__).resolve().parents[2] / "simulations" / "smoke" / "data" / "smoke.jsonl"

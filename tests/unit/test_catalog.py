@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from fedllm.catalog import FAMILIES, estimate_memory
-from fedllm.cli import main
-from fedllm.model import TINY_CONFIGS
+from fedllm.model.catalog import FAMILIES, estimate_memory
+from fedllm.cli.main import main
+from fedllm.model.loading import TINY_CONFIGS
 
 PUBLISHED = {  # billions of parameters, from the model cards
     ("Llama 3.1", "8B"): 8.03, ("Llama 3.1", "70B"): 70.6, ("Llama 3.1", "405B"): 405.9,

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
 )
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import (
     CentralDPConfig,
     RunConfig,
@@ -34,8 +34,8 @@ from fedllm.config import (
 )
 from fedllm.errors import ConfigError, InvalidUpdateError
 from fedllm.privacy.accounting import PrivacyParameterError, site_level_epsilon
-from fedllm.screening import triage_replies, validate_update
-from fedllm.strategy import (
+from fedllm.coordinator.screening import triage_replies, validate_update
+from fedllm.flower.strategies import (
     build_strategy,
     clipped_count_stddev,
     site_level_warning,
@@ -121,9 +121,9 @@ def _update(rng: np.random.Generator, norm: float, shapes=SHAPES) -> dict[str, n
 def _reply(node: int, arrays: ArrayRecord, *, examples: int = 10):
     meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                     group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
-    content = RecordDict({keys.ARRAYS: arrays,
-                          keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: examples, keys.TRAIN_LOSS: 1.0}),
-                          keys.SITE: ConfigRecord({keys.SITE_NAME: f"site{node}"})})
+    content = RecordDict({wire.ARRAYS: arrays,
+                          wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples, wire.TRAIN_LOSS: 1.0}),
+                          wire.SITE: ConfigRecord({wire.SITE_NAME: f"site{node}"})})
     return make_message(meta, content=content)
 
 
@@ -281,8 +281,8 @@ def _run_config(**central):
 
 
 def test_run_start_refuses_a_delta_that_is_not_below_one_over_the_number_of_sites(tmp_path):
-    from fedllm.history import RunHistory
-    from fedllm.server import _start_central_dp
+    from fedllm.coordinator.history import RunHistory
+    from fedllm.coordinator.rounds import _start_central_dp
 
     history = RunHistory(tmp_path / "history.json", run_id="r", num_rounds=20)
     with pytest.raises(ConfigError, match=r"central-dp.target-delta = 0.25 is not below 1/N = 0.2 for N = 5 sites"):
@@ -290,17 +290,17 @@ def test_run_start_refuses_a_delta_that_is_not_below_one_over_the_number_of_site
 
 
 def test_run_start_warns_plainly_and_rounds_record_the_guarantee(tmp_path, caplog):
-    from fedllm.history import RunHistory
-    from fedllm.server import _start_central_dp
+    from fedllm.coordinator.history import RunHistory
+    from fedllm.coordinator.rounds import _start_central_dp
 
     history = RunHistory(tmp_path / "history.json", run_id="r", num_rounds=20)
     assert history.data["central-dp"] == {"enabled": False}
     import logging
 
-    server_log = logging.getLogger("fedllm.server")  # the app's handler may stop propagation to root
+    server_log = logging.getLogger("fedllm.coordinator.rounds")  # the app's handler may stop propagation to root
     server_log.addHandler(caplog.handler)
     try:
-        with caplog.at_level("INFO", logger="fedllm.server"):
+        with caplog.at_level("INFO", logger="fedllm.coordinator.rounds"):
             central = _start_central_dp(_FakeGrid(range(5)), _run_config(), history)
     finally:
         server_log.removeHandler(caplog.handler)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedllm.cli import main
+from fedllm.cli.main import main
 from fedllm.deploy import certs
 from fedllm.deploy.certs import create_dev_pki
 from fedllm.errors import ConfigError

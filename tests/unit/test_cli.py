@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedllm.cli import main
+from fedllm.cli.main import main
 from fedllm.privacy.accounting import DPEvent, epsilon_for
 from fedllm.privacy.ledger import PrivacyLedger
 

@@ -21,7 +21,7 @@ from fedllm.config import (
     to_toml,
 )
 from fedllm.errors import ConfigError
-from fedllm.scenario import load_scenario
+from fedllm.simulation.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TOMLS = sorted((REPO / "simulations").glob("*/run.toml"))

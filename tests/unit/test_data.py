@@ -22,7 +22,7 @@ from fedllm.data.loading import load_records, normalise_record
 from fedllm.data.partition import partition_dirichlet, partition_iid, split_holdout
 from fedllm.data.pubmedqa import SITES, pubmedqa_site_records, site_of
 from fedllm.errors import DataError
-from fedllm.model import build_byte_tokenizer
+from fedllm.model.loading import build_byte_tokenizer
 
 PUBMEDQA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "pubmedqa"
 
@@ -501,7 +501,7 @@ def test_column_mappings_are_checked_in_site_configurations():
 
 def test_scenario_sites_and_partitions_take_a_column_mapping(tmp_path):
     from fedllm.errors import ConfigError
-    from fedllm.scenario import load_scenario, materialise_sites
+    from fedllm.simulation.scenario import load_scenario, materialise_sites
 
     _write_csv(tmp_path / "qa.csv", QA_ROWS * 4)
     (tmp_path / "run.toml").write_text("")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.cli import main
+from fedllm.cli.main import main
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.loading import load_records
 from fedllm.errors import LedgerError
@@ -292,7 +292,7 @@ def test_a_ledger_re_signed_with_another_key_fails_against_the_sites_key(signed,
 def test_the_site_refuses_a_ledger_written_for_other_data(tmp_path, data_file, fingerprint, key):
     from fedllm.config import RunConfig, SiteConfig
     from fedllm.privacy.signing import generate_signing_key
-    from fedllm.site import SiteRuntime
+    from fedllm.site.runtime import SiteRuntime
 
     config = RunConfig.from_flat({"model.name": "tiny-random-llama", "data.max-length": 64, "train.local-steps": 1,
                                   "train.batch-size": 2, "privacy.noise-multiplier": 1.0})
@@ -306,7 +306,7 @@ def test_the_site_refuses_a_ledger_written_for_other_data(tmp_path, data_file, f
 
     runtime = SiteRuntime(config, site, ledger_path=tmp_path / "right.json")
     assert runtime.dataset_fingerprint == fingerprint
-    from fedllm.model import get_adapter_state
+    from fedllm.model.loading import get_adapter_state
 
     runtime.train_round(run_id="r", server_round=1, adapter=get_adapter_state(runtime.model, trainable_only=True))
     result = verify_ledger(tmp_path / "right.json", public_key=public, dataset_fingerprint=fingerprint)

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from fedllm.config import RunConfig, SiteConfig
-from fedllm.model import (
+from fedllm.model.loading import (
     TINY_CONFIGS,
     build_tiny_model,
     get_adapter_state,
     save_adapter,
     target_modules,
 )
-from fedllm.site import SiteRuntime
-from fedllm.speed import uses_lean_lora_forward
-from fedllm.train import DPSettings, train_local
+from fedllm.site.runtime import SiteRuntime
+from fedllm.fastpath.layers import uses_lean_lora_forward
+from fedllm.site.training import DPSettings, train_local
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(16)]
 FAMILIES = sorted(TINY_CONFIGS)
@@ -43,9 +43,9 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
     from flwr.app.metadata import Metadata
     from peft import PeftModel
 
-    from fedllm import keys
-    from fedllm.model import shared_model
-    from fedllm.strategy import build_strategy
+    from fedllm import wire
+    from fedllm.model.loading import shared_model
+    from fedllm.flower.strategies import build_strategy
 
     config = _config(family)
     replies, metrics = [], []
@@ -58,11 +58,11 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
         outcome = site.train_round(run_id="r", server_round=1, adapter=start)
         assert set(outcome.adapter) == set(start) and start
         assert any(not torch.equal(outcome.adapter[k], start[k]) for k in start)  # every site trained something
-        assert 0 < outcome.metrics[keys.EPSILON] < math.inf
+        assert 0 < outcome.metrics[wire.EPSILON] < math.inf
         meta = Metadata(run_id=1, message_id=f"m{i}", src_node_id=i + 1, dst_node_id=0, reply_to_message_id="x",
                         group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
         replies.append(make_message(meta, content=RecordDict({
-            keys.ARRAYS: ArrayRecord(outcome.adapter), keys.METRICS: MetricRecord(outcome.metrics)})))
+            wire.ARRAYS: ArrayRecord(outcome.adapter), wire.METRICS: MetricRecord(outcome.metrics)})))
         metrics.append(outcome.metrics)
     arrays, _ = build_strategy(config.strategy).aggregate_train(1, replies)
     peft_model, _ = shared_model(config)
@@ -79,7 +79,7 @@ def test_family_clips_every_example_to_c(family):
     batch, so its norm is at most C · (examples in the batch) / (expected batch size)."""
     from fedllm.data.formatting import tokenize_records
     from fedllm.data.loading import normalise_record
-    from fedllm.model import apply_lora, build_byte_tokenizer
+    from fedllm.model.loading import apply_lora, build_byte_tokenizer
 
     config = _config(family)
     model = apply_lora(build_tiny_model(family), config.lora)
@@ -111,7 +111,7 @@ def test_mixture_of_experts_trains_attention_only_and_keeps_experts_and_router_f
 def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool = False, alpha: int = 4):
     """A tiny model of ``family`` with a trainable, random LoRA (A and B), so every factor has a gradient."""
     from fedllm.config import LoraConfig
-    from fedllm.model import apply_lora
+    from fedllm.model.loading import apply_lora
 
     model = build_tiny_model(family, dtype=dtype)
     for p in model.parameters():
@@ -167,7 +167,7 @@ DTYPE_TOLERANCES = ((torch.float32, 1e-4), (torch.bfloat16, 3e-2))
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_gradient_checkpointing_gives_the_same_per_example_gradients(family):
-    from fedllm.model import set_gradient_checkpointing
+    from fedllm.model.loading import set_gradient_checkpointing
 
     ids, mask = _batch_with_padding()
     plain = _per_example_gradients(_random_lora(family), ids, mask)
@@ -186,7 +186,7 @@ def test_bf16_base_trains_an_fp32_adapter_with_the_same_clipped_step():
     from fedllm.config import ModelConfig
     from fedllm.data.formatting import tokenize_records
     from fedllm.data.loading import normalise_record
-    from fedllm.model import build_byte_tokenizer, load_model_and_tokenizer
+    from fedllm.model.loading import build_byte_tokenizer, load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama", dtype="bfloat16"))
     assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
@@ -213,7 +213,7 @@ def test_family_response_only_logits_and_lean_lora_give_peft_and_the_full_forwar
     logits on response tokens only equals the loss from the model's full forward, and fedllm's lean
     LoRA forward gives the same outputs and per-example gradients as peft's own (A frozen, and A
     trained)."""
-    from fedllm.train import per_sequence_loss, sequence_losses
+    from fedllm.site.training import per_sequence_loss, sequence_losses
 
     ids, mask = _batch_with_padding()
     labels = ids.clone()
@@ -241,8 +241,8 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
     """With A frozen (FFA-LoRA, the default) every LoRA layer runs as one ``FrozenBaseLoRA``: its
     outputs and B's summed gradients equal peft's own forward's, and the per-example gradients it
     stores for DP equal Opacus' GradSampleModule's on peft's forward (scaling 1.5: not a power of two)."""
-    from fedllm.speed import fused_lora_factors
-    from fedllm.train import _own_per_example_gradients
+    from fedllm.fastpath.layers import fused_lora_factors
+    from fedllm.site.training import _own_per_example_gradients
 
     ids, mask = _batch_with_padding()
 
@@ -287,7 +287,7 @@ def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attent
     the families whose attention is transformers' generic one (not for the others): the
     logits and the per-example gradients equal those of eager attention, with padding in the
     batch; on a bf16 base they agree to bf16 precision."""
-    from fedllm.speed import GROUPED_ATTENTION, choose_attention
+    from fedllm.fastpath.layers import GROUPED_ATTENTION, choose_attention
 
     ids, mask = _batch_with_padding()
     for dtype, tolerance in DTYPE_TOLERANCES:
@@ -305,7 +305,7 @@ def test_family_lean_rms_norm_gives_the_model_s_own_values(family):
     """Llama-style RMSNorms run as ``FrozenRMSNorm`` after ``apply_lora``: logits and per-example
     gradients equal those of the model's own norm forward (fp32), and agree to bf16 precision on a
     bf16 base; other families keep their own norms."""
-    from fedllm.speed import lean_rms_norm_forward
+    from fedllm.fastpath.layers import lean_rms_norm_forward
 
     ids, mask = _batch_with_padding()
     for dtype, tolerance in DTYPE_TOLERANCES:

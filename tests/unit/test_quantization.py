@@ -14,7 +14,7 @@ import torch
 
 from fedllm.config import ModelConfig, RunConfig, SiteConfig
 from fedllm.errors import ModelError
-from fedllm.model import (
+from fedllm.model.loading import (
     bnb_config,
     check_quantization,
     is_quantized,
@@ -51,7 +51,7 @@ def test_a_cuda_site_without_a_visible_gpu_is_refused():
 
 @pytest.mark.usefixtures("flower_task_identity")
 def test_the_site_refuses_before_it_loads_anything_and_the_coordinator_loads_the_plain_base(tmp_path):
-    from fedllm.site import SiteRuntime
+    from fedllm.site.runtime import SiteRuntime
 
     config = RunConfig.from_flat({"model.name": "tiny-random-llama", "model.quantization": "4bit"})
     data = tmp_path / "a.jsonl"
@@ -66,7 +66,7 @@ def test_the_site_refuses_before_it_loads_anything_and_the_coordinator_loads_the
 def _small_llama(folder):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fedllm.model import build_byte_tokenizer
+    from fedllm.model.loading import build_byte_tokenizer
 
     shape = AutoConfig.for_model("llama", vocab_size=259, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=258, eos_token_id=256)
@@ -81,10 +81,10 @@ def _dp_round_on_a_quantized_base(tmp_path, bits: str, device: str) -> None:
     """A small random Llama saved to disk, loaded quantized; one DP round at a site trains the fp32
     adapter (every example clipped), and the adapter has exactly the keys and shapes of the
     coordinator's unquantized model, so the global adapter fits both."""
-    from fedllm import keys
-    from fedllm.model import get_adapter_state, shared_model
-    from fedllm.site import SiteRuntime
-    from fedllm.train import DPSettings, train_local
+    from fedllm import wire
+    from fedllm.model.loading import get_adapter_state, shared_model
+    from fedllm.site.runtime import SiteRuntime
+    from fedllm.site.training import DPSettings, train_local
 
     folder = _small_llama(tmp_path / "llama")
     config = RunConfig.from_flat({"model.name": str(folder), "model.quantization": bits, "lora.r": 4,
@@ -100,7 +100,7 @@ def _dp_round_on_a_quantized_base(tmp_path, bits: str, device: str) -> None:
     start = get_adapter_state(site.model, trainable_only=True)
     outcome = site.train_round(run_id="r", server_round=1, adapter=start)
     assert any(not torch.equal(outcome.adapter[k], start[k]) for k in start)
-    assert 0 < outcome.metrics[keys.EPSILON] < math.inf
+    assert 0 < outcome.metrics[wire.EPSILON] < math.inf
     # the clipping bound on the quantized base: σ = 0, SGD with lr 1 moves the adapter by ≤ C·|batch|/B
     before = {n: p.detach().clone() for n, p in adapter.items()}
     result = train_local(site.model, site.train_examples, steps=1, batch_size=4, learning_rate=1.0, optimizer="sgd",
@@ -122,7 +122,7 @@ def test_a_dp_round_on_a_quantized_base_on_the_cpu(tmp_path, monkeypatch, bits):
     """fedllm refuses quantization on a CPU site (the issue's contract: bitsandbytes' CPU kernels are
     a slow fallback). bitsandbytes >= 0.49 does run there, so with that refusal lifted this checks
     the real QLoRA path, bitsandbytes layers + peft + Opacus + the DP loop, on any machine."""
-    monkeypatch.setattr("fedllm.model.check_quantization", lambda config, device: None)
+    monkeypatch.setattr("fedllm.model.loading.check_quantization", lambda config, device: None)
     _dp_round_on_a_quantized_base(tmp_path, bits, "cpu")
 
 

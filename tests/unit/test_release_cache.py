@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from fedllm import keys, release_cache
-from fedllm.release_cache import ReleaseCache, adapter_digest
+from fedllm import wire
+from fedllm.site import resend_store as release_cache
+from fedllm.site.resend_store import ReleaseCache, adapter_digest
 
 
 def _adapter(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -22,7 +23,7 @@ def _adapter(seed: int = 0) -> dict[str, torch.Tensor]:
             "base_model.model.layers.0.self_attn.v_proj.lora_B.weight": torch.randn(8, 4, generator=g)}
 
 
-METRICS = {keys.NUM_EXAMPLES: 24, keys.TRAIN_LOSS: 2.25, keys.LOCAL_STEPS: 3, keys.EPSILON: 0.731, keys.DELTA: 1e-5}
+METRICS = {wire.NUM_EXAMPLES: 24, wire.TRAIN_LOSS: 2.25, wire.LOCAL_STEPS: 3, wire.EPSILON: 0.731, wire.DELTA: 1e-5}
 GLOBAL = adapter_digest(_adapter(99))
 
 
@@ -60,7 +61,7 @@ def test_a_stored_release_is_found_again_bit_identical(tmp_path):
                                                                      input_digest=GLOBAL)
     assert hit is not None
     assert adapter_digest(hit.adapter) == adapter_digest(_adapter(0)) and list(hit.adapter) == list(_adapter(0))  # same order
-    assert hit.metrics == METRICS and isinstance(hit.metrics[keys.NUM_EXAMPLES], int)
+    assert hit.metrics == METRICS and isinstance(hit.metrics[wire.NUM_EXAMPLES], int)
     assert (hit.run_id, hit.server_round, hit.input_digest, hit.ledger_entries) == ("run-1", 2, GLOBAL, 5)
     assert cache.path == tmp_path / "cache" / "cardiology.release.safetensors"
     if os.name == "posix":  # as sensitive as the update itself: owner only
@@ -73,7 +74,7 @@ def test_another_round_run_or_global_adapter_is_a_miss(tmp_path, asked, caplog):
     cache = ReleaseCache(tmp_path, site="cardiology")
     _store(cache)
     query = {"run_id": "run-1", "server_round": 2, "input_digest": GLOBAL} | asked
-    with caplog.at_level(logging.WARNING, logger="fedllm.release_cache"):
+    with caplog.at_level(logging.WARNING, logger="fedllm.site.resend_store"):
         assert cache.lookup(**query) is None
     assert not caplog.records  # an ordinary miss is not a warning
 
@@ -103,7 +104,7 @@ def test_a_damaged_cache_is_a_miss_with_a_warning_never_an_error(tmp_path, damag
     cache = ReleaseCache(tmp_path, site="cardiology")
     _store(cache)
     damage(cache.path)
-    with caplog.at_level(logging.WARNING, logger="fedllm.release_cache"):
+    with caplog.at_level(logging.WARNING, logger="fedllm.site.resend_store"):
         for server_round in (2, 3):
             assert cache.lookup(run_id="run-1", server_round=server_round, input_digest=GLOBAL) is None
     assert "ignoring the release cache" in caplog.text and "trained again" in caplog.text
@@ -112,7 +113,7 @@ def test_a_damaged_cache_is_a_miss_with_a_warning_never_an_error(tmp_path, damag
 def test_another_sites_file_is_not_used(tmp_path, caplog):
     _store(ReleaseCache(tmp_path, site="oncology"))
     (tmp_path / "oncology.release.safetensors").rename(tmp_path / "cardiology.release.safetensors")
-    with caplog.at_level(logging.WARNING, logger="fedllm.release_cache"):
+    with caplog.at_level(logging.WARNING, logger="fedllm.site.resend_store"):
         assert ReleaseCache(tmp_path, site="cardiology").lookup(run_id="run-1", server_round=2,
                                                                 input_digest=GLOBAL) is None
     assert "not this site's release cache" in caplog.text
@@ -153,9 +154,9 @@ def test_sites_have_their_own_files_and_odd_names_are_hashed(tmp_path):
 def test_non_finite_metrics_are_refused(tmp_path):
     with pytest.raises(ValueError, match="'train-loss' = nan is not a finite number"):
         ReleaseCache(tmp_path, site="a").store(run_id="r", server_round=1, input_digest=GLOBAL, adapter=_adapter(),
-                                               metrics={keys.TRAIN_LOSS: float("nan")}, ledger_entries=1)
+                                               metrics={wire.TRAIN_LOSS: float("nan")}, ledger_entries=1)
 
 
 def test_the_module_does_not_import_flower():
-    code = "import sys, fedllm.release_cache; assert 'flwr' not in sys.modules, 'flwr imported'"
+    code = "import sys, fedllm.site.resend_store; assert 'flwr' not in sys.modules, 'flwr imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,7 +13,7 @@ import pytest
 from fedllm.config import RunConfig
 from fedllm.data.loading import load_records
 from fedllm.errors import ConfigError, DataError
-from fedllm.scenario import (
+from fedllm.simulation.scenario import (
     SCENARIOS_DIR,
     find_scenario,
     load_scenario,

@@ -8,8 +8,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedllm.config import RunConfig
 from fedllm.errors import RunFailedError
-from fedllm.screening import Triage, triage_replies
-from fedllm.server import _check_round, _send
+from fedllm.coordinator.screening import Triage, triage_replies
+from fedllm.coordinator.rounds import _check_round, _send
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 

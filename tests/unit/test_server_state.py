@@ -21,17 +21,18 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import FedAvgM
 
-from fedllm import keys, server_state
+from fedllm import wire
+from fedllm.coordinator import checkpoint as server_state
 from fedllm.config import CentralDPConfig, StrategyConfig
 from fedllm.errors import ConfigError
-from fedllm.history import RunHistory
-from fedllm.server_state import (
+from fedllm.coordinator.history import RunHistory
+from fedllm.coordinator.checkpoint import (
     clear_server_state,
     load_server_state,
     restore_strategy,
     save_server_state,
 )
-from fedllm.strategy import build_strategy, with_central_dp
+from fedllm.flower.strategies import build_strategy, with_central_dp
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
@@ -62,8 +63,8 @@ def _replies(server_round: int, current: ArrayRecord) -> list:
                                        .astype(current[k].numpy().dtype)) for k in current})
         meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                         group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
-        content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10 * node,
-                                                                              keys.TRAIN_LOSS: 1.0})})
+        content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10 * node,
+                                                                              wire.TRAIN_LOSS: 1.0})})
         out.append(make_message(meta, content=content))
     return out
 

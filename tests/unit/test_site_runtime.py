@@ -11,8 +11,8 @@ import torch
 
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import BudgetExceededError
-from fedllm.model import get_adapter_state
-from fedllm.site import SiteRuntime
+from fedllm.model.loading import get_adapter_state
+from fedllm.site.runtime import SiteRuntime
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(12)]
 CONFIG = {"model.name": "tiny-random-llama", "data.max-length": 48, "train.local-steps": 2, "train.batch-size": 2,

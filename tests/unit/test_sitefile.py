@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.cli import build_parser
+from fedllm.cli.main import build_parser
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.loading import load_records
 from fedllm.data.partition import split_holdout, stable_seed
-from fedllm.deploy.sitecheck import (
+from fedllm.deploy.site_check import (
     FAILED,
     OK,
     WARNING,
@@ -31,7 +31,7 @@ from fedllm.deploy.sitecheck import (
     cmd_site_check,
     sample_indices,
 )
-from fedllm.deploy.sitefile import CONNECTION_KEYS, load_site_file
+from fedllm.deploy.site_file import CONNECTION_KEYS, load_site_file
 from fedllm.errors import ConfigError, DataError
 from fedllm.privacy.ledger import PrivacyLedger
 

@@ -1,4 +1,4 @@
-"""fedllm.speed's pieces that are not per-family forms of a model's modules (those are tested in
+"""fedllm.fastpath.layers's pieces that are not per-family forms of a model's modules (those are tested in
 test_model_families.py): the base's product in row chunks, the fused output head and loss, and
 the allocator setting."""
 
@@ -9,7 +9,7 @@ import platform
 import pytest
 import torch
 
-from fedllm import speed
+from fedllm.fastpath import layers as speed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,7 +74,7 @@ def test_training_keeps_freed_memory_for_reuse_on_glibc():
 
 
 def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it_natively(monkeypatch):
-    from fedllm import model
+    from fedllm.model import loading as model
     from fedllm.config import ModelConfig, RunConfig
 
     assert RunConfig.from_flat({"model.dtype": "auto"}).model.dtype == "auto"

@@ -18,11 +18,11 @@ from flwr.app import (
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import StrategyConfig
 from fedllm.errors import InvalidUpdateError
-from fedllm.screening import triage_replies, validate_update
-from fedllm.strategy import build_strategy
+from fedllm.coordinator.screening import triage_replies, validate_update
+from fedllm.flower.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
@@ -43,11 +43,11 @@ def _reply(node: int, *, arrays: ArrayRecord | None = None, examples: int = 10, 
                     group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
     if error is not None:
         return make_message(meta, error=error)
-    metrics = dict.fromkeys(keys.TRAIN_METRIC_KEYS, 1.0) | {keys.NUM_EXAMPLES: examples, keys.TRAIN_LOSS: 1.0 * node}
-    content = RecordDict({keys.METRICS: MetricRecord(metrics),
-                          keys.SITE: ConfigRecord({keys.SITE_NAME: name or f"site{node}"})})
+    metrics = dict.fromkeys(wire.TRAIN_METRIC_KEYS, 1.0) | {wire.NUM_EXAMPLES: examples, wire.TRAIN_LOSS: 1.0 * node}
+    content = RecordDict({wire.METRICS: MetricRecord(metrics),
+                          wire.SITE: ConfigRecord({wire.SITE_NAME: name or f"site{node}"})})
     if arrays is not None:
-        content[keys.ARRAYS] = arrays
+        content[wire.ARRAYS] = arrays
     return make_message(meta, content=content)
 
 
@@ -57,7 +57,7 @@ def test_fedavg_weights_updates_by_examples():
     arrays, metrics = strategy.aggregate_train(1, replies)
     for key in SHAPES:
         np.testing.assert_allclose(arrays[key].numpy(), np.full(SHAPES[key], (1 * 10 + 4 * 30) / 40))
-    assert metrics[keys.TRAIN_LOSS] == pytest.approx((1 * 10 + 2 * 30) / 40)
+    assert metrics[wire.TRAIN_LOSS] == pytest.approx((1 * 10 + 2 * 30) / 40)
 
 
 def test_fedadam_moves_the_global_adapter_towards_the_average():
@@ -72,8 +72,8 @@ def test_fedadam_moves_the_global_adapter_towards_the_average():
 def test_fedprox_sends_the_proximal_term():
     strategy = build_strategy(StrategyConfig(name="fedprox", proximal_mu=0.25))
     messages = list(strategy.configure_train(3, _arrays(0.0), ConfigRecord(), _FakeGrid([7])))
-    assert messages[0].content[keys.CONFIG][keys.PROXIMAL_MU] == 0.25
-    assert messages[0].content[keys.CONFIG][keys.SERVER_ROUND] == 3
+    assert messages[0].content[wire.CONFIG][wire.PROXIMAL_MU] == 0.25
+    assert messages[0].content[wire.CONFIG][wire.SERVER_ROUND] == 3
 
 
 def test_a_one_site_federation_is_sampled_without_waiting():
@@ -105,7 +105,7 @@ def test_triage_separates_refusals_failures_and_bad_updates_and_aggregates_the_r
     replies = [
         _reply(1, arrays=_arrays(1.0), name="good-a"),
         _reply(2, arrays=_arrays(3.0), name="good-b"),
-        _reply(3, error=Error(code=keys.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
+        _reply(3, error=Error(code=wire.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
         _reply(4, error=Error(code=2, reason="boom")),
         _reply(5, arrays=bad, name="poisoned"),
     ]

@@ -9,13 +9,13 @@ import torch
 
 from fedllm.config import LoraConfig, ModelConfig
 from fedllm.data.formatting import tokenize_records
-from fedllm.model import (
+from fedllm.model.loading import (
     apply_lora,
     get_adapter_state,
     load_model_and_tokenizer,
     set_adapter_state,
 )
-from fedllm.train import (
+from fedllm.site.training import (
     DPSettings,
     _poisson_batch,
     collate,
@@ -136,7 +136,7 @@ def ffa():
 def test_ffa_lora_uses_fedllms_own_per_example_gradients_equal_to_opacus(ffa):
     from opacus.grad_sample import GradSampleModule
 
-    from fedllm.train import _own_per_example_gradients, sequence_losses
+    from fedllm.site.training import _own_per_example_gradients, sequence_losses
 
     model, tok, examples = ffa
     ids, mask, labels = collate(examples[:5], tok.pad_token_id)

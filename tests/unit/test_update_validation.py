@@ -20,11 +20,11 @@ from flwr.app import (
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import StrategyConfig
 from fedllm.errors import InvalidUpdateError
-from fedllm.screening import triage_replies, update_norm, validate_update
-from fedllm.strategy import build_strategy
+from fedllm.coordinator.screening import triage_replies, update_norm, validate_update
+from fedllm.flower.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
@@ -42,16 +42,16 @@ def _filled(fill: float) -> ArrayRecord:
 
 def _train_metrics(**overrides) -> dict:
     """Exactly what ``SiteRuntime.train_round`` sends."""
-    metrics = {keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 1.5, keys.LOCAL_STEPS: 4, keys.EXAMPLES_SEEN: 40,
-               keys.TOKENS: 900, keys.TRAIN_SECONDS: 2.5, keys.EPSILON: 0.8, keys.DELTA: 1e-5,
-               keys.NOISE_MULTIPLIER: 1.1, keys.SAMPLE_RATE: 0.1, keys.MAX_GRAD_NORM: 1.0}
+    metrics = {wire.NUM_EXAMPLES: 10, wire.TRAIN_LOSS: 1.5, wire.LOCAL_STEPS: 4, wire.EXAMPLES_SEEN: 40,
+               wire.TOKENS: 900, wire.TRAIN_SECONDS: 2.5, wire.EPSILON: 0.8, wire.DELTA: 1e-5,
+               wire.NOISE_MULTIPLIER: 1.1, wire.SAMPLE_RATE: 0.1, wire.MAX_GRAD_NORM: 1.0}
     metrics.update(overrides)
     return {k: v for k, v in metrics.items() if v is not None}
 
 
 def _eval_metrics(**overrides) -> dict:
     """Exactly what ``SiteRuntime.evaluate`` sends."""
-    metrics = {keys.NUM_EXAMPLES: 8, keys.EVAL_LOSS: 2.0, keys.PERPLEXITY: math.exp(2.0), keys.EVAL_TOKENS: 300}
+    metrics = {wire.NUM_EXAMPLES: 8, wire.EVAL_LOSS: 2.0, wire.PERPLEXITY: math.exp(2.0), wire.EVAL_TOKENS: 300}
     metrics.update(overrides)
     return {k: v for k, v in metrics.items() if v is not None}
 
@@ -64,19 +64,19 @@ def _message(node: int, content: RecordDict | None = None, *, error: Error | Non
 
 def _train(node: int, arrays: ArrayRecord | None = None, *, metrics: dict | None = None, name: str | None = None,
            extra: dict | None = None):
-    content = RecordDict({keys.METRICS: MetricRecord(_train_metrics() if metrics is None else metrics)})
+    content = RecordDict({wire.METRICS: MetricRecord(_train_metrics() if metrics is None else metrics)})
     if arrays is not None:
-        content[keys.ARRAYS] = arrays
+        content[wire.ARRAYS] = arrays
     if name != "":
-        content[keys.SITE] = ConfigRecord({keys.SITE_NAME: name or f"site{node}"})
+        content[wire.SITE] = ConfigRecord({wire.SITE_NAME: name or f"site{node}"})
     for key, record in (extra or {}).items():
         content[key] = record
     return _message(node, content)
 
 
 def _evaluate(node: int, *, metrics: dict | None = None, name: str | None = None, extra: dict | None = None):
-    content = RecordDict({keys.METRICS: MetricRecord(_eval_metrics() if metrics is None else metrics),
-                          keys.SITE: ConfigRecord({keys.SITE_NAME: name or f"site{node}"})})
+    content = RecordDict({wire.METRICS: MetricRecord(_eval_metrics() if metrics is None else metrics),
+                          wire.SITE: ConfigRecord({wire.SITE_NAME: name or f"site{node}"})})
     for key, record in (extra or {}).items():
         content[key] = record
     return _message(node, content, kind=MessageType.EVALUATE)
@@ -144,13 +144,13 @@ def test_triage_rejects_an_update_above_the_bound_and_aggregates_the_others():
 @pytest.mark.parametrize(
     "metrics, reason",
     [
-        (_train_metrics(**{keys.EPSILON: None}), "metrics: missing 'epsilon'"),
+        (_train_metrics(**{wire.EPSILON: None}), "metrics: missing 'epsilon'"),
         (_train_metrics(**{"user-text-length": 12}), "metrics: unexpected 'user-text-length'"),
-        (_train_metrics(**{keys.TRAIN_LOSS: math.nan}), "metrics: 'train-loss' is nan, expected a finite number"),
-        (_train_metrics(**{keys.EPSILON: math.inf}), "metrics: 'epsilon' is inf, expected a finite number"),
-        (_train_metrics(**{keys.TOKENS: [1, 2, 3]}), "metrics: 'tokens' is list [1, 2, 3], expected one number"),
-        (_train_metrics(**{keys.NUM_EXAMPLES: 0}), "metrics: 'num-examples' is 0, expected an int >= 1"),
-        (_train_metrics(**{keys.NUM_EXAMPLES: 10.0}), "metrics: 'num-examples' is 10.0, expected an int >= 1"),
+        (_train_metrics(**{wire.TRAIN_LOSS: math.nan}), "metrics: 'train-loss' is nan, expected a finite number"),
+        (_train_metrics(**{wire.EPSILON: math.inf}), "metrics: 'epsilon' is inf, expected a finite number"),
+        (_train_metrics(**{wire.TOKENS: [1, 2, 3]}), "metrics: 'tokens' is list [1, 2, 3], expected one number"),
+        (_train_metrics(**{wire.NUM_EXAMPLES: 0}), "metrics: 'num-examples' is 0, expected an int >= 1"),
+        (_train_metrics(**{wire.NUM_EXAMPLES: 10.0}), "metrics: 'num-examples' is 10.0, expected an int >= 1"),
         (_eval_metrics(), "metrics: missing 'train-loss'"),
     ],
 )
@@ -161,7 +161,7 @@ def test_train_replies_with_other_than_the_agreed_metrics_are_rejected_naming_th
 
 
 def test_undefined_metrics_sent_as_minus_one_are_accepted():
-    metrics = _train_metrics(**{keys.TRAIN_LOSS: -1.0, keys.EPSILON: -1.0})
+    metrics = _train_metrics(**{wire.TRAIN_LOSS: -1.0, wire.EPSILON: -1.0})
     triage = _triage_one(_train(1, _filled(1.0), metrics=metrics))
     assert triage.metrics["site1"] == metrics and not triage.rejected
 
@@ -169,10 +169,10 @@ def test_undefined_metrics_sent_as_minus_one_are_accepted():
 @pytest.mark.parametrize(
     "metrics, reason",
     [
-        (_eval_metrics(**{keys.PERPLEXITY: None}), "metrics: missing 'perplexity'"),
-        (_eval_metrics(**{keys.TRAIN_LOSS: 1.0}), "metrics: unexpected 'train-loss'"),
-        (_eval_metrics(**{keys.EVAL_LOSS: math.inf}), "metrics: 'eval-loss' is inf"),
-        (_eval_metrics(**{keys.NUM_EXAMPLES: -1}), "metrics: 'num-examples' is -1, expected an int >= 0"),
+        (_eval_metrics(**{wire.PERPLEXITY: None}), "metrics: missing 'perplexity'"),
+        (_eval_metrics(**{wire.TRAIN_LOSS: 1.0}), "metrics: unexpected 'train-loss'"),
+        (_eval_metrics(**{wire.EVAL_LOSS: math.inf}), "metrics: 'eval-loss' is inf"),
+        (_eval_metrics(**{wire.NUM_EXAMPLES: -1}), "metrics: 'num-examples' is -1, expected an int >= 0"),
     ],
 )
 def test_evaluate_replies_are_validated_and_rejected_ones_are_kept(metrics, reason):
@@ -185,7 +185,7 @@ def test_evaluate_replies_are_validated_and_rejected_ones_are_kept(metrics, reas
 
 
 def test_a_site_without_held_out_data_evaluates_zero_examples():
-    metrics = _eval_metrics(**{keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: -1.0, keys.PERPLEXITY: -1.0, keys.EVAL_TOKENS: 0})
+    metrics = _eval_metrics(**{wire.NUM_EXAMPLES: 0, wire.EVAL_LOSS: -1.0, wire.PERPLEXITY: -1.0, wire.EVAL_TOKENS: 0})
     triage = triage_replies([_evaluate(1, metrics=metrics)], reference=None, names={})
     assert triage.metrics == {"site1": metrics}
 
@@ -204,7 +204,7 @@ def test_an_unknown_kind_is_a_programming_error():
         ({"notes": ConfigRecord({"text": "patient 12 ..."})}, "unexpected record 'notes' in the train reply"),
         ({"metrics2": MetricRecord({"x": 1.0})}, "2 MetricRecords in the train reply (metrics, metrics2), expected 1"),
         ({"arrays2": _filled(1.0)}, "2 ArrayRecords in the train reply (arrays, arrays2), expected 1"),
-        ({keys.METRICS: ConfigRecord(_train_metrics())}, "record 'metrics' is a ConfigRecord, expected a MetricRecord"),
+        ({wire.METRICS: ConfigRecord(_train_metrics())}, "record 'metrics' is a ConfigRecord, expected a MetricRecord"),
     ],
 )
 def test_train_replies_with_records_a_site_does_not_send_are_rejected(extra, reason):
@@ -215,29 +215,29 @@ def test_train_replies_with_records_a_site_does_not_send_are_rejected(extra, rea
 def test_a_train_reply_without_arrays_or_metrics_is_rejected():
     triage = _triage_one(_train(1, None))
     assert "no 'arrays' record in the train reply" in triage.rejected["site1"]
-    no_metrics = _message(2, RecordDict({keys.ARRAYS: _filled(1.0)}))
+    no_metrics = _message(2, RecordDict({wire.ARRAYS: _filled(1.0)}))
     assert "no 'metrics' record in the train reply" in _triage_one(no_metrics).rejected["node-2"]
 
 
 def test_an_evaluate_reply_carrying_tensors_is_rejected():
-    triage = triage_replies([_evaluate(1, extra={keys.ARRAYS: _filled(1.0)})], reference=None, names={})
+    triage = triage_replies([_evaluate(1, extra={wire.ARRAYS: _filled(1.0)})], reference=None, names={})
     assert "1 ArrayRecords in the evaluate reply (arrays), expected none" in triage.rejected["site1"]
 
 
 @pytest.mark.parametrize(
     "site_record, reason",
     [
-        (ConfigRecord({keys.SITE_NAME: "../../etc/passwd"}), "site name '../../etc/passwd' is not 1-64 characters"),
-        (ConfigRecord({keys.SITE_NAME: "x" * 65}), "is not 1-64 characters"),
-        (ConfigRecord({keys.SITE_NAME: ""}), "site name '' is not 1-64 characters"),
-        (ConfigRecord({keys.SITE_NAME: "site a"}), "site name 'site a' is not"),
-        (ConfigRecord({keys.SITE_NAME: 7}), "site name is a int, expected a string"),
-        (ConfigRecord({keys.SITE_NAME: "ok", "email": "a@b"}), "record 'site' has keys ['email', 'name']"),
-        (MetricRecord({keys.SITE_NAME: 1.0}), "2 MetricRecords in the train reply (metrics, site), expected 1"),
+        (ConfigRecord({wire.SITE_NAME: "../../etc/passwd"}), "site name '../../etc/passwd' is not 1-64 characters"),
+        (ConfigRecord({wire.SITE_NAME: "x" * 65}), "is not 1-64 characters"),
+        (ConfigRecord({wire.SITE_NAME: ""}), "site name '' is not 1-64 characters"),
+        (ConfigRecord({wire.SITE_NAME: "site a"}), "site name 'site a' is not"),
+        (ConfigRecord({wire.SITE_NAME: 7}), "site name is a int, expected a string"),
+        (ConfigRecord({wire.SITE_NAME: "ok", "email": "a@b"}), "record 'site' has keys ['email', 'name']"),
+        (MetricRecord({wire.SITE_NAME: 1.0}), "2 MetricRecords in the train reply (metrics, site), expected 1"),
     ],
 )
 def test_a_bad_site_record_is_rejected_under_the_node_id(site_record, reason):
-    reply = _train(5, _filled(1.0), name="", extra={keys.SITE: site_record})
+    reply = _train(5, _filled(1.0), name="", extra={wire.SITE: site_record})
     names = {5: "known-before"}
     triage = triage_replies([reply], reference=_filled(0.0), names=names)
     assert list(triage.rejected) == ["node-5"] and reason in triage.rejected["node-5"]
@@ -257,9 +257,9 @@ def test_safe_names_are_remembered_and_a_second_claim_of_a_name_is_rejected():
 def test_refusals_failures_and_every_rejection_are_sorted_and_the_rest_aggregated():
     names = {3: "capped"}
     replies = [
-        _train(1, _filled(1.0), name="good-a", metrics=_train_metrics(**{keys.NUM_EXAMPLES: 10})),
-        _train(2, _filled(4.0), name="good-b", metrics=_train_metrics(**{keys.NUM_EXAMPLES: 30})),
-        _message(3, error=Error(code=keys.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
+        _train(1, _filled(1.0), name="good-a", metrics=_train_metrics(**{wire.NUM_EXAMPLES: 10})),
+        _train(2, _filled(4.0), name="good-b", metrics=_train_metrics(**{wire.NUM_EXAMPLES: 30})),
+        _message(3, error=Error(code=wire.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
         _message(4, error=Error(code=2, reason="boom")),
         _train(5, _filled(100.0), name="huge"),
         _train(6, _filled(1.0), name="chatty", metrics=_train_metrics(secret=1.0)),
@@ -276,7 +276,7 @@ def test_refusals_failures_and_every_rejection_are_sorted_and_the_rest_aggregate
 
 def test_train_replies_without_a_reference_are_not_validated():
     """Backward compatible: only the reference (the arrays sent) makes a train triage validate."""
-    reply = _train(1, _filled(1.0), metrics={keys.NUM_EXAMPLES: 3, keys.TRAIN_LOSS: 1.0})
+    reply = _train(1, _filled(1.0), metrics={wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 1.0})
     triage = triage_replies([reply], reference=None, names={}, kind="train")
     assert list(triage.metrics) == ["site1"] and not triage.rejected
 

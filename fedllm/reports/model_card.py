@@ -4,7 +4,7 @@ YAML front matter (``base_model``, ``library_name: peft``, ``license``, ``tags``
 model; each site's data as the coordinator knows it (numbers of training and held-out records,
 file type and record format; never content, never file paths); the training configuration; and
 the privacy statement with each site's ε and δ, in the same words as the audit report
-(:func:`fedllm.audit.render.privacy_statement`).
+(:func:`fedllm.reports.render.privacy_statement`).
 
 Everything comes from the run's typed configuration, its ``history.json`` data (what each site
 reported: ``num-examples`` of the training split with every update, of the held-out split with
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.files import write_text_atomic
 
@@ -53,7 +53,7 @@ def _model_name(name: str) -> str:
 def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
                       sites: Sequence[SiteConfig] | None = None) -> str:
     """The card's Markdown text."""
-    from fedllm.audit.render import privacy_statement
+    from fedllm.reports.render import privacy_statement
 
     model_id = base_model_id(config.model.name)
     front = ["---"]
@@ -81,7 +81,7 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
         "```python",
         "from peft import PeftModel",
         "from fedllm.config import ModelConfig",
-        "from fedllm.model import load_model_and_tokenizer",
+        "from fedllm.model.loading import load_model_and_tokenizer",
         "",
         f"base, tokenizer = load_model_and_tokenizer(ModelConfig(name=\"{shown}\", dtype=\"{config.model.dtype}\""
         + (f", gguf_file=\"{config.model.gguf_file}\"" if config.model.gguf_file else "") + "))",
@@ -139,15 +139,15 @@ def _site_rows(history: Mapping[str, Any], sites: Sequence[SiteConfig] | None) -
         train, evaluate = rnd.get("train", {}), rnd.get("evaluate", {})
         for name, metrics in train.get("sites", {}).items():
             row = rows.setdefault(name, _row(name))
-            row["train"] = metrics.get(keys.NUM_EXAMPLES, row["train"])
-            eps = metrics.get(keys.EPSILON)
+            row["train"] = metrics.get(wire.NUM_EXAMPLES, row["train"])
+            eps = metrics.get(wire.EPSILON)
             row["epsilon"] = math.inf if eps is None or eps < 0 else float(eps)
-            row["delta"] = metrics.get(keys.DELTA, row["delta"])
+            row["delta"] = metrics.get(wire.DELTA, row["delta"])
             row["rounds"] += 1
         for name in train.get("refused", {}):
             rows.setdefault(name, _row(name))["refused"].append(rnd["round"])
         for name, metrics in evaluate.get("sites", {}).items():
-            rows.setdefault(name, _row(name))["held-out"] = metrics.get(keys.NUM_EXAMPLES)
+            rows.setdefault(name, _row(name))["held-out"] = metrics.get(wire.NUM_EXAMPLES)
     for name, row in rows.items():
         site = by_name.get(name)
         if site is not None:

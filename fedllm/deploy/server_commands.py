@@ -4,7 +4,7 @@ when it fails, resume a run whose coordinator died).
 
 Deployment is Flower's own engine: the SuperLink listens on one port (Fleet, Control and Runtime
 APIs over HTTPS); each site runs a SuperNode (``fedllm site start``) that connects *out* to it.
-The ServerApp (``fedllm.server_app``) runs under the SuperLink, on the coordinator's machine, so
+The ServerApp (``fedllm.flower.server_app``) runs under the SuperLink, on the coordinator's machine, so
 ``fedllm run`` runs there too: the run's outputs (adapter, history, checkpoints, resume state) are
 written to a local folder, exactly as ``fedllm simulate`` writes them.
 """
@@ -28,7 +28,7 @@ from fedllm.config import (
     parse_set_option,
     read_toml,
 )
-from fedllm.deploy.flower import (
+from fedllm.flower.processes import (
     CONNECTION,
     Connection,
     flower_env,
@@ -234,7 +234,7 @@ def _run_overrides(args: argparse.Namespace) -> tuple[dict, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Submit the fedllm app to a coordinator's SuperLink, follow it, and report."""
-    from fedllm.report import summary_text
+    from fedllm.reports.summary import summary_text
 
     overrides, output = _run_overrides(args)
     connection = _connection(args)

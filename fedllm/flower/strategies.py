@@ -2,7 +2,7 @@
 
 Strategies are Flower's own (``flwr.serverapp.strategy``): FedAvg weighted by each site's number
 of training examples, FedProx (the site adds the proximal term), FedAdam (server optimiser on the
-adapter's pseudo-gradient). Replies are screened first (``fedllm.screening``).
+adapter's pseudo-gradient). Replies are screened first (``fedllm.coordinator.screening``).
 
 Central (site-level) DP, optional (``central-dp.enabled``; dp-lora.md §3.1–3.2): the strategy is
 wrapped in Flower's own ``DifferentialPrivacyServerSideFixedClipping`` or
@@ -60,7 +60,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import CentralDPConfig, StrategyConfig
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ def build_strategy(config: StrategyConfig) -> FedAvg:
         min_train_nodes=config.min_train_sites,
         min_evaluate_nodes=config.min_evaluate_sites,
         min_available_nodes=config.min_train_sites,
-        weighted_by_key=keys.NUM_EXAMPLES,
-        arrayrecord_key=keys.ARRAYS,
-        configrecord_key=keys.CONFIG,
+        weighted_by_key=wire.NUM_EXAMPLES,
+        arrayrecord_key=wire.ARRAYS,
+        configrecord_key=wire.CONFIG,
     )
     if config.name == "fedprox":
         return FedProx(proximal_mu=config.proximal_mu, **common)
@@ -161,13 +161,13 @@ def os_entropy_seed() -> np.ndarray:
 
 def _prepare_for_dp_mean(reply: Message, order: list[str]) -> None:
     """Equal weight (num-examples = 1) and the global adapter's tensor order, in place."""
-    if keys.ARRAYS in reply.content and order:
-        record = reply.content[keys.ARRAYS]
-        reply.content[keys.ARRAYS] = ArrayRecord({k: record[k] for k in order})
-    if keys.METRICS in reply.content:
-        metrics = dict(reply.content[keys.METRICS])
-        metrics[keys.NUM_EXAMPLES] = 1
-        reply.content[keys.METRICS] = MetricRecord(metrics)
+    if wire.ARRAYS in reply.content and order:
+        record = reply.content[wire.ARRAYS]
+        reply.content[wire.ARRAYS] = ArrayRecord({k: record[k] for k in order})
+    if wire.METRICS in reply.content:
+        metrics = dict(reply.content[wire.METRICS])
+        metrics[wire.NUM_EXAMPLES] = 1
+        reply.content[wire.METRICS] = MetricRecord(metrics)
 
 
 class SiteLevelFixedClipping(_SiteLevelDP, DifferentialPrivacyServerSideFixedClipping):

@@ -6,11 +6,11 @@ The loop is written out in plain PyTorch + Opacus so that its privacy can be rev
   ``q = batch_size / n``, which is what the accountant assumes. An empty batch still takes a
   noise-only step (skipping it would make the run depend on the data).
 * **Per-example gradients** of the LoRA factors only (peft freezes the base): with FFA-LoRA (A
-  frozen, only B trained) from ``fedllm.speed.FrozenBaseLoRA`` in B's backward pass; otherwise
+  frozen, only B trained) from ``fedllm.fastpath.layers.FrozenBaseLoRA`` in B's backward pass; otherwise
   from Opacus in hooks mode. Either way Opacus' ``DPOptimizer`` clips and noises them.
 * **Logits on response tokens only**: the output head runs only where a label exists
   (``sequence_losses``), which is most of the saving in memory and time for long prompts; for a
-  plain head the head and the loss are one function (``fedllm.speed.head_nll``) that never
+  plain head the head and the loss are one function (``fedllm.fastpath.layers.head_nll``) that never
   stores the vocabulary-size logits.
 * **Per-sequence loss**: each example's loss is the mean over its own response tokens, so its
   gradient depends on that example only (Hugging Face's ``labels=`` loss averages over the whole
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
-from fedllm.model import set_gradient_checkpointing
-from fedllm.speed import (
+from fedllm.model.loading import set_gradient_checkpointing
+from fedllm.fastpath.layers import (
     fused_lora_factors,
     head_nll,
     keep_freed_memory,
@@ -281,7 +281,7 @@ def train_local(
 
 
 def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
-    """Switch fedllm's own per-example gradients (``fedllm.speed.FrozenBaseLoRA``) on or off.
+    """Switch fedllm's own per-example gradients (``fedllm.fastpath.layers.FrozenBaseLoRA``) on or off.
     Used when every trained parameter is the weight of a LoRA B factor in a fused layer (FFA-LoRA,
     the default: A frozen, no dropout, a plain linear base); otherwise (A trained, dropout, a
     quantized base, other trainable modules) Opacus' hooks do it. Returns whether it is on."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedllm import keys
+from fedllm import wire
 
 
 def _num(value: Any, spec: str = ".3f") -> str:
@@ -31,15 +31,15 @@ def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
         after = evals[-1][1] if evals and evals[-1][0] > 0 else None
         rows.append({
             "site": name,
-            "loss-before": before[keys.EVAL_LOSS] if before else None,
-            "ppl-before": before[keys.PERPLEXITY] if before else None,
-            "loss-after": after[keys.EVAL_LOSS] if after else None,
-            "ppl-after": after[keys.PERPLEXITY] if after else None,
+            "loss-before": before[wire.EVAL_LOSS] if before else None,
+            "ppl-before": before[wire.PERPLEXITY] if before else None,
+            "loss-after": after[wire.EVAL_LOSS] if after else None,
+            "ppl-after": after[wire.PERPLEXITY] if after else None,
             "rounds-trained": len(trains),
             "rounds-refused": refused,
-            "epsilon": trains[-1][keys.EPSILON] if trains else None,
-            "delta": trains[-1][keys.DELTA] if trains else None,
-            "noise-multiplier": trains[-1][keys.NOISE_MULTIPLIER] if trains else None,
+            "epsilon": trains[-1][wire.EPSILON] if trains else None,
+            "delta": trains[-1][wire.DELTA] if trains else None,
+            "noise-multiplier": trains[-1][wire.NOISE_MULTIPLIER] if trains else None,
         })
     return rows
 

@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.formatting import TokenizedExample, tokenize_records
 from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
-from fedllm.model import (
+from fedllm.model.loading import (
     get_adapter_state,
     is_quantized,
     set_adapter_state,
@@ -49,9 +49,9 @@ from fedllm.model import (
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
-from fedllm.release_cache import ReleaseCache, adapter_digest
-from fedllm.speed import choose_attention
-from fedllm.train import DPSettings, StepInfo, evaluate_loss, train_local
+from fedllm.site.resend_store import ReleaseCache, adapter_digest
+from fedllm.fastpath.layers import choose_attention
+from fedllm.site.training import DPSettings, StepInfo, evaluate_loss, train_local
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +172,17 @@ class SiteRuntime:
         outcome = RoundOutcome(
             adapter=get_adapter_state(self.model, trainable_only=True),
             metrics={
-                keys.NUM_EXAMPLES: len(self.train_examples),
-                keys.TRAIN_LOSS: _finite(result.train_loss),
-                keys.LOCAL_STEPS: steps,
-                keys.EXAMPLES_SEEN: result.examples_seen,
-                keys.TOKENS: result.tokens,
-                keys.TRAIN_SECONDS: result.seconds,
-                keys.EPSILON: _finite(entry.epsilon),
-                keys.DELTA: p.target_delta,
-                keys.NOISE_MULTIPLIER: sigma,
-                keys.SAMPLE_RATE: sample_rate,
-                keys.MAX_GRAD_NORM: p.max_grad_norm,
+                wire.NUM_EXAMPLES: len(self.train_examples),
+                wire.TRAIN_LOSS: _finite(result.train_loss),
+                wire.LOCAL_STEPS: steps,
+                wire.EXAMPLES_SEEN: result.examples_seen,
+                wire.TOKENS: result.tokens,
+                wire.TRAIN_SECONDS: result.seconds,
+                wire.EPSILON: _finite(entry.epsilon),
+                wire.DELTA: p.target_delta,
+                wire.NOISE_MULTIPLIER: sigma,
+                wire.SAMPLE_RATE: sample_rate,
+                wire.MAX_GRAD_NORM: p.max_grad_norm,
             },
         )
         # only after the spend is recorded: a re-sent update must never be one whose spend is not in the ledger
@@ -195,8 +195,8 @@ class SiteRuntime:
         set_adapter_state(self.model, adapter)
         res = evaluate_loss(self.model, self.eval_examples, batch_size=self.config.train.eval_batch_size,
                             pad_id=self.tokenizer.pad_token_id, device=self.site.device)
-        return {keys.NUM_EXAMPLES: res.num_examples, keys.EVAL_LOSS: _finite(res.loss),
-                keys.PERPLEXITY: _finite(res.perplexity), keys.EVAL_TOKENS: res.tokens}
+        return {wire.NUM_EXAMPLES: res.num_examples, wire.EVAL_LOSS: _finite(res.loss),
+                wire.PERPLEXITY: _finite(res.perplexity), wire.EVAL_TOKENS: res.tokens}
 
 
 def _finite(value: float) -> float:

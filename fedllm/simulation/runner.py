@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedllm.config import RunConfig, SiteConfig
-from fedllm.deploy.flower import (
+from fedllm.flower.processes import (
     Connection,
     flower_env,
     follow_log,

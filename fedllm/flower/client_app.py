@@ -18,11 +18,11 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import BudgetExceededError
 from fedllm.logs import configure_app_logging
-from fedllm.site import SiteRuntime
+from fedllm.site.runtime import SiteRuntime
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -51,9 +51,9 @@ def site_runtime(context: Context) -> SiteRuntime:
 
 
 def _reply(msg: Message, site: SiteRuntime, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site.name})})
+    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.SITE: ConfigRecord({wire.SITE_NAME: site.name})})
     if arrays is not None:
-        content[keys.ARRAYS] = arrays
+        content[wire.ARRAYS] = arrays
     return Message(content, reply_to=msg)
 
 
@@ -69,22 +69,22 @@ def _announce(context: Context, server_round: int) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content[keys.CONFIG]
-    _announce(context, int(config[keys.SERVER_ROUND]))
+    config = msg.content[wire.CONFIG]
+    _announce(context, int(config[wire.SERVER_ROUND]))
     site = site_runtime(context)
     try:
         outcome = site.train_round(
-            run_id=str(config.get(keys.RUN_ID, "") or context.run_id),  # stable across fedllm run --resume
-            server_round=int(config[keys.SERVER_ROUND]),
-            adapter=msg.content[keys.ARRAYS].to_torch_state_dict(),
-            proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+            run_id=str(config.get(wire.RUN_ID, "") or context.run_id),  # stable across fedllm run --resume
+            server_round=int(config[wire.SERVER_ROUND]),
+            adapter=msg.content[wire.ARRAYS].to_torch_state_dict(),
+            proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
         )
     except BudgetExceededError as exc:
-        return Message(Error(code=keys.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
+        return Message(Error(code=wire.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
     return _reply(msg, site, outcome.metrics, ArrayRecord(outcome.adapter))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_runtime(context)
-    return _reply(msg, site, site.evaluate(msg.content[keys.ARRAYS].to_torch_state_dict()))
+    return _reply(msg, site, site.evaluate(msg.content[wire.ARRAYS].to_torch_state_dict()))

@@ -8,7 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import RunConfig
 from fedllm.errors import ConfigError
 from fedllm.logs import configure_app_logging
-from fedllm.server import run_federation
+from fedllm.coordinator.rounds import run_federation
 
 app = ServerApp()
 

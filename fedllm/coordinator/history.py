@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.errors import ConfigError
 from fedllm.files import write_json_atomic
 
@@ -85,12 +85,12 @@ class RunHistory:
     def record_train(self, server_round: int, *, sites: dict[str, dict], refused: dict[str, str],
                      rejected: dict[str, str], failed: list[dict], seconds: float) -> dict[str, Any]:
         """One round's training replies and their aggregate (returned)."""
-        epsilons = [m[keys.EPSILON] for m in sites.values() if m.get(keys.EPSILON, -1) >= 0]
+        epsilons = [m[wire.EPSILON] for m in sites.values() if m.get(wire.EPSILON, -1) >= 0]
         aggregate = {
             "sites-trained": len(sites),
-            keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values()),
-            keys.TRAIN_LOSS: _weighted(sites, keys.TRAIN_LOSS, keys.NUM_EXAMPLES),
-            keys.TOKENS: sum(int(m[keys.TOKENS]) for m in sites.values()),
+            wire.NUM_EXAMPLES: sum(int(m[wire.NUM_EXAMPLES]) for m in sites.values()),
+            wire.TRAIN_LOSS: _weighted(sites, wire.TRAIN_LOSS, wire.NUM_EXAMPLES),
+            wire.TOKENS: sum(int(m[wire.TOKENS]) for m in sites.values()),
             "max-epsilon": max(epsilons) if epsilons else None,
         }
         self._round(server_round)["train"] = {
@@ -103,9 +103,9 @@ class RunHistory:
                         rejected: dict[str, str] | None = None) -> dict[str, Any]:
         """One round's held-out evaluation per site and aggregated (token-weighted); ``rejected``:
         site → reason for evaluate replies that failed validation (``screening.triage_replies``)."""
-        loss = _weighted(sites, keys.EVAL_LOSS, keys.EVAL_TOKENS)
-        aggregate = {keys.EVAL_LOSS: loss, keys.PERPLEXITY: math.exp(loss) if loss is not None else None,
-                     keys.NUM_EXAMPLES: sum(int(m[keys.NUM_EXAMPLES]) for m in sites.values())}
+        loss = _weighted(sites, wire.EVAL_LOSS, wire.EVAL_TOKENS)
+        aggregate = {wire.EVAL_LOSS: loss, wire.PERPLEXITY: math.exp(loss) if loss is not None else None,
+                     wire.NUM_EXAMPLES: sum(int(m[wire.NUM_EXAMPLES]) for m in sites.values())}
         self._round(server_round)["evaluate"] = {"sites": sites, "rejected": dict(rejected or {}), "failed": failed,
                                                  "aggregate": aggregate}
         return aggregate

@@ -101,7 +101,7 @@ def write_app_folder(folder: Path, defaults: dict) -> None:
         '[build-system]', 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', '',
         '[project]', 'name = "fedllm"', 'version = "0.1.0"', 'dependencies = []', '',
         '[tool.flwr.app]', 'publisher = "fedllm"', '',
-        '[tool.flwr.app.components]', 'serverapp = "fedllm.server_app:app"', 'clientapp = "fedllm.client_app:app"', '',
+        '[tool.flwr.app.components]', 'serverapp = "fedllm.flower.server_app:app"', 'clientapp = "fedllm.flower.client_app:app"', '',
         '[tool.flwr.app.config]',
         *[f'"{k}" = {toml_value(v)}' for k, v in defaults.items()],
     ]

@@ -15,7 +15,7 @@ relative discrepancy; the cap and the headroom; the rounds it refused; and the l
 verification (hash chain, signature, dataset fingerprint, via
 :func:`fedllm.privacy.ledger.verify_ledger`). Then the site-level (central DP) guarantee when
 central DP was on, and the plain-language statement of what is and is not guaranteed
-(:func:`fedllm.audit.render.privacy_statement`, shared with the model card).
+(:func:`fedllm.reports.render.privacy_statement`, shared with the model card).
 
 Checks that fail the audit (exit 1; the report is still written and lists them): a ledger that
 is missing or fails verification, a recorded cumulative ε that differs from its recomputation
@@ -25,7 +25,7 @@ disagrees with the independent PLD value beyond :data:`CROSSCHECK_TOLERANCE` (re
 the PRV upper bound's own discretisation margin).
 
 The report is a function of the run folder only (no time stamps; paths inside the run folder are
-shown relative to it), so its Markdown (:mod:`fedllm.audit.render`) is golden-tested byte for byte.
+shown relative to it), so its Markdown (:mod:`fedllm.reports.render`) is golden-tested byte for byte.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedllm import __version__, keys
-from fedllm.audit.render import (  # noqa: F401  (render_markdown, write_epsilon_plot, privacy_statement: re-exported)
+from fedllm import __version__, wire
+from fedllm.reports.render import (  # noqa: F401  (render_markdown, write_epsilon_plot, privacy_statement: re-exported)
     MEANINGLESS_SITE_EPSILON,
     _eps,
     _float,
@@ -172,13 +172,13 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
     source = "ledger"
     if entries is None:  # no readable ledger: fall back to what the site told the coordinator in this run
         source = "history"
-        entries = [{"run_id": run_id, "server_round": rnd, "steps": int(m.get(keys.LOCAL_STEPS, 0)),
-                    "sample_rate": float(m.get(keys.SAMPLE_RATE, 0.0)),
-                    "noise_multiplier": float(m.get(keys.NOISE_MULTIPLIER, 0.0)),
-                    "max_grad_norm": float(m.get(keys.MAX_GRAD_NORM, 0.0)),
-                    "target_delta": float(m.get(keys.DELTA, config["privacy.target-delta"])),
-                    "accountant": config["privacy.accountant"], "epsilon": _metric_eps(m.get(keys.EPSILON)),
-                    "num_examples": int(m.get(keys.NUM_EXAMPLES, 0))} for rnd, m in sorted(trained.items())]
+        entries = [{"run_id": run_id, "server_round": rnd, "steps": int(m.get(wire.LOCAL_STEPS, 0)),
+                    "sample_rate": float(m.get(wire.SAMPLE_RATE, 0.0)),
+                    "noise_multiplier": float(m.get(wire.NOISE_MULTIPLIER, 0.0)),
+                    "max_grad_norm": float(m.get(wire.MAX_GRAD_NORM, 0.0)),
+                    "target_delta": float(m.get(wire.DELTA, config["privacy.target-delta"])),
+                    "accountant": config["privacy.accountant"], "epsilon": _metric_eps(m.get(wire.EPSILON)),
+                    "num_examples": int(m.get(wire.NUM_EXAMPLES, 0))} for rnd, m in sorted(trained.items())]
     this_run = [e for e in entries if e["run_id"] == run_id]
     delta = entries[-1]["target_delta"] if entries else float(config["privacy.target-delta"])
     accountant = entries[-1]["accountant"] if entries else config["privacy.accountant"]
@@ -207,8 +207,8 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
             if entry is None:
                 problems.append(f"the coordinator received an update for round {rnd} but the ledger has no entry "
                                 f"for run {run_id} round {rnd}: that release is not accounted for")
-            elif not _close(_metric_eps(metrics.get(keys.EPSILON)), entry["epsilon"]):
-                problems.append(f"round {rnd}: the site reported ε={_eps(_metric_eps(metrics.get(keys.EPSILON)))} "
+            elif not _close(_metric_eps(metrics.get(wire.EPSILON)), entry["epsilon"]):
+                problems.append(f"round {rnd}: the site reported ε={_eps(_metric_eps(metrics.get(wire.EPSILON)))} "
                                 f"to the coordinator but its ledger records ε={_eps(entry['epsilon'])}")
     first = next((i for i, e in enumerate(entries) if e["run_id"] == run_id), 0)
     start = entries[first - 1]["epsilon"] if first > 0 else 0.0  # spent by earlier runs

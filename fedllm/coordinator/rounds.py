@@ -27,22 +27,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.config import CentralDPConfig, RunConfig, SiteConfig, to_toml
 from fedllm.errors import ConfigError, RunFailedError
 from fedllm.files import write_text_atomic
-from fedllm.history import RunHistory
-from fedllm.model import get_adapter_state, save_adapter, shared_model
-from fedllm.model_card import write_model_card
+from fedllm.coordinator.history import RunHistory
+from fedllm.model.loading import get_adapter_state, save_adapter, shared_model
+from fedllm.reports.model_card import write_model_card
 from fedllm.privacy.accounting import site_level_epsilon
-from fedllm.screening import triage_replies
-from fedllm.server_state import (
+from fedllm.coordinator.screening import triage_replies
+from fedllm.coordinator.checkpoint import (
     clear_server_state,
     load_server_state,
     restore_strategy,
     save_server_state,
 )
-from fedllm.strategy import build_strategy, site_level_warning, with_central_dp
+from fedllm.flower.strategies import build_strategy, site_level_warning, with_central_dp
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
             _evaluate(history, 0, replies, names, config, node_of)
         for server_round in range(first_round, rounds + 1):
             start = time.perf_counter()
-            train_config = ConfigRecord({keys.RUN_ID: history.data["run-id"]})
+            train_config = ConfigRecord({wire.RUN_ID: history.data["run-id"]})
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             replies, node_of = _send(grid, messages, timeout)
             triage = triage_replies(replies, reference=arrays, names=names, node_of=node_of,
@@ -134,7 +134,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
                      f" ({len(triage.refused)} refused)" if triage.refused else "",
                      f" ({len(triage.failed)} failed, {len(triage.rejected)} rejected)"
                      if triage.failed or triage.rejected else "",
-                     _fmt(agg[keys.TRAIN_LOSS]), _fmt(eval_agg[keys.EVAL_LOSS]), _fmt(eval_agg[keys.PERPLEXITY], ".2f"),
+                     _fmt(agg[wire.TRAIN_LOSS]), _fmt(eval_agg[wire.EVAL_LOSS]), _fmt(eval_agg[wire.PERPLEXITY], ".2f"),
                      _fmt(agg["max-epsilon"], ".2f"), config.privacy.max_epsilon,
                      f" | site-level ε {central.epsilon:.2f}" if central is not None else "")
             if not triage.accepted and triage.refused and not triage.failed and not triage.rejected:
@@ -220,8 +220,8 @@ def _evaluate(history: RunHistory, server_round: int, replies: list, names: dict
     agg = history.record_evaluate(server_round, sites=triage.metrics, failed=triage.failed, rejected=triage.rejected)
     for name, metrics in sorted(triage.metrics.items()):
         log.info("[round %d/%d] site %s | held-out loss %.3f | ppl %.2f | %d examples", server_round,
-                 config.num_server_rounds, name, metrics[keys.EVAL_LOSS], metrics[keys.PERPLEXITY],
-                 int(metrics[keys.NUM_EXAMPLES]))
+                 config.num_server_rounds, name, metrics[wire.EVAL_LOSS], metrics[wire.PERPLEXITY],
+                 int(metrics[wire.NUM_EXAMPLES]))
     return agg
 
 

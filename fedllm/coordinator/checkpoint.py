@@ -55,7 +55,7 @@ from safetensors import SafetensorError
 
 from fedllm.errors import ConfigError
 from fedllm.files import write_bytes_atomic, write_json_atomic
-from fedllm.strategy import SiteLevelAdaptiveClipping, SiteLevelFixedClipping
+from fedllm.flower.strategies import SiteLevelAdaptiveClipping, SiteLevelFixedClipping
 
 log = logging.getLogger(__name__)
 

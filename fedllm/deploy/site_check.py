@@ -3,12 +3,12 @@
 Nothing is trained and nothing goes over the network: every check reads local files only. The
 checks, in order:
 
-* **site file**: :func:`fedllm.deploy.sitefile.load_site_file` (a bad file is a ``ConfigError``);
+* **site file**: :func:`fedllm.deploy.site_file.load_site_file` (a bad file is a ``ConfigError``);
 * **device**: the configured device exists on this machine;
 * **data**: every record loads (:func:`fedllm.data.loading.load_records`; a bad record is a
   ``DataError`` naming file, record and field), and their number;
 * **split**: the train / held-out sizes under the run's default ``data.*`` settings, as the site
-  computes them (``fedllm.site.load_site_examples``); a warning when there are fewer training
+  computes them (``fedllm.site.runtime.load_site_examples``); a warning when there are fewer training
   records than ``train.batch-size`` (the sample rate q would be 1: no amplification by subsampling);
 * **tokens**: token lengths of an evenly spaced sample of records with ``--model``'s tokenizer:
   min / median / p95 / max, how many ``--max-length`` truncates, and a failure for any record
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import RunConfig
-from fedllm.deploy.sitefile import SiteFile, load_site_file
+from fedllm.deploy.site_file import SiteFile, load_site_file
 from fedllm.errors import ConfigError, LedgerError, ModelError
 
 OK, WARNING, FAILED = "ok", "warning", "failed"
@@ -103,7 +103,7 @@ def _fmt_eps(value: float) -> str:
 def load_tokenizer(name: str) -> Any:
     """Only the tokenizer of model ``name`` (offline; the model's weights are not loaded)."""
     from fedllm.config import ModelConfig
-    from fedllm.model import TINY_PREFIX, build_byte_tokenizer, ensure_model_available
+    from fedllm.model.loading import TINY_PREFIX, build_byte_tokenizer, ensure_model_available
 
     source = ensure_model_available(ModelConfig(name=name))
     if source.startswith(TINY_PREFIX):

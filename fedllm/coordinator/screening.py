@@ -5,8 +5,8 @@ round for its privacy budget is recorded, a failed site is counted, and a reply 
 exactly what a site sends is rejected, naming the reason: records other than the adapter arrays
 (train only), the metrics and the site's name; a site name that is not a short safe string
 (``[A-Za-z0-9._-]{1,64}``; the reply is then filed under ``node-<id>``) or that another reply of
-the round already used; metrics other than exactly ``keys.TRAIN_METRIC_KEYS`` /
-``keys.EVALUATE_METRIC_KEYS`` or not finite scalars; an update with wrong keys, shapes, dtypes or
+the round already used; metrics other than exactly ``wire.TRAIN_METRIC_KEYS`` /
+``wire.EVALUATE_METRIC_KEYS`` or not finite scalars; an update with wrong keys, shapes, dtypes or
 non-finite values, or (``federation.max-update-norm`` > 0) whose L2 distance from the global
 adapter it was sent exceeds that bound. The rest are aggregated.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedllm import keys
+from fedllm import wire
 from fedllm.errors import InvalidUpdateError
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ def validate_update(arrays: ArrayRecord, reference: ArrayRecord, *, require_chan
 
 def validate_metrics(metrics: MetricRecord, *, kind: str) -> None:
     """Raise ``InvalidUpdateError`` unless ``metrics`` holds exactly the agreed keys for ``kind``
-    (``keys.TRAIN_METRIC_KEYS`` / ``keys.EVALUATE_METRIC_KEYS``), each a finite int or float (a
+    (``wire.TRAIN_METRIC_KEYS`` / ``wire.EVALUATE_METRIC_KEYS``), each a finite int or float (a
     site sends -1 for "not defined"), with ``num-examples`` an int > 0 for train and >= 0 for
     evaluate (a site without held-out data, ``data.eval-fraction = 0``, evaluates 0 examples)."""
-    expected = keys.TRAIN_METRIC_KEYS if kind == "train" else keys.EVALUATE_METRIC_KEYS
+    expected = wire.TRAIN_METRIC_KEYS if kind == "train" else wire.EVALUATE_METRIC_KEYS
     got = list(metrics.keys())
     missing = [k for k in expected if k not in got]
     extra = sorted(k for k in got if k not in expected)
@@ -91,32 +91,32 @@ def validate_metrics(metrics: MetricRecord, *, kind: str) -> None:
                                      "expected one number")
         if not math.isfinite(value):
             raise InvalidUpdateError(f"metrics: {key!r} is {value!r}, expected a finite number (-1 for not defined)")
-    examples = metrics[keys.NUM_EXAMPLES]
+    examples = metrics[wire.NUM_EXAMPLES]
     least = 1 if kind == "train" else 0
     if not isinstance(examples, int) or examples < least:
-        raise InvalidUpdateError(f"metrics: {keys.NUM_EXAMPLES!r} is {examples!r}, expected an int >= {least}")
+        raise InvalidUpdateError(f"metrics: {wire.NUM_EXAMPLES!r} is {examples!r}, expected an int >= {least}")
 
 
 def _claimed_name(msg: Message) -> str | None:
-    """The site name a reply carries, when its ``keys.SITE`` record is well-formed and safe."""
-    if not msg.has_content() or keys.SITE not in msg.content:
+    """The site name a reply carries, when its ``wire.SITE`` record is well-formed and safe."""
+    if not msg.has_content() or wire.SITE not in msg.content:
         return None
-    record = msg.content[keys.SITE]
-    if not isinstance(record, ConfigRecord) or list(record.keys()) != [keys.SITE_NAME]:
+    record = msg.content[wire.SITE]
+    if not isinstance(record, ConfigRecord) or list(record.keys()) != [wire.SITE_NAME]:
         return None
-    value = record[keys.SITE_NAME]
+    value = record[wire.SITE_NAME]
     return value if isinstance(value, str) and SAFE_SITE_NAME.fullmatch(value) else None
 
 
 def validate_reply_records(msg: Message, *, kind: str) -> None:
     """Raise ``InvalidUpdateError`` unless the reply holds exactly what a site sends: one
-    ``ArrayRecord`` under ``keys.ARRAYS`` (train only), one ``MetricRecord`` under
-    ``keys.METRICS``, and optionally ``keys.SITE``, a ``ConfigRecord`` of exactly
-    ``{keys.SITE_NAME: str}`` with a name matching ``[A-Za-z0-9._-]{1,64}``."""
+    ``ArrayRecord`` under ``wire.ARRAYS`` (train only), one ``MetricRecord`` under
+    ``wire.METRICS``, and optionally ``wire.SITE``, a ``ConfigRecord`` of exactly
+    ``{wire.SITE_NAME: str}`` with a name matching ``[A-Za-z0-9._-]{1,64}``."""
     content = msg.content
-    allowed: dict[str, type] = {keys.METRICS: MetricRecord, keys.SITE: ConfigRecord}
+    allowed: dict[str, type] = {wire.METRICS: MetricRecord, wire.SITE: ConfigRecord}
     if kind == "train":
-        allowed[keys.ARRAYS] = ArrayRecord
+        allowed[wire.ARRAYS] = ArrayRecord
     for what, records, most in (("ArrayRecords", content.array_records, 1 if kind == "train" else 0),
                                 ("MetricRecords", content.metric_records, 1)):
         if len(records) > most:
@@ -130,14 +130,14 @@ def validate_reply_records(msg: Message, *, kind: str) -> None:
             raise InvalidUpdateError(f"record {name!r} is a {type(content[name]).__name__}, "
                                      f"expected a {allowed[name].__name__}")
     for name in allowed:
-        if name != keys.SITE and name not in content:
+        if name != wire.SITE and name not in content:
             raise InvalidUpdateError(f"no {name!r} record in the {kind} reply")
-    if keys.SITE in content and _claimed_name(msg) is None:
-        record = content[keys.SITE]
-        if list(record.keys()) != [keys.SITE_NAME]:
-            raise InvalidUpdateError(f"record {keys.SITE!r} has keys {sorted(record.keys())[:4]}, "
-                                     f"expected exactly [{keys.SITE_NAME!r}]")
-        value = record[keys.SITE_NAME]
+    if wire.SITE in content and _claimed_name(msg) is None:
+        record = content[wire.SITE]
+        if list(record.keys()) != [wire.SITE_NAME]:
+            raise InvalidUpdateError(f"record {wire.SITE!r} has keys {sorted(record.keys())[:4]}, "
+                                     f"expected exactly [{wire.SITE_NAME!r}]")
+        value = record[wire.SITE_NAME]
         if not isinstance(value, str):
             raise InvalidUpdateError(f"site name is a {type(value).__name__}, expected a string")
         raise InvalidUpdateError(f"site name {value[:80]!r} is not 1-64 characters of A-Z a-z 0-9 . _ -")
@@ -156,7 +156,7 @@ class Triage:
 
 def _reply_name(msg: Message, names: dict[int, str], node: int) -> tuple[str, bool]:
     """(name, whether the reply itself claimed it); see :func:`site_name`."""
-    if msg.has_content() and keys.SITE in msg.content:
+    if msg.has_content() and wire.SITE in msg.content:
         claimed = _claimed_name(msg)
         return (claimed, True) if claimed is not None else (f"node-{node}", False)
     return names.get(node, f"node-{node}"), False
@@ -203,7 +203,7 @@ def triage_replies(replies: list[Message], *, reference: ArrayRecord | None, nam
         if claimed:
             names[node] = name
         if msg.has_error():
-            if msg.error.code == keys.BUDGET_REFUSED:
+            if msg.error.code == wire.BUDGET_REFUSED:
                 out.refused[name] = msg.error.reason
                 log.info("site %s refused the round: %s", name, msg.error.reason)
             else:
@@ -214,13 +214,13 @@ def triage_replies(replies: list[Message], *, reference: ArrayRecord | None, nam
             try:
                 validate_reply_records(msg, kind=kind)
                 if kind == "train":
-                    validate_update(msg.content[keys.ARRAYS], reference, require_change=require_change,
+                    validate_update(msg.content[wire.ARRAYS], reference, require_change=require_change,
                                     max_update_norm=max_update_norm)
-                validate_metrics(msg.content[keys.METRICS], kind=kind)
+                validate_metrics(msg.content[wire.METRICS], kind=kind)
             except InvalidUpdateError as exc:
                 out.rejected[name] = str(exc)
                 log.error("rejected %s reply from site %s: %s", kind, name, exc)
                 continue
         out.accepted.append(msg)
-        out.metrics[name] = dict(msg.content[keys.METRICS])
+        out.metrics[name] = dict(msg.content[wire.METRICS])
     return out

@@ -21,7 +21,7 @@ def _echo(text: str) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedllm.config import RunConfig, parse_set_option
-    from fedllm.scenario import load_scenario, materialise_sites
+    from fedllm.simulation.scenario import load_scenario, materialise_sites
 
     scenario = load_scenario(args.scenario)
     overrides = dict(scenario.run_overrides)
@@ -46,8 +46,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise
     _echo(f"fedllm simulate {scenario.name}: {len(sites)} sites, {config.num_server_rounds} rounds, "
           f"model {config.model.name}, DP {'on' if config.privacy.enabled else 'OFF'} -> {output}")
-    from fedllm.report import summary_text
-    from fedllm.simulation import run_simulation
+    from fedllm.reports.summary import summary_text
+    from fedllm.simulation.runner import run_simulation
 
     start = time.perf_counter()
     history = run_simulation(config, sites, echo=_echo, verbose=args.verbose)
@@ -84,8 +84,8 @@ def _check_sites(config, sites) -> None:
     process starts: bad data fails here with file, record and field."""
     from transformers.utils import logging as hf_logging
 
-    from fedllm.model import load_model_and_tokenizer
-    from fedllm.site import load_site_examples
+    from fedllm.model.loading import load_model_and_tokenizer
+    from fedllm.site.runtime import load_site_examples
 
     hf_logging.disable_progress_bar()
 
@@ -199,7 +199,7 @@ def cmd_ledger_keygen(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``fedllm models``: supported families, published facts and a DP-LoRA memory estimate."""
-    from fedllm.catalog import check_inputs, table_json, table_lines
+    from fedllm.model.catalog import check_inputs, table_json, table_lines
 
     try:
         check_inputs(rank=args.rank, seq_len=args.seq_len, physical_batch=args.batch)
@@ -223,7 +223,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return canary_main(args)
     if not args.run_dir:
         raise FedLLMError("give a run folder (fedllm audit RUN_DIR), or --canaries N for an empirical audit")
-    from fedllm.audit.report import main as report_main
+    from fedllm.reports.privacy_report import main as report_main
 
     return report_main(args)
 
@@ -317,14 +317,14 @@ def _add_deployment_commands(sub) -> None:
     """``fedllm certs``, ``fedllm server start``, ``fedllm site check|start``, ``fedllm run``
     (docs/deployment.md). These modules import nothing heavy at module level."""
     from fedllm.deploy.certs import add_certs_arguments, cmd_certs
-    from fedllm.deploy.coordinator import (
+    from fedllm.deploy.server_commands import (
         add_run_arguments,
         add_server_start_arguments,
         cmd_run,
         cmd_server_start,
     )
-    from fedllm.deploy.sitecheck import add_site_check_arguments, cmd_site_check
-    from fedllm.deploy.sitenode import add_site_start_arguments, cmd_site_start
+    from fedllm.deploy.site_check import add_site_check_arguments, cmd_site_check
+    from fedllm.deploy.site_commands import add_site_start_arguments, cmd_site_start
 
     certs = sub.add_parser("certs", help="create a development CA, the coordinator's TLS certificate and site "
                                          "key pairs (trials; institutions use their own PKI)")

@@ -1,7 +1,7 @@
 """The privacy report as people read it: Markdown and a PNG plot, plus the plain-language privacy
 statement (:func:`privacy_statement`), which the model card repeats word for word.
 
-Pure functions of the report dict that :func:`fedllm.audit.report.build_privacy_report` returns
+Pure functions of the report dict that :func:`fedllm.reports.privacy_report.build_privacy_report` returns
 (ε = ∞ as ``"inf"``): no clock, no file system except the PNG's own atomic write, so the Markdown
 is golden-tested byte for byte. matplotlib is imported inside :func:`write_epsilon_plot`.
 """

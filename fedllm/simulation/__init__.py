@@ -1,0 +1,1 @@
+"""Simulation mode: scenario folders into simulated runs on Flower's simulation engine."""
