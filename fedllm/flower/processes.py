@@ -2,7 +2,7 @@
 ``flower-superlink``/``flower-supernode``, talks to a SuperLink with ``flwr``, and cleans up.
 
 Used by the simulation (``fedllm simulate``) and by deployment (``fedllm server start``,
-``fedllm site start``, ``fedllm run``). Flower 1.42 facts it relies on (shared/notes/flower-1.42.md):
+``fedllm site start``, ``fedllm run``). Flower 1.42 facts it relies on (docs/notes/flower-1.42.md):
 
 * one HTTP(S) port serves the Fleet, Control and Runtime APIs;
 * ``flwr`` reads its connections from ``$FLWR_HOME/config.toml``, so every command here runs with a

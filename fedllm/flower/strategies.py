@@ -4,7 +4,7 @@ Strategies are Flower's own (``flwr.serverapp.strategy``): FedAvg weighted by ea
 of training examples, FedProx (the site adds the proximal term), FedAdam (server optimiser on the
 adapter's pseudo-gradient). Replies are screened first (``fedllm.coordinator.screening``).
 
-Central (site-level) DP, optional (``central-dp.enabled``; dp-lora.md §3.1–3.2): the strategy is
+Central (site-level) DP, optional (``central-dp.enabled``; docs/notes/dp-lora.md §3.1–3.2): the strategy is
 wrapped in Flower's own ``DifferentialPrivacyServerSideFixedClipping`` or
 ``...ServerSideAdaptiveClipping``. Each site's update *relative to the global adapter it was sent*
 (``configure_train`` stores it) is clipped to L2 norm S over all exchanged tensors (the B tensors

@@ -336,7 +336,7 @@ def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
 
     On: reentrant checkpointing (``use_reentrant=True``) plus ``enable_input_require_grads``. With
     the non-reentrant default, Opacus' forward hooks never see the recomputed activations and the
-    per-example gradients are missing (dp-lora.md P9); without input gradients, reentrant
+    per-example gradients are missing (docs/notes/dp-lora.md P9); without input gradients, reentrant
     checkpointing cuts the graph at the first checkpointed layer (the base is frozen)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if enabled:

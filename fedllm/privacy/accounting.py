@@ -6,7 +6,7 @@ Assumptions (every ε this module returns rests on all of them):
   site is included in the step's batch independently with probability ``sample_rate`` (q), each
   per-example gradient is clipped to norm ``max_grad_norm`` (C), and Gaussian noise of standard
   deviation ``noise_multiplier * C`` is added to their sum. Shuffled or fixed-size batches are
-  *not* covered (dp-lora.md P4).
+  *not* covered (docs/notes/dp-lora.md P4).
 * **Neighbouring relation.** Add/remove one record.
 * **Unit of privacy.** One training record (one sequence) at one site. A person with many records
   is protected only through group privacy (P14).
@@ -147,7 +147,7 @@ def epsilon_pld_dp_accounting(events: Sequence[DPEvent], *, target_delta: float)
         raise ImportError(
             "the independent PLD cross-check needs Google's dp-accounting; install it with "
             "`pip install absl-py dm-tree && pip install --no-deps dp-accounting` "
-            f"(--no-deps: its attrs pin would downgrade attrs under Flower, dp-lora.md P1). ({exc})"
+            f"(--no-deps: its attrs pin would downgrade attrs under Flower, docs/notes/dp-lora.md P1). ({exc})"
         ) from exc
     event = dp_accounting.ComposedDpEvent([
         dp_accounting.SelfComposedDpEvent(
@@ -269,7 +269,7 @@ def max_steps_under_cap(
     """Largest n with ε(``spent`` + n steps at (σ, q)) <= ``max_epsilon``; 0 if not even one step fits.
 
     ε is monotone in n, so this is an exponential search followed by a binary search
-    (dp-lora.md §2.3). The search stops at 2**31 - 1 steps.
+    (docs/notes/dp-lora.md §2.3). The search stops at 2**31 - 1 steps.
     """
     _check_real("max_epsilon", max_epsilon, low=0.0, low_open=True, finite=True)
     DPEvent(noise_multiplier, sample_rate, 0)  # validates σ and q
@@ -305,7 +305,7 @@ def site_level_epsilon(
     accountant: str = "prv",
     sampling: str = "fixed-subset",
 ) -> float:
-    """Site-level ε of central DP (DP-FedAvg) after ``rounds`` noisy aggregates (dp-lora.md §3.1).
+    """Site-level ε of central DP (DP-FedAvg) after ``rounds`` noisy aggregates (docs/notes/dp-lora.md §3.1).
 
     Unit of privacy: one *site* (all its records). Each round the server clips every sampled
     site's update to S, averages the m = ``sites_per_round`` clipped updates and adds Gaussian

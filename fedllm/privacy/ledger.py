@@ -2,7 +2,7 @@
 
 One JSON file per site (per dataset), kept at the site. It survives rounds, runs and restarts:
 every run on the same data spends from the same budget, and Flower's per-run ``Context.state``
-cannot hold that (dp-lora.md P13). Each :class:`LedgerEntry` records one release (one round's
+cannot hold that (docs/notes/dp-lora.md P13). Each :class:`LedgerEntry` records one release (one round's
 adapter update): run, round, steps, sample rate q, noise multiplier σ, clipping norm C, δ, the
 accountant, the number of examples and the cumulative ε after it.
 

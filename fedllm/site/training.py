@@ -197,7 +197,7 @@ def train_local(
     ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass
     instead of storing them, for the duration of this call. It uses reentrant checkpointing with
     gradients on the input embeddings, the only mode in which Opacus' hooks see the recomputed
-    activations (dp-lora.md P9): the per-example gradients are the same as without it (tested)."""
+    activations (docs/notes/dp-lora.md P9): the per-example gradients are the same as without it (tested)."""
     if not examples:
         raise ValueError("no training examples")
     keep_freed_memory()

@@ -1,6 +1,6 @@
 """ε, σ and step budgets against published values and independent implementations.
 
-Reference values are from /work/shared/notes/dp-lora.md §2.1 and §2.3: "MS PRV upper" is Microsoft's
+Reference values are from docs/notes/dp-lora.md §2.1 and §2.3: "MS PRV upper" is Microsoft's
 ``prv_accountant`` upper bound and "Google RDP" is ``dp_accounting``'s RDP accountant (orders up to
 1024, Balle et al. 2020 conversion), both implemented independently of Opacus.
 """
@@ -75,7 +75,7 @@ def test_rdp_matches_a_from_scratch_implementation():
 
 @pytest.mark.parametrize("accountant", ACCOUNTANTS)
 def test_rounds_compose_like_one_long_release(accountant):
-    # dp-lora.md §2.3: 20 rounds × 25 steps == one 500-step run (RDP 1.4012, PRV 1.0562).
+    # docs/notes/dp-lora.md §2.3: 20 rounds × 25 steps == one 500-step run (RDP 1.4012, PRV 1.0562).
     rounds = [DPEvent(1.0, 0.008, 25)] * 20
     whole = [DPEvent(1.0, 0.008, 500)]
     expected = {"rdp": 1.4012, "prv": 1.0562}[accountant]
@@ -86,7 +86,7 @@ def test_rounds_compose_like_one_long_release(accountant):
 
 @pytest.mark.parametrize(("accountant", "expected"), [("rdp", 1.268), ("prv", 0.862)])
 def test_heterogeneous_releases_compose(accountant, expected):
-    # dp-lora.md §2.3: σ raised from 1.0 to 1.5 half-way through 500 steps at q=0.008.
+    # docs/notes/dp-lora.md §2.3: σ raised from 1.0 to 1.5 half-way through 500 steps at q=0.008.
     history = [DPEvent(1.0, 0.008, 250), DPEvent(1.5, 0.008, 250)]
     eps = epsilon_for(history, target_delta=1e-5, accountant=accountant)
     assert eps == pytest.approx(expected, abs=0.001)
@@ -150,7 +150,7 @@ def test_bad_parameters_are_refused(call):
 
 @pytest.mark.parametrize(("accountant", "expected_sigma"), [("prv", 0.7007), ("rdp", 0.7556)])
 def test_noise_multiplier_round_trip(accountant, expected_sigma):
-    # dp-lora.md §2.3: σ for ε=3 over 20×25 steps at q=0.008, δ=1e-5.
+    # docs/notes/dp-lora.md §2.3: σ for ε=3 over 20×25 steps at q=0.008, δ=1e-5.
     kwargs = {"target_delta": 1e-5, "accountant": accountant}
     sigma = noise_multiplier_for(target_epsilon=3.0, sample_rate=0.008, steps=500, tolerance=0.01, **kwargs)
     assert 3.0 - 0.01 <= epsilon_for([DPEvent(sigma, 0.008, 500)], **kwargs) <= 3.0
@@ -180,7 +180,7 @@ def test_noise_multiplier_refuses_a_target_below_prv_resolution():
         noise_multiplier_for(target_epsilon=0.005, target_delta=1e-5, sample_rate=0.01, steps=10)
 
 
-# dp-lora.md §2.3, q=16/2000, σ=1, δ=1e-5. RDP is analytic: exact. PRV's discretisation grid
+# docs/notes/dp-lora.md §2.3, q=16/2000, σ=1, δ=1e-5. RDP is analytic: exact. PRV's discretisation grid
 # depends on n, so its upper bound is a slightly jagged function of n: allow ±2 steps.
 @pytest.mark.parametrize(
     ("accountant", "cap", "expected", "slack"),
@@ -195,7 +195,7 @@ def test_max_steps_under_cap_matches_reference(accountant, cap, expected, slack)
 
 
 def test_max_steps_under_cap_counts_the_spent_history():
-    # After 10 rounds of 25 steps (ε_RDP = 1.225), 3315 more steps fit under ε=3 (dp-lora.md §2.3).
+    # After 10 rounds of 25 steps (ε_RDP = 1.225), 3315 more steps fit under ε=3 (docs/notes/dp-lora.md §2.3).
     spent = [DPEvent(1.0, 0.008, 25)] * 10
     kwargs = {"noise_multiplier": 1.0, "sample_rate": 0.008, "target_delta": 1e-5, "accountant": "rdp"}
     assert epsilon_for(spent, target_delta=1e-5, accountant="rdp") == pytest.approx(1.225, abs=0.001)

@@ -12,7 +12,7 @@ What is compared, and why two checks:
   value (it would under-state the spend) and may exceed it by at most 2% plus that margin. At
   ε≈0.1 the margin alone is ~12% of ε, which is why the plain 2% check uses the estimate.
 
-Reference values: dp-lora.md §2.1 ("MS PRV estimate = Google PLD, to 3 decimals").
+Reference values: docs/notes/dp-lora.md §2.1 ("MS PRV estimate = Google PLD, to 3 decimals").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from fedllm.privacy.accounting import (
 TOLERANCE = 0.02
 PLD_SLACK = 1e-3  # PLD's own (pessimistic) discretisation error, relative; see epsilon_pld_dp_accounting
 
-# (q, σ, steps, δ, expected PLD ε from dp-lora.md §2.1 or None, rough size of ε)
+# (q, σ, steps, δ, expected PLD ε from docs/notes/dp-lora.md §2.1 or None, rough size of ε)
 GRID = [
     pytest.param(0.01, 4.0, 100, 1e-5, 0.080, id="eps0.08-abadi-E1"),
     pytest.param(0.01, 4.0, 10000, 1e-5, 0.947, id="eps0.95-abadi-E100"),
@@ -76,7 +76,7 @@ def _check_agreement(events: list[DPEvent], delta: float) -> tuple[float, float,
 @pytest.mark.parametrize("q, sigma, steps, delta, published", GRID)
 def test_prv_agrees_with_dp_accounting_pld(q, sigma, steps, delta, published):
     enforced, estimate, pld = _check_agreement([DPEvent(sigma, q, steps)], delta)
-    if published is not None:  # the PLD value measured independently in dp-lora.md §2.1
+    if published is not None:  # the PLD value measured independently in docs/notes/dp-lora.md §2.1
         assert pld == pytest.approx(published, abs=0.005)  # the table's values are rounded
 
 
@@ -100,7 +100,7 @@ def test_composition_of_rounds_equals_one_long_run_under_pld():
     rounds = epsilon_pld_dp_accounting([DPEvent(1.0, 0.008, 25)] * 20, target_delta=1e-5)
     single = epsilon_pld_dp_accounting([DPEvent(1.0, 0.008, 500)], target_delta=1e-5)
     assert rounds == pytest.approx(single, rel=1e-9)
-    assert single == pytest.approx(1.0562, abs=0.015)  # PRV upper for the same history, dp-lora.md §2.3
+    assert single == pytest.approx(1.0562, abs=0.015)  # PRV upper for the same history, docs/notes/dp-lora.md §2.3
 
 
 def test_pld_follows_the_same_conventions_as_epsilon_for():

@@ -62,7 +62,7 @@ def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
 
 @pytest.mark.parametrize("z, published_rdp, published_pld", [(1.0, 30.1, 28.4), (4.0, 5.38, 4.98)])
 def test_site_level_epsilon_matches_published_and_closed_form(z, published_rdp, published_pld):
-    # dp-lora.md §3.1: 5 sites all taking part, 20 rounds, δ = 1e-5
+    # docs/notes/dp-lora.md §3.1: 5 sites all taking part, 20 rounds, δ = 1e-5
     args = dict(noise_multiplier=z, sites_per_round=5, total_sites=5, rounds=20, target_delta=1e-5, sampling="all")
     prv = site_level_epsilon(**args)
     rdp = site_level_epsilon(**args, accountant="rdp")
@@ -252,7 +252,7 @@ def test_adaptive_clipping_settles_at_the_target_quantile_of_update_norms():
     rng = np.random.default_rng(5)
     global_values = {k: np.zeros(s) for k, s in SHAPES.items()}
     dp = _wrapped(clipping="adaptive", z=0.0, s=0.1, m=20, target_quantile=0.5)
-    for _ in range(80):  # lognormal update norms with median 2.0 (dp-lora.md §3.2)
+    for _ in range(80):  # lognormal update norms with median 2.0 (docs/notes/dp-lora.md §3.2)
         _round(dp, global_values, [_update(rng, float(2.0 * np.exp(0.3 * rng.standard_normal()))) for _ in range(20)])
     assert 1.5 < dp.clipping_norm < 2.7
 

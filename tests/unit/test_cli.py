@@ -20,7 +20,7 @@ def test_budget_answers_both_planning_questions(capsys):
     assert main(["budget", "--noise-multiplier", "1.0", "--dataset-size", "2000", "--batch-size", "16",
                  "--steps", "375", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["epsilon"] == pytest.approx(0.936, abs=0.002)  # dp-lora.md §2.1, PRV upper bound
+    assert out["epsilon"] == pytest.approx(0.936, abs=0.002)  # docs/notes/dp-lora.md §2.1, PRV upper bound
 
 
 def test_budget_without_steps_is_a_clear_error(capsys):

@@ -1,4 +1,4 @@
-"""The audit's statistics against published and closed-form values (dp-lora.md §4, Steinke, Nasr &
+"""The audit's statistics against published and closed-form values (docs/notes/dp-lora.md §4, Steinke, Nasr &
 Jagielski 2023, Carlini et al. 2019)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fedllm.audit.empirical import (
 
 
 def test_ceiling_table_matches_the_published_values():
-    # dp-lora.md §4 (audit_lib.py, an independent implementation): m = 100, δ = 0, 95%
+    # docs/notes/dp-lora.md §4 (audit_lib.py, an independent implementation): m = 100, δ = 0, 95%
     table = ceiling_table((100,), (10, 20, 50, 100))
     assert {r: round(v, 2) for r, v in table[100].items()} == {10: 1.05, 20: 1.82, 50: 2.78, 100: 3.49}
     # δ = 1e-5: the 2mδ term of Thm 5.2 matters once m is large
@@ -42,7 +42,7 @@ def test_all_correct_bound_has_a_closed_form():
 
 
 def test_partly_correct_guesses_match_the_published_values():
-    # dp-lora.md §4: 90% correct gives 1.30 (m = 100, r = 40) and 2.02 (m = 1000, r = 1000)
+    # docs/notes/dp-lora.md §4: 90% correct gives 1.30 (m = 100, r = 40) and 2.02 (m = 1000, r = 1000)
     assert round(one_run_epsilon_lower_bound(correct=36, guesses=40, canaries=100), 2) == 1.30
     assert round(one_run_epsilon_lower_bound(correct=900, guesses=1000, canaries=1000), 2) == 2.02
     # and the measured rows of its table (δ = 1e-5): 19/20 -> 1.29, 32/40 -> 0.70

@@ -64,14 +64,14 @@ def test_cumulative_epsilon_is_composed_over_the_whole_history(tmp_path):
     single = _record(one, steps=500)
     assert after_first.epsilon < after_second.epsilon
     assert after_second.epsilon == pytest.approx(single.epsilon, rel=1e-9)
-    assert after_second.epsilon == pytest.approx(1.0562, abs=1e-4)  # dp-lora.md §2.3, PRV
+    assert after_second.epsilon == pytest.approx(1.0562, abs=1e-4)  # docs/notes/dp-lora.md §2.3, PRV
     assert rounds.epsilon(target_delta=1e-5) == after_second.epsilon
     assert rounds.epsilon(target_delta=1e-5, accountant="rdp") == pytest.approx(1.4012, abs=1e-4)
 
 
 def test_check_refuses_the_release_that_crosses_the_cap(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", site="cardiology")
-    _record(ledger, steps=375)  # ε_PRV = 0.936 (dp-lora.md §2.1, "LLM site" row)
+    _record(ledger, steps=375)  # ε_PRV = 0.936 (docs/notes/dp-lora.md §2.1, "LLM site" row)
     planned = {"noise_multiplier": 1.0, "sample_rate": 0.008, "steps": 100, "target_delta": 1e-5}
     with pytest.raises(BudgetExceededError) as info:
         ledger.check(max_epsilon=1.0, **planned)

@@ -206,7 +206,7 @@ def test_physical_batches_clip_each_example_and_add_noise_once(setup, physical):
 
 @pytest.mark.parametrize("physical", [0, 3])
 def test_gradient_checkpointing_keeps_per_example_gradients_exact(setup, physical):
-    """With checkpointing (reentrant + input grads, dp-lora.md P9) the DP step is the same clipped
+    """With checkpointing (reentrant + input grads, docs/notes/dp-lora.md P9) the DP step is the same clipped
     sum of per-example gradients; afterwards the model is back to normal."""
     model, tok, examples = setup
     _assert_step_is_the_clipped_sum(model, tok, examples, physical_batch_size=physical, gradient_checkpointing=True)
