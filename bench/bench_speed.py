@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
-from fedllm.model.loading import apply_lora, load_model_and_tokenizer  # noqa: E402
 from fedllm.fastpath.layers import choose_attention, keep_freed_memory  # noqa: E402
+from fedllm.model.loading import apply_lora, load_model_and_tokenizer  # noqa: E402
 from fedllm.site.training import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8

@@ -17,9 +17,9 @@ def seeded_randomness(monkeypatch):
     import numpy as np
     import torch
 
+    from fedllm.audit import canaries
     from fedllm.flower import strategies as strategy
     from fedllm.site import training as train
-    from fedllm.audit import canaries
 
     seeds = itertools.count(1)
     monkeypatch.setattr(canaries, "os_entropy_rng", lambda: np.random.default_rng(next(seeds)))

@@ -187,7 +187,7 @@ def default_guesses(canaries: int) -> int:
 def resolve_guesses(canaries: int, guesses: int | None) -> int:
     """The k to use (given, or :func:`default_guesses`), checked against N."""
     k = default_guesses(canaries) if guesses is None else guesses
-    if canaries < MIN_CANARIES or not 1 <= k or 2 * k > canaries:
+    if canaries < MIN_CANARIES or not k >= 1 or 2 * k > canaries:
         raise ConfigError(f"--canaries {canaries} --guesses {k}: need N >= {MIN_CANARIES} and 1 <= k <= N/2 "
                           "(k guesses 'in' and k 'out' among the N one-run canaries)")
     return k

@@ -29,20 +29,20 @@ from flwr.serverapp import Grid
 
 from fedllm import wire
 from fedllm.config import CentralDPConfig, RunConfig, SiteConfig, to_toml
-from fedllm.errors import ConfigError, RunFailedError
-from fedllm.files import write_text_atomic
-from fedllm.coordinator.history import RunHistory
-from fedllm.model.loading import get_adapter_state, save_adapter, shared_model
-from fedllm.reports.model_card import write_model_card
-from fedllm.privacy.accounting import site_level_epsilon
-from fedllm.coordinator.screening import triage_replies
 from fedllm.coordinator.checkpoint import (
     clear_server_state,
     load_server_state,
     restore_strategy,
     save_server_state,
 )
+from fedllm.coordinator.history import RunHistory
+from fedllm.coordinator.screening import triage_replies
+from fedllm.errors import ConfigError, RunFailedError
+from fedllm.files import write_text_atomic
 from fedllm.flower.strategies import build_strategy, site_level_warning, with_central_dp
+from fedllm.model.loading import get_adapter_state, save_adapter, shared_model
+from fedllm.privacy.accounting import site_level_epsilon
+from fedllm.reports.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 

@@ -203,7 +203,7 @@ def _read_raw(path: Path, suffix: str) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
         try:
             rows = pq.read_table(path).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types
+        except Exception as exc:
             raise DataError(f"{path}: cannot read Parquet: {exc}") from None
         for number, row in enumerate(rows, start=1):
             yield f"record {number}", {k: v for k, v in row.items() if v is not None}

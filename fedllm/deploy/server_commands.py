@@ -28,6 +28,7 @@ from fedllm.config import (
     parse_set_option,
     read_toml,
 )
+from fedllm.errors import ConfigError, FedLLMError, RunFailedError
 from fedllm.flower.processes import (
     CONNECTION,
     Connection,
@@ -44,7 +45,6 @@ from fedllm.flower.processes import (
     write_app_folder,
     write_run_overrides,
 )
-from fedllm.errors import ConfigError, FedLLMError, RunFailedError
 
 DEFAULT_PORT = 9092
 

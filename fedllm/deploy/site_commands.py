@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from fedllm.flower.processes import flower_env, free_port, stop_group, tool
 from fedllm.errors import ConfigError, FedLLMError, RunFailedError
+from fedllm.flower.processes import flower_env, free_port, stop_group, tool
 from fedllm.logs import strip_to_marker
 
 

@@ -6,9 +6,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import RunConfig
+from fedllm.coordinator.rounds import run_federation
 from fedllm.errors import ConfigError
 from fedllm.logs import configure_app_logging
-from fedllm.coordinator.rounds import run_federation
 
 app = ServerApp()
 

@@ -45,7 +45,7 @@ def base_model_id(name: str) -> str | None:
 
 def _model_name(name: str) -> str:
     """``model.name`` as the card shows it: a local folder by its last component only (no paths)."""
-    if name in KNOWN_BASE_MODELS or base_model_id(name) or "/" not in name and "\\" not in name:
+    if name in KNOWN_BASE_MODELS or base_model_id(name) or ("/" not in name and "\\" not in name):
         return name
     return Path(name).name
 

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm import __version__, wire
+from fedllm.errors import FedLLMError, LedgerError, RunFailedError
+from fedllm.files import write_text_atomic
 from fedllm.reports.render import (  # noqa: F401  (render_markdown, write_epsilon_plot, privacy_statement: re-exported)
     MEANINGLESS_SITE_EPSILON,
     _eps,
@@ -51,8 +53,6 @@ from fedllm.reports.render import (  # noqa: F401  (render_markdown, write_epsil
     render_markdown,
     write_epsilon_plot,
 )
-from fedllm.errors import FedLLMError, LedgerError, RunFailedError
-from fedllm.files import write_text_atomic
 
 REPORT_FORMAT = "fedllm-privacy-report"
 REPORT_VERSION = 1

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedllm.config import RunConfig, SiteConfig
+from fedllm.errors import RunFailedError
 from fedllm.flower.processes import (
     Connection,
     flower_env,
@@ -46,7 +47,6 @@ from fedllm.flower.processes import (
     write_app_folder,
     write_run_overrides,
 )
-from fedllm.errors import RunFailedError
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ class ReleaseCache:
             release = CachedRelease(run_id=meta["run-id"], server_round=int(meta["server-round"]),
                                     input_digest=meta["input-digest"], adapter=adapter,
                                     metrics=json.loads(meta["metrics"]), ledger_entries=int(meta["ledger-entries"]))
-        except Exception as exc:  # noqa: BLE001 - a bad cache must never stop the site: it only costs a retrain
+        except Exception as exc:
             log.warning("site %s: ignoring the release cache %s (%s: %s); the round is trained again and its "
                         "privacy spend recorded again", self.site, self.path, exc.__class__.__name__, exc)
             return None

@@ -40,6 +40,7 @@ from fedllm.data.formatting import TokenizedExample, tokenize_records
 from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
+from fedllm.fastpath.layers import choose_attention
 from fedllm.model.loading import (
     get_adapter_state,
     is_quantized,
@@ -50,7 +51,6 @@ from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
 from fedllm.site.resend_store import ReleaseCache, adapter_digest
-from fedllm.fastpath.layers import choose_attention
 from fedllm.site.training import DPSettings, StepInfo, evaluate_loss, train_local
 
 log = logging.getLogger(__name__)

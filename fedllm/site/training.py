@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
-from fedllm.model.loading import set_gradient_checkpointing
 from fedllm.fastpath.layers import (
     fused_lora_factors,
     head_nll,
     keep_freed_memory,
     uses_lean_lora_forward,
 )
+from fedllm.model.loading import set_gradient_checkpointing
 
 
 @dataclass(frozen=True)

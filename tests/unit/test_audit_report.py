@@ -23,6 +23,12 @@ import pytest
 
 from fedllm import wire
 from fedllm.cli import main as cli
+from fedllm.config import RunConfig, SiteConfig, to_toml
+from fedllm.errors import RunFailedError
+from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
+from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.privacy.signing import generate_signing_key, load_private_key
+from fedllm.reports.model_card import render_model_card, write_model_card
 from fedllm.reports.privacy_report import (
     CROSSCHECK_TOLERANCE,
     build_privacy_report,
@@ -30,12 +36,6 @@ from fedllm.reports.privacy_report import (
     render_markdown,
     write_epsilon_plot,
 )
-from fedllm.config import RunConfig, SiteConfig, to_toml
-from fedllm.errors import RunFailedError
-from fedllm.reports.model_card import render_model_card, write_model_card
-from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
-from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.privacy.signing import generate_signing_key, load_private_key
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_ID = "4242"

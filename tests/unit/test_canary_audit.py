@@ -18,12 +18,6 @@ import pytest
 import torch
 
 from fedllm.audit import canaries as audit
-from fedllm.reports.canary_report import (
-    can_and_cannot,
-    render_markdown,
-    summary_lines,
-    verdict_line,
-)
 from fedllm.audit.scoring import (
     all_codes,
     check_enumeration,
@@ -37,6 +31,12 @@ from fedllm.data.formatting import tokenize_record
 from fedllm.errors import FedLLMError
 from fedllm.model.loading import build_byte_tokenizer, load_model_and_tokenizer
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.reports.canary_report import (
+    can_and_cannot,
+    render_markdown,
+    summary_lines,
+    verdict_line,
+)
 
 SMOKE_DATA = Path(__file__).resolve().parents[2] / "simulations" / "smoke" / "data" / "smoke.jsonl"
 CANARIES = 40  # k = 5 guesses per side; the one-run alarm needs all 10 right

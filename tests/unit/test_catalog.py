@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from fedllm.model.catalog import FAMILIES, estimate_memory
 from fedllm.cli.main import main
+from fedllm.model.catalog import FAMILIES, estimate_memory
 from fedllm.model.loading import TINY_CONFIGS
 
 PUBLISHED = {  # billions of parameters, from the model cards

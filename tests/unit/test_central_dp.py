@@ -32,15 +32,15 @@ from fedllm.config import (
     defaults_flat,
     to_toml,
 )
-from fedllm.errors import ConfigError, InvalidUpdateError
-from fedllm.privacy.accounting import PrivacyParameterError, site_level_epsilon
 from fedllm.coordinator.screening import triage_replies, validate_update
+from fedllm.errors import ConfigError, InvalidUpdateError
 from fedllm.flower.strategies import (
     build_strategy,
     clipped_count_stddev,
     site_level_warning,
     with_central_dp,
 )
+from fedllm.privacy.accounting import PrivacyParameterError, site_level_epsilon
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 

@@ -100,8 +100,8 @@ def test_insecure_with_site_keys_is_refused_because_flower_needs_tls_for_authent
 def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(tmp_path, capsys):
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.loading import load_records
-    from fedllm.deploy.site_file import load_site_file
     from fedllm.deploy.site_commands import _preflight
+    from fedllm.deploy.site_file import load_site_file
     from fedllm.privacy.ledger import PrivacyLedger
     from fedllm.privacy.signing import generate_signing_key, load_private_key
 

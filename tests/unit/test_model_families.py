@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedllm.config import RunConfig, SiteConfig
+from fedllm.fastpath.layers import uses_lean_lora_forward
 from fedllm.model.loading import (
     TINY_CONFIGS,
     build_tiny_model,
@@ -20,7 +21,6 @@ from fedllm.model.loading import (
     target_modules,
 )
 from fedllm.site.runtime import SiteRuntime
-from fedllm.fastpath.layers import uses_lean_lora_forward
 from fedllm.site.training import DPSettings, train_local
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(16)]
@@ -44,8 +44,8 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
     from peft import PeftModel
 
     from fedllm import wire
-    from fedllm.model.loading import shared_model
     from fedllm.flower.strategies import build_strategy
+    from fedllm.model.loading import shared_model
 
     config = _config(family)
     replies, metrics = [], []

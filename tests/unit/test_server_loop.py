@@ -7,9 +7,9 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedllm.config import RunConfig
-from fedllm.errors import RunFailedError
-from fedllm.coordinator.screening import Triage, triage_replies
 from fedllm.coordinator.rounds import _check_round, _send
+from fedllm.coordinator.screening import Triage, triage_replies
+from fedllm.errors import RunFailedError
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 

@@ -22,16 +22,16 @@ from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import FedAvgM
 
 from fedllm import wire
-from fedllm.coordinator import checkpoint as server_state
 from fedllm.config import CentralDPConfig, StrategyConfig
-from fedllm.errors import ConfigError
-from fedllm.coordinator.history import RunHistory
+from fedllm.coordinator import checkpoint as server_state
 from fedllm.coordinator.checkpoint import (
     clear_server_state,
     load_server_state,
     restore_strategy,
     save_server_state,
 )
+from fedllm.coordinator.history import RunHistory
+from fedllm.errors import ConfigError
 from fedllm.flower.strategies import build_strategy, with_central_dp
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py

@@ -74,8 +74,8 @@ def test_training_keeps_freed_memory_for_reuse_on_glibc():
 
 
 def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it_natively(monkeypatch):
-    from fedllm.model import loading as model
     from fedllm.config import ModelConfig, RunConfig
+    from fedllm.model import loading as model
 
     assert RunConfig.from_flat({"model.dtype": "auto"}).model.dtype == "auto"
     assert model.base_dtype(ModelConfig(dtype="float32"), "cpu") == "float32"

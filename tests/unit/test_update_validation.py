@@ -22,8 +22,8 @@ from flwr.app.metadata import Metadata
 
 from fedllm import wire
 from fedllm.config import StrategyConfig
-from fedllm.errors import InvalidUpdateError
 from fedllm.coordinator.screening import triage_replies, update_norm, validate_update
+from fedllm.errors import InvalidUpdateError
 from fedllm.flower.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
