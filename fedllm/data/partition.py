@@ -104,7 +104,7 @@ def partition_pathological(labels: Sequence[object], *, num_sites: int, seed: in
     _check_count(len(labels), num_sites)
     return _partition(labels, _partitioners().PathologicalPartitioner(
         num_partitions=num_sites, partition_by="by", num_classes_per_partition=num_classes_per_partition,
-        class_assignment_mode=class_assignment_mode, seed=seed))  # type: ignore[arg-type]
+        class_assignment_mode=class_assignment_mode, seed=seed))
 
 
 def _check_count(n: int, num_sites: int) -> None:
