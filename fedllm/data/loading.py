@@ -3,7 +3,7 @@
 Accepted sources: JSON Lines (``.jsonl``), JSON (``.json``: a list of objects), CSV (``.csv``, a
 header row), Parquet (``.parquet``), and a folder written by Hugging Face ``datasets``'
 ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` of which the ``train`` split is read; read
-with pyarrow, ``datasets`` itself is not needed). Accepted records, one kind per record:
+with ``datasets.load_from_disk``, so only such folders need the optional ``datasets`` library). Accepted records, one kind per record:
 
 * instruction: ``instruction`` (str), optional ``input`` (str), ``output`` (str);
 * chat: ``messages``, a list of ``{"role": "system"|"user"|"assistant", "content": str}`` that
@@ -132,40 +132,29 @@ def _name_columns(message: str, mapping: dict[str, str]) -> str:
 
 
 def _read_saved_dataset(folder: Path) -> Iterator[tuple[str, Any]]:
-    """Rows of a Hugging Face ``datasets`` folder (``save_to_disk``): Arrow stream shards listed
-    in ``state.json``; for a ``DatasetDict`` (``dataset_dict.json``) the ``train`` split, or its
-    only split."""
-    import pyarrow as pa
-
-    if (folder / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(f"{folder}/dataset_dict.json: unreadable; save the dataset again with save_to_disk") from None
+    """Rows of a Hugging Face ``datasets`` folder (``save_to_disk``), read with
+    ``datasets.load_from_disk``; for a ``DatasetDict`` the ``train`` split, or its only split."""
+    if not (folder / "state.json").is_file() and not (folder / "dataset_dict.json").is_file():
+        raise DataError(f"{folder}: a folder, but not one written by datasets' save_to_disk (no state.json or "
+                        f"dataset_dict.json); use a {SOURCES_TEXT}")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{folder}: reading a folder saved by Hugging Face datasets needs the datasets library: "
+                          "pip install datasets (or pip install 'fedllm[datasets]')") from None
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # the library raises several kinds (FileNotFoundError, ArrowInvalid, JSON errors)
+        raise DataError(f"{folder}: cannot read this saved dataset ({exc}); save it again with save_to_disk") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
         split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
         if split is None:
             raise DataError(f"{folder}: a DatasetDict with splits {', '.join(splits)} and no 'train' split; point "
                             f"data-path at the split's folder, e.g. {folder / splits[0]}")
-        yield from _read_saved_dataset(folder / split)
-        return
-    state_file = folder / "state.json"
-    if not state_file.is_file():
-        raise DataError(f"{folder}: a folder, but not one written by datasets' save_to_disk (no state.json or "
-                        f"dataset_dict.json); use a {SOURCES_TEXT}")
-    try:
-        shards = [entry["filename"] for entry in json.loads(state_file.read_text(encoding="utf-8"))["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"{state_file}: unreadable; save the dataset again with save_to_disk") from None
-    number = 0
-    for shard in shards:
-        try:
-            with pa.memory_map(str(folder / shard)) as source:
-                rows = pa.ipc.open_stream(source).read_all().to_pylist()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DataError(f"{folder / shard}: cannot read this Arrow shard ({exc}); save the dataset again") from None
-        for row in rows:
-            number += 1
-            yield f"record {number}", {k: v for k, v in row.items() if v is not None}
+        loaded = loaded[split]
+    for number, row in enumerate(loaded, start=1):
+        yield f"record {number}", {k: v for k, v in row.items() if v is not None}
 
 
 def _read_raw(path: Path, suffix: str) -> Iterator[tuple[str, Any]]:

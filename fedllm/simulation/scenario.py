@@ -7,19 +7,25 @@ A scenario folder holds:
   - ``[[site]]`` tables with ``name``, ``data`` (a file or saved dataset folder, relative to the
     folder) and optionally ``max-epsilon`` (the site's own cap, which can only tighten the run's),
     ``device`` and ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``);
-  - ``[partition]`` with ``data``, ``num-sites``, ``method`` ("iid" or "dirichlet"), ``label``
-    (field for dirichlet), ``alpha``, ``seed``, ``data-columns``: one dataset split into
-    simulated sites;
+  - ``[partition]`` with ``data``, ``num-sites``, ``method`` ("iid", "dirichlet", "natural-id",
+    "shard" or "pathological", Flower Datasets' partitioners), ``partition-by`` (a column),
+    ``seed`` and the method's own keys: one dataset split into simulated sites (the keys are in
+    ``fedllm.simulation.partition_table``);
   - ``[pubmedqa]`` with ``path`` (the shared PubMedQA folder, relative to the scenario folder;
     ``$FEDLLM_PUBMEDQA_DIR`` overrides it) plus ``[[site]]`` tables naming population sites;
 * ``README.md``: the command, the expected runtime and the expected final ε.
 
 Sites built from a partition or from PubMedQA are written as JSONL files into the run's output
 folder (``data/<site>.jsonl``) before the run starts; the scenario folder is never modified.
+
+Named scenarios are the folders of the repository's ``simulations/``. A wheel ships them as the
+data package ``fedllm.scenarios`` (pyproject.toml), found with ``importlib.resources``; in a
+source checkout or an editable install they are read from ``simulations/`` itself.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass
@@ -30,7 +36,15 @@ from fedllm.config import SiteConfig, load_run_overrides, read_toml
 from fedllm.data.loading import columns_problem
 from fedllm.errors import ConfigError
 
-SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "simulations"
+
+def scenarios_dir() -> Path:
+    """Where named scenarios live: ``fedllm/scenarios`` in an installed wheel, else the
+    repository's ``simulations/`` (source checkout, editable install)."""
+    shipped = Path(str(importlib.resources.files("fedllm") / "scenarios"))
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[2] / "simulations"
+
+
+SCENARIOS_DIR = scenarios_dir()
 
 
 @dataclass(frozen=True)
@@ -105,14 +119,16 @@ def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
     """The scenario's virtual sites, in partition-id order, with absolute data paths."""
     spec, where = scenario.sites_spec, scenario.folder / "sites.toml"
     if "partition" in spec:
-        return _partition_sites(spec["partition"], scenario.folder, output, where)
+        from fedllm.simulation.partition_table import partition_sites
+
+        return partition_sites(spec["partition"], scenario.folder, output, where)
     entries = _site_entries(spec, where)
     if not entries:
         raise ConfigError(f"{where}: no sites; add [[site]] tables or a [partition] table")
     if "pubmedqa" in spec:
         from fedllm.data.pubmedqa import pubmedqa_site_records
 
-        folder = Path(os.environ.get("FEDLLM_PUBMEDQA_DIR") or scenario.folder / spec["pubmedqa"].get("path", ""))
+        folder = Path(os.environ.get("FEDLLM_PUBMEDQA_DIR") or (scenario.folder / spec["pubmedqa"].get("path", "")).resolve())
         records = pubmedqa_site_records(folder)
         sites = []
         for entry in entries:
@@ -128,46 +144,3 @@ def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
             raise ConfigError(f"{where}: site {entry['name']!r}: 'data' (a file path) is required")
         sites.append(SiteConfig.from_dict({**entry, "data": str((scenario.folder / entry["data"]).resolve())}))
     return sites
-
-
-def _partition_sites(part: dict[str, Any], folder: Path, output: Path, where: Path) -> list[SiteConfig]:
-    from fedllm.data.loading import load_records, read_raw
-    from fedllm.data.partition import partition_dirichlet, partition_iid
-
-    for key in ("data", "num-sites"):
-        if key not in part:
-            raise ConfigError(f"{where}: [partition] needs '{key}'")
-    source = (folder / part["data"]).resolve()
-    num_sites, method, seed = part["num-sites"], part.get("method", "iid"), part.get("seed", 0)
-    if not isinstance(num_sites, int) or isinstance(num_sites, bool) or num_sites < 1:
-        raise ConfigError(f"{where}: [partition] num-sites = {num_sites!r}: must be an integer >= 1")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{where}: [partition] seed = {seed!r}: must be an integer")
-    columns = _check_columns(part, f"{where}: [partition]")
-    records = load_records(source, columns=columns)
-    if num_sites > len(records):
-        raise ConfigError(f"{where}: [partition] num-sites = {num_sites} but {source} has only {len(records)} "
-                          "records; every site needs at least one")
-    if method == "iid":
-        parts = partition_iid(records, num_sites=num_sites, seed=seed)
-    elif method == "dirichlet":
-        label = part.get("label")
-        if not label:
-            raise ConfigError(f"{where}: [partition] method 'dirichlet' needs 'label' (a record field)")
-        labels = [_raw_field(raw, label) for _, raw in read_raw(source)]
-        idx = partition_dirichlet(labels, num_sites=num_sites,
-                                  alpha=float(part.get("alpha", 0.5)), seed=seed)
-        parts = [[records[i] for i in site] for site in idx]
-    else:
-        raise ConfigError(f"{where}: [partition] method {method!r}: use 'iid' or 'dirichlet'")
-    sites = []
-    for i, site_records in enumerate(parts):
-        name = f"site-{i:03d}" if num_sites > 99 else f"site-{i:02d}"
-        data = output / "data" / f"{name}.jsonl"
-        _write_jsonl(data, site_records)
-        sites.append(SiteConfig(name=name, data_path=str(data), max_epsilon=float(part.get("max-epsilon", 0.0))))
-    return sites
-
-
-def _raw_field(raw: Any, label: str) -> Any:
-    return raw.get(label) if isinstance(raw, dict) else None

@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +20,15 @@ from fedllm.data.formatting import (
     tokenize_records,
 )
 from fedllm.data.loading import load_records, normalise_record
-from fedllm.data.partition import partition_dirichlet, partition_iid, split_holdout
+from fedllm.data.partition import (
+    PartitionError,
+    partition_dirichlet,
+    partition_iid,
+    partition_natural_id,
+    partition_pathological,
+    partition_shard,
+    split_holdout,
+)
 from fedllm.data.pubmedqa import SITES, pubmedqa_site_records, site_of
 from fedllm.errors import DataError
 from fedllm.model.loading import build_byte_tokenizer
@@ -314,14 +323,39 @@ def test_partition_iid(n, sites):
         assert parts != partition_iid(items, num_sites=sites, seed=4)
 
 
-@pytest.mark.parametrize("alpha", [0.01, 0.5, 100.0])
-@pytest.mark.parametrize("n, sites", [(8, 8), (60, 10), (500, 5)])
+def test_partition_iid_is_a_seeded_shuffle_dealt_in_order():
+    """Flower's IidPartitioner over Dataset.shuffle(seed): the same split as a seeded permutation
+    cut into contiguous parts (what fedllm wrote by hand before)."""
+    order = np.random.default_rng(5).permutation(23)
+    expected = [sorted(part.tolist()) for part in np.array_split(order, 4)]
+    assert partition_iid(list(range(23)), num_sites=4, seed=5) == expected
+
+
+@pytest.mark.parametrize("alpha", [0.5, 100.0])
+@pytest.mark.parametrize("n, sites", [(60, 10), (500, 5)])
 def test_partition_dirichlet(n, sites, alpha):
     labels = [("yes", "no", "maybe")[i % 3] for i in range(n)]
     parts = partition_dirichlet(labels, num_sites=sites, alpha=alpha, seed=11)
     assert parts == partition_dirichlet(labels, num_sites=sites, alpha=alpha, seed=11)
+    assert parts != partition_dirichlet(labels, num_sites=sites, alpha=alpha, seed=12)
     assert len(parts) == sites and all(parts), [len(p) for p in parts]
     assert sorted(i for p in parts for i in p) == list(range(n))
+
+
+def test_partition_dirichlet_min_partition_size():
+    labels = [("yes", "no", "maybe")[i % 3] for i in range(500)]
+    parts = partition_dirichlet(labels, num_sites=5, alpha=1.0, seed=0, min_partition_size=40)
+    assert min(map(len, parts)) >= 40
+
+
+@pytest.mark.parametrize("n, sites, alpha", [(8, 8, 0.01), (8, 8, 100.0), (60, 10, 0.01)])
+def test_partition_dirichlet_refuses_a_split_that_leaves_a_site_empty(n, sites, alpha):
+    """Flower's DirichletPartitioner redraws up to 10 times; it does not move records into an
+    empty site as the hand-written split did, so these splits are refused, saying why."""
+    labels = [("yes", "no", "maybe")[i % 3] for i in range(n)]
+    with pytest.raises(PartitionError, match=rf"each of 11 draws from Dirichlet\(alpha={alpha}\) left a site with "
+                                             r"fewer than 1 record\(s\)"):
+        partition_dirichlet(labels, num_sites=sites, alpha=alpha, seed=11)
 
 
 def test_partition_dirichlet_small_alpha_is_non_iid():
@@ -331,11 +365,45 @@ def test_partition_dirichlet_small_alpha_is_non_iid():
     assert max(share_a) - min(share_a) > 0.5
 
 
+def test_partition_natural_id_gives_one_site_per_value_in_sorted_order():
+    ids = ["north", "south", "north", 7, "east", "south", 7]
+    parts = partition_natural_id(ids)
+    assert parts == [[3, 6], [4], [0, 2], [1, 5]]  # "7" < "east" < "north" < "south"
+    assert parts == partition_natural_id(ids)
+
+
+def test_partition_shard():
+    labels = [i % 10 for i in range(200)]  # 20 records per label
+    parts = partition_shard(labels, num_sites=5, seed=1, num_shards_per_partition=2, shard_size=20)
+    assert parts == partition_shard(labels, num_sites=5, seed=1, num_shards_per_partition=2, shard_size=20)
+    assert parts != partition_shard(labels, num_sites=5, seed=2, num_shards_per_partition=2, shard_size=20)
+    assert [len(p) for p in parts] == [40] * 5  # two shards of 20 each, every record used once
+    assert sorted(i for p in parts for i in p) == list(range(200))
+    assert all(len({labels[i] for i in p}) == 2 for p in parts)  # a shard of 20 sorted records = one label
+    with pytest.raises(PartitionError, match="number of usable shards is smaller"):
+        partition_shard(labels, num_sites=5, seed=1, shard_size=50)  # 4 shards for 5 sites
+
+
+def test_partition_pathological():
+    labels = [("a", "b", "c", "d")[i % 4] for i in range(80)]
+    parts = partition_pathological(labels, num_sites=4, seed=0, num_classes_per_partition=2,
+                                   class_assignment_mode="deterministic")
+    assert [sorted({labels[i] for i in p}) for p in parts] == [["a", "b"], ["b", "c"], ["c", "d"], ["a", "d"]]
+    assert sorted(i for p in parts for i in p) == list(range(80))  # each label held by two sites, split evenly
+    random = partition_pathological(labels, num_sites=4, seed=3, num_classes_per_partition=1)
+    assert random == partition_pathological(labels, num_sites=4, seed=3, num_classes_per_partition=1)
+    assert all(len({labels[i] for i in p}) == 1 for p in random)
+    with pytest.raises(PartitionError, match="greater than the number of unique classes"):
+        partition_pathological(labels, num_sites=4, seed=0, num_classes_per_partition=5)
+
+
 def test_partitions_refuse_more_sites_than_records():
     with pytest.raises(ValueError, match="cannot split 3 records into 4 sites"):
         partition_iid([1, 2, 3], num_sites=4, seed=0)
     with pytest.raises(ValueError, match="cannot split 3 records into 4 sites"):
         partition_dirichlet(["a", "b", "c"], num_sites=4, alpha=1.0, seed=0)
+    with pytest.raises(ValueError, match="cannot split 3 records into 4 sites"):
+        partition_shard(["a", "b", "c"], num_sites=4, seed=0, shard_size=1)
 
 
 # ------------------------------------------------------------------------------------- PubMedQA

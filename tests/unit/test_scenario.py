@@ -130,9 +130,25 @@ def _scenario(tmp_path: Path, sites_toml: str, *, run_toml: str | None = None) -
         pytest.param("# nothing here\n", "no sites", id="no-sites"),
         pytest.param('[partition]\ndata = "data/a.jsonl"\n', "[partition] needs 'num-sites'", id="partition-no-count"),
         pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "kmeans"\n',
-                     "method 'kmeans': use 'iid' or 'dirichlet'", id="partition-bad-method"),
+                     "method 'kmeans': use 'iid', 'dirichlet', 'natural-id', 'shard' or 'pathological'",
+                     id="partition-bad-method"),
         pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n',
-                     "method 'dirichlet' needs 'label'", id="dirichlet-no-label"),
+                     "method 'dirichlet' needs 'partition-by' (a column of a.jsonl)", id="dirichlet-no-column"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\nlabel = "topic"\n',
+                     "'label' is now 'partition-by'", id="label-renamed"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nnum-site = 2\n',
+                     "unknown key 'num-site' (did you mean 'num-sites'?)", id="partition-unknown-key"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nalpha = 0.5\n',
+                     "'alpha' applies to method 'dirichlet', not 'iid'", id="partition-key-of-another-method"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "shard"\npartition-by = "topic"\n',
+                     "method 'shard' needs 'num-shards-per-partition' or 'shard-size'", id="shard-no-size"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "pathological"\n'
+                     'partition-by = "topic"\n', "method 'pathological' needs 'num-classes-per-partition'",
+                     id="pathological-no-count"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n'
+                     'partition-by = "topic"\nalpha = 0\n', "alpha = 0: must be a number > 0", id="dirichlet-bad-alpha"),
+        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n'
+                     'partition-by = "colour"\n', "partition-by = 'colour': ", id="partition-by-missing-column"),
     ],
 )
 def test_bad_sites_toml_names_the_file(tmp_path, sites_toml, detail):
@@ -162,7 +178,7 @@ def test_folder_without_sites_toml_is_rejected(tmp_path):
 
 def test_dirichlet_partition_of_a_jsonl_file(tmp_path):
     folder = _scenario(tmp_path, '[partition]\ndata = "data/a.jsonl"\nnum-sites = 3\nmethod = "dirichlet"\n'
-                                 'label = "topic"\nalpha = 0.3\nseed = 1\nmax-epsilon = 2.0\n')
+                                 'partition-by = "topic"\nalpha = 0.3\nseed = 1\nmax-epsilon = 2.0\n')
     sites = materialise_sites(load_scenario(str(folder)), tmp_path / "out")
     assert len(sites) == 3 and all(s.max_epsilon == 2.0 for s in sites)
     assert sum(len(load_records(s.data_path)) for s in sites) == 12
@@ -176,6 +192,81 @@ def test_partition_with_more_sites_than_records_names_the_file(tmp_path):
 
 def test_dirichlet_partition_of_a_csv_file(tmp_path):
     folder = _scenario(tmp_path, '[partition]\ndata = "data/a.csv"\nnum-sites = 2\nmethod = "dirichlet"\n'
-                                 'label = "topic"\n')
+                                 'partition-by = "topic"\n')
     sites = materialise_sites(load_scenario(str(folder)), tmp_path / "out")
     assert sum(len(load_records(s.data_path)) for s in sites) == 12
+
+
+# ------------------------------------------------------------------- [partition] methods (flwr-datasets)
+
+
+def _topics(sites) -> list[set[str]]:
+    return [{r["messages"][0]["content"] for r in load_records(s.data_path)} for s in sites]
+
+
+def _materialise(tmp_path: Path, sites_toml: str, out: str = "out"):
+    """The sites of a fresh scenario folder under ``tmp_path/out``, written to ``tmp_path/out/run``."""
+    return materialise_sites(load_scenario(str(_scenario(tmp_path / out, sites_toml))), tmp_path / out / "run")
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        pytest.param('method = "iid"\nnum-sites = 3\n', id="iid"),
+        pytest.param('method = "dirichlet"\nnum-sites = 2\npartition-by = "topic"\nalpha = 5.0\n', id="dirichlet"),
+        pytest.param('method = "natural-id"\npartition-by = "topic"\n', id="natural-id"),
+        pytest.param('method = "shard"\nnum-sites = 3\npartition-by = "topic"\nshard-size = 4\n', id="shard"),
+        pytest.param('method = "pathological"\nnum-sites = 2\npartition-by = "topic"\n'
+                     'num-classes-per-partition = 1\nclass-assignment-mode = "deterministic"\n', id="pathological"),
+    ],
+)
+def test_every_partition_method_is_deterministic_and_gives_every_site_records(tmp_path, table):
+    toml = f'[partition]\ndata = "data/a.jsonl"\nseed = 4\n{table}'
+    sites = _materialise(tmp_path, toml, "a")
+    again = _materialise(tmp_path, toml, "b")
+    assert [s.name for s in sites] == [f"site-{i:02d}" for i in range(len(sites))] and len(sites) >= 2
+    assert all(load_records(s.data_path) for s in sites)  # non-empty
+    assert [Path(s.data_path).read_bytes() for s in again] == [Path(s.data_path).read_bytes() for s in sites]
+    # disjoint: no source record is written to two sites (all 12 are distinct)
+    assert sum(len(t) for t in _topics(sites)) == len(set().union(*_topics(sites)))
+
+
+def test_natural_id_partition_gives_one_site_per_column_value(tmp_path):
+    sites = _materialise(tmp_path, '[partition]\ndata = "data/a.csv"\nmethod = "natural-id"\npartition-by = "topic"\n')
+    # _scenario's rows: topic "a" for even i, "b" for odd i; sites in sorted order of the values
+    assert _topics(sites) == [{f"Q{i}?" for i in range(0, 12, 2)}, {f"Q{i}?" for i in range(1, 12, 2)}]
+    with pytest.raises(ConfigError, match="num-sites = 3 but column 'topic' of .* has 2 distinct values"):
+        _materialise(tmp_path, '[partition]\ndata = "data/a.csv"\nmethod = "natural-id"\npartition-by = "topic"\n'
+                               'num-sites = 3\n', "b")
+
+
+def test_partition_seed_changes_the_split(tmp_path):
+    table = '[partition]\ndata = "data/a.jsonl"\nmethod = "dirichlet"\nnum-sites = 2\npartition-by = "topic"\n'
+    assert _topics(_materialise(tmp_path, table + "seed = 1\n", "a")) != _topics(
+        _materialise(tmp_path, table + "seed = 2\n", "b"))
+
+
+@pytest.mark.parametrize(
+    "table, keys",
+    [
+        pytest.param('method = "dirichlet"\nnum-sites = 10\npartition-by = "topic"\nalpha = 0.01\n',
+                     "change alpha, min-partition-size or num-sites", id="dirichlet"),
+        pytest.param('method = "shard"\nnum-sites = 3\npartition-by = "topic"\nshard-size = 5\n',
+                     "change shard-size, num-shards-per-partition or num-sites", id="shard"),
+    ],
+)
+def test_a_partition_that_leaves_a_site_empty_is_refused(tmp_path, table, keys):
+    folder = _scenario(tmp_path, f'[partition]\ndata = "data/a.jsonl"\n{table}')
+    with pytest.raises(ConfigError) as exc:
+        materialise_sites(load_scenario(str(folder)), tmp_path / "out")
+    message = str(exc.value)
+    assert message.startswith(f"{folder / 'sites.toml'}: [partition] method ")
+    assert "cannot split a.jsonl (12 records) into" in message and message.endswith(keys)
+    assert not (tmp_path / "out" / "data").exists()  # nothing written
+
+
+def test_shipped_scenarios_load():
+    for name in ("demo", "pubmedqa", "smoke"):
+        scenario = load_scenario(name)
+        assert scenario.folder == SCENARIOS_DIR / name and scenario.run_overrides
+    assert Path(__file__).resolve().parents[2] / "simulations" == SCENARIOS_DIR  # a checkout reads simulations/
