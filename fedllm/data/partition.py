@@ -46,8 +46,7 @@ def split_holdout(items: Sequence[T], *, eval_fraction: float, seed: int, max_ev
 # pass through Arrow and each site's records come back in their source order.
 
 METHODS = ("iid", "dirichlet", "natural-id", "shard", "pathological")
-INSTALL_HINT = ("pip install 'fedllm[datasets]' && pip install --no-deps flwr-datasets==0.6.1 "
-                "(flwr-datasets 0.6.1 pins datasets<5; its other dependencies come with the extra)")
+INSTALL_HINT = "pip install flwr-datasets==0.6.1 (a dependency of fedllm: reinstall fedllm)"
 
 
 class PartitionError(ValueError):
