@@ -28,14 +28,11 @@ from fedllm.errors import RunFailedError
 from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import generate_signing_key, load_private_key
+from fedllm.reports.epsilon_plot import write_epsilon_plot
 from fedllm.reports.model_card import render_model_card, write_model_card
-from fedllm.reports.privacy_report import (
-    CROSSCHECK_TOLERANCE,
-    build_privacy_report,
-    main,
-    render_markdown,
-    write_epsilon_plot,
-)
+from fedllm.reports.privacy_markdown import render_markdown
+from fedllm.reports.privacy_report import CROSSCHECK_TOLERANCE, build_privacy_report, main
+from fedllm.reports.privacy_statement import privacy_statement
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_ID = "4242"
@@ -69,7 +66,7 @@ def make_run(root: Path, *, sites: dict = SITES, overrides: dict | None = None, 
     rounds: list[dict] = [{"round": 0, "evaluate": {"sites": {}, "failed": [], "aggregate": {}}}]
     rounds += [{"round": r, "train": {"sites": {}, "refused": {}, "rejected": {}, "failed": [], "aggregate": {}},
                 "evaluate": {"sites": {}, "failed": [], "aggregate": {}}} for r in (1, 2, 3)]
-    for name, (n_train, n_held, sigma, cap, trained, refused, signed) in sites.items():
+    for name, (n_train, n_held, sigma, _cap, trained, refused, signed) in sites.items():
         signing_key = None
         if signed:
             private, _ = generate_signing_key(root / "keys", site=name)
@@ -367,7 +364,6 @@ def test_model_card_front_matter_and_no_paths(demo_run, tmp_path):
     for site in sites:
         assert f"| {site.name} |" in text
     # the same statement text as the report
-    from fedllm.reports.privacy_report import privacy_statement
     assert privacy_statement(accountant="prv", central_dp=None).rstrip("\n") in text
 
 
