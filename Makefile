@@ -1,4 +1,5 @@
-# fedllm: the two quick-start commands are `make demo` and `make test`.
+# fedllm: the two quick-start commands are `make demo` and `make test` (every test: unit and integration).
+# `make test-unit` runs the fast unit suite only (what a plain `pytest` runs too).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test test-unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-unit: install-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 bench: install
 	$(BIN)/python bench/bench_foundation.py

@@ -22,7 +22,8 @@ call created are removed again.
 
 This is a CA for trials only. Institutions use their own PKI: the coordinator's certificate from
 their CA, and SuperNode keys made at each site (``ssh-keygen -t ecdsa -b 384 -N "" -f KEY``) so
-that the private key never leaves it. Written on ``cryptography`` (STYLE.md §8).
+that the private key never leaves it. Written on ``cryptography`` (docs/architecture.md: prefer a
+well-kept library).
 """
 
 from __future__ import annotations

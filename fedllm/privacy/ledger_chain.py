@@ -2,7 +2,7 @@
 
 :mod:`fedllm.privacy.ledger` reads, writes and uses ledgers; this module says what a valid ledger
 is, and finds every way a given one is not (:func:`inspect_document`). Split off so that each
-module holds one job (STYLE.md §2).
+module holds one job (docs/architecture.md, "Module map").
 
 * **Canonical form** of a JSON value: ``json.dumps(value, sort_keys=True, separators=(",", ":"),
   ensure_ascii=True, allow_nan=False)``. Entries are hashed after parsing, in their normalised

@@ -14,7 +14,7 @@ never leaves the site; the public key is handed to the coordinator once, out of 
   ledger signature can never be replayed as a signature over anything else.
 
 Written on ``cryptography`` rather than by hand: key handling and Ed25519 are exactly what it is
-for (STYLE.md §8).
+for (docs/architecture.md: prefer a well-kept library).
 """
 
 from __future__ import annotations

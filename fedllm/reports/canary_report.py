@@ -7,14 +7,12 @@ measurement can and cannot show; numbers carry their confidence and sample sizes
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Any
 
+from fedllm.reports.numbers import format_epsilon
 
-def _eps(value: Any) -> str:
-    if value == "inf" or (isinstance(value, float) and math.isinf(value)):
-        return "∞"
-    return f"{value:.2f}"
+_eps = partial(format_epsilon, digits=2)  # ε in this report: 2 decimals, ∞ as ∞
 
 
 def _mechanism_line(mech: dict[str, Any]) -> str:
@@ -54,7 +52,7 @@ def can_and_cannot(report: dict[str, Any]) -> list[str]:
     m, r = one["canaries"], one["guesses"]
     return [
         f"With m = {m} one-run canaries and r = {r} guesses, the largest lower bound reachable is "
-        f"ε = {one['ceiling']:.2f} (every guess correct, {one['confidence']:.0%} confidence). The audit can catch "
+        f"ε = {_eps(one['ceiling'])} (every guess correct, {one['confidence']:.0%} confidence). The audit can catch "
         "gross failures (noise off, clipping off, a wrong sampling rate, noise off by 10×) and a claimed ε "
         "below that ceiling that does not hold. It cannot certify that a larger ε is tight, or that the "
         "mechanism is private: a lower bound of 0 means nothing was detected, not that nothing leaks.",
@@ -78,8 +76,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     groups = " / ".join(f"×{g['copies']} {g['mean']:.2f}" for g in exp["groups"])
     lines = [
         f"Mechanism: {_mechanism_line(mech)}",
-        f"One-run: {one['correct']}/{one['guesses']} guesses correct -> ε ≥ {one['epsilon_lower_bound']:.2f} "
-        f"({one['confidence']:.0%}; ceiling {one['ceiling']:.2f}) vs theoretical ε = {_eps(mech['epsilon_theory'])}",
+        f"One-run: {one['correct']}/{one['guesses']} guesses correct -> ε ≥ {_eps(one['epsilon_lower_bound'])} "
+        f"({one['confidence']:.0%}; ceiling {_eps(one['ceiling'])}) vs theoretical ε = {_eps(mech['epsilon_theory'])}",
         f"Exposure (bits, max {exp['max_bits']:.2f}): {groups}; controls mean {exp['controls']['mean']:.2f}, "
         f"95th pct {exp['controls']['p95']:.2f} (n = {exp['controls']['count']})",
     ]
@@ -129,8 +127,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| | ε |",
         "|---|---|",
         f"| theoretical (PRV, δ = {mech['target_delta']:g}) | {_eps(mech['epsilon_theory'])} |",
-        f"| one-run lower bound, {one['confidence']:.0%} confidence | {one['epsilon_lower_bound']:.2f} |",
-        f"| largest lower bound this audit can reach (m = {one['canaries']}, r = {one['guesses']}) | {one['ceiling']:.2f} |",
+        f"| one-run lower bound, {one['confidence']:.0%} confidence | {_eps(one['epsilon_lower_bound'])} |",
+        f"| largest lower bound this audit can reach (m = {one['canaries']}, r = {one['guesses']}) | {_eps(one['ceiling'])} |",
         "",
         f"One-run test (Steinke, Nasr & Jagielski 2023): {one['canaries']} canaries, each inserted with "
         f"probability ½ from OS entropy ({one['included_count']} inserted); score = log-likelihood of the "
@@ -187,5 +185,5 @@ def _ceiling_rows(table: dict[str, dict[str, float]]) -> list[str]:
     rs = sorted({int(r) for row in table.values() for r in row})
     rows = ["| m | " + " | ".join(f"r = {r}" for r in rs) + " |", "|---" * (len(rs) + 1) + "|"]
     for m, row in table.items():
-        rows.append(f"| {m} | " + " | ".join(f"{row[str(r)]:.2f}" if str(r) in row else "–" for r in rs) + " |")
+        rows.append(f"| {m} | " + " | ".join(_eps(row[str(r)]) if str(r) in row else "–" for r in rs) + " |")
     return rows

@@ -4,7 +4,7 @@ YAML front matter (``base_model``, ``library_name: peft``, ``license``, ``tags``
 model; each site's data as the coordinator knows it (numbers of training and held-out records,
 file type and record format; never content, never file paths); the training configuration; and
 the privacy statement with each site's ε and δ, in the same words as the audit report
-(:func:`fedllm.reports.render.privacy_statement`).
+(:func:`fedllm.reports.privacy_statement.privacy_statement`).
 
 Everything comes from the run's typed configuration, its ``history.json`` data (what each site
 reported: ``num-examples`` of the training split with every update, of the held-out split with
@@ -23,6 +23,8 @@ from typing import Any
 from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.files import write_text_atomic
+from fedllm.reports.numbers import epsilon_from_wire, format_count, format_epsilon, format_g
+from fedllm.reports.privacy_statement import privacy_statement
 
 LICENSE = "other"  # the adapter inherits its base model's licence and its training data's terms
 TAGS = ("fedllm", "lora", "differential-privacy", "federated-learning")
@@ -53,8 +55,6 @@ def _model_name(name: str) -> str:
 def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
                       sites: Sequence[SiteConfig] | None = None) -> str:
     """The card's Markdown text."""
-    from fedllm.reports.render import privacy_statement
-
     model_id = base_model_id(config.model.name)
     front = ["---"]
     if model_id:
@@ -94,7 +94,7 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        out.append(f"| {r['site']} | {_count(r['train'])} | {_count(r['held-out'])} | {r['file-type']} | "
+        out.append(f"| {r['site']} | {format_count(r['train'])} | {format_count(r['held-out'])} | {r['file-type']} | "
                    f"{RECORD_FORMATS.get(config.data.format, config.data.format)} |")
     out += ["", "## Training configuration", ""] + _config_lines(config) + [""]
     out += ["## Privacy", ""]
@@ -106,8 +106,8 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
             if r["epsilon"] is None:
                 eps = "0 (nothing released)"
             else:
-                eps = "∞ (no DP)" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3f}"
-            out.append(f"| {r['site']} | {eps} | {_g(r['delta'])} | {r['rounds']} | "
+                eps = format_epsilon(r["epsilon"]) + (" (no DP)" if math.isinf(r["epsilon"]) else "")
+            out.append(f"| {r['site']} | {eps} | {format_g(r['delta'])} | {r['rounds']} | "
                        f"{', '.join(map(str, r['refused'])) or 'none'} |")
         out.append("")
     else:
@@ -140,8 +140,7 @@ def _site_rows(history: Mapping[str, Any], sites: Sequence[SiteConfig] | None) -
         for name, metrics in train.get("sites", {}).items():
             row = rows.setdefault(name, _row(name))
             row["train"] = metrics.get(wire.NUM_EXAMPLES, row["train"])
-            eps = metrics.get(wire.EPSILON)
-            row["epsilon"] = math.inf if eps is None or eps < 0 else float(eps)
+            row["epsilon"] = epsilon_from_wire(metrics.get(wire.EPSILON))
             row["delta"] = metrics.get(wire.DELTA, row["delta"])
             row["rounds"] += 1
         for name in train.get("refused", {}):
@@ -165,38 +164,33 @@ def _config_lines(config: RunConfig) -> list[str]:
     t, lora, p, s = config.train, config.lora, config.privacy, config.strategy
     strategy = s.name
     if s.name == "fedprox":
-        strategy += f" (proximal μ = {_g(s.proximal_mu)})"
+        strategy += f" (proximal μ = {format_g(s.proximal_mu)})"
     elif s.name == "fedadam":
-        strategy += f" (server lr {_g(s.server_learning_rate)}, β₁ {_g(s.beta_1)}, β₂ {_g(s.beta_2)}, τ {_g(s.tau)})"
+        strategy += (f" (server lr {format_g(s.server_learning_rate)}, β₁ {format_g(s.beta_1)}, "
+                     f"β₂ {format_g(s.beta_2)}, τ {format_g(s.tau)})")
     lines = [
-        f"* Rounds: {config.num_server_rounds}; sites per round: fraction {_g(s.fraction_train)} of the sites "
+        f"* Rounds: {config.num_server_rounds}; sites per round: fraction {format_g(s.fraction_train)} of the sites "
         f"(at least {s.min_train_sites}); aggregation: {strategy}.",
         f"* Local training per round: {t.local_steps} steps, expected batch {t.batch_size} (Poisson sampling), "
-        f"optimizer {t.optimizer}, learning rate {_g(t.learning_rate)}, weight decay {_g(t.weight_decay)}; "
-        f"max length {config.data.max_length} tokens; held-out share {_g(config.data.eval_fraction)} "
+        f"optimizer {t.optimizer}, learning rate {format_g(t.learning_rate)}, "
+        f"weight decay {format_g(t.weight_decay)}; "
+        f"max length {config.data.max_length} tokens; held-out share {format_g(config.data.eval_fraction)} "
         f"(at most {config.data.max_eval_examples} records).",
-        f"* LoRA: r = {lora.r}, alpha = {lora.alpha}, dropout {_g(lora.dropout)}, target modules "
+        f"* LoRA: r = {lora.r}, alpha = {lora.alpha}, dropout {format_g(lora.dropout)}, target modules "
         f"`{lora.target_modules}`; FFA-LoRA (A frozen, only B trained and exchanged): "
         f"{'yes' if lora.freeze_a else 'no'}.",
     ]
     if p.enabled:
-        sigma = (f"noise multiplier σ = {_g(p.noise_multiplier)}" if p.noise_multiplier > 0 else
-                 f"noise multiplier calibrated per site to reach ε = {_g(p.target_epsilon)}")
+        sigma = (f"noise multiplier σ = {format_g(p.noise_multiplier)}" if p.noise_multiplier > 0 else
+                 f"noise multiplier calibrated per site to reach ε = {format_g(p.target_epsilon)}")
         lines.append(f"* Differential privacy (record-level DP-SGD at each site): {sigma}, clipping norm C = "
-                     f"{_g(p.max_grad_norm)}, δ = {_g(p.target_delta)}, cap ε = {_g(p.max_epsilon)} (a site's own cap "
-                     f"can only be lower), accountant {p.accountant.upper()}.")
+                     f"{format_g(p.max_grad_norm)}, δ = {format_g(p.target_delta)}, "
+                     f"cap ε = {format_g(p.max_epsilon)} (a site's own cap can only be lower), accountant {p.accountant.upper()}.")
     else:
         lines.append("* Differential privacy: **off** (`privacy.enabled = false`).")
     central = getattr(config, "central_dp", None)
     if central is not None and getattr(central, "enabled", False):
-        lines.append(f"* Central (site-level) DP: {central.clipping} clipping, norm {_g(central.clipping_norm)}, noise "
-                     f"multiplier {_g(central.noise_multiplier)}, δ = {_g(central.target_delta)}.")
+        lines.append(f"* Central (site-level) DP: {central.clipping} clipping, "
+                     f"norm {format_g(central.clipping_norm)}, noise multiplier {format_g(central.noise_multiplier)}, δ = {format_g(central.target_delta)}.")
     return lines
 
-
-def _count(value: Any) -> str:
-    return "-" if value is None else str(int(value))
-
-
-def _g(value: Any) -> str:
-    return "-" if value is None else format(value, "g")

@@ -15,7 +15,7 @@ relative discrepancy; the cap and the headroom; the rounds it refused; and the l
 verification (hash chain, signature, dataset fingerprint, via
 :func:`fedllm.privacy.ledger.verify_ledger`). Then the site-level (central DP) guarantee when
 central DP was on, and the plain-language statement of what is and is not guaranteed
-(:func:`fedllm.reports.render.privacy_statement`, shared with the model card).
+(:func:`fedllm.reports.privacy_statement.privacy_statement`, shared with the model card).
 
 Checks that fail the audit (exit 1; the report is still written and lists them): a ledger that
 is missing or fails verification, a recorded cumulative ε that differs from its recomputation
@@ -25,7 +25,7 @@ disagrees with the independent PLD value beyond :data:`CROSSCHECK_TOLERANCE` (re
 the PRV upper bound's own discretisation margin).
 
 The report is a function of the run folder only (no time stamps; paths inside the run folder are
-shown relative to it), so its Markdown (:mod:`fedllm.reports.render`) is golden-tested byte for byte.
+shown relative to it), so its Markdown (:mod:`fedllm.reports.privacy_markdown`) is golden-tested byte for byte.
 """
 
 from __future__ import annotations
@@ -43,16 +43,10 @@ from typing import Any
 from fedllm import __version__, wire
 from fedllm.errors import FedLLMError, LedgerError, RunFailedError
 from fedllm.files import write_text_atomic
-from fedllm.reports.render import (  # noqa: F401  (render_markdown, write_epsilon_plot, privacy_statement: re-exported)
-    MEANINGLESS_SITE_EPSILON,
-    _eps,
-    _float,
-    _g,
-    _ledger_word,
-    privacy_statement,
-    render_markdown,
-    write_epsilon_plot,
-)
+from fedllm.reports.epsilon_plot import write_epsilon_plot
+from fedllm.reports.numbers import epsilon_from_wire, epsilon_to_json, format_epsilon, format_g, to_float
+from fedllm.reports.privacy_markdown import ledger_word, render_markdown
+from fedllm.reports.privacy_statement import MEANINGLESS_SITE_EPSILON
 
 REPORT_FORMAT = "fedllm-privacy-report"
 REPORT_VERSION = 1
@@ -177,7 +171,7 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
                     "noise_multiplier": float(m.get(wire.NOISE_MULTIPLIER, 0.0)),
                     "max_grad_norm": float(m.get(wire.MAX_GRAD_NORM, 0.0)),
                     "target_delta": float(m.get(wire.DELTA, config["privacy.target-delta"])),
-                    "accountant": config["privacy.accountant"], "epsilon": _metric_eps(m.get(wire.EPSILON)),
+                    "accountant": config["privacy.accountant"], "epsilon": epsilon_from_wire(m.get(wire.EPSILON)),
                     "num_examples": int(m.get(wire.NUM_EXAMPLES, 0))} for rnd, m in sorted(trained.items())]
     this_run = [e for e in entries if e["run_id"] == run_id]
     delta = entries[-1]["target_delta"] if entries else float(config["privacy.target-delta"])
@@ -191,25 +185,26 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
     recorded = entries[-1]["epsilon"] if entries else 0.0
     recompute_ok = source != "ledger" or _close(recorded, enforced)
     if not recompute_ok:
-        problems.append(f"the ledger records cumulative ε={_eps(recorded)} but its entries give "
-                        f"ε={_eps(enforced)} ({accountant}) when recomputed")
+        problems.append(f"the ledger records cumulative ε={format_epsilon(recorded)} but its entries give "
+                        f"ε={format_epsilon(enforced)} ({accountant}) when recomputed")
     margin = prv_eps_error(events, target_delta=delta)
     discrepancy = (eps["prv"] - eps["pld"]) / eps["pld"] if math.isfinite(eps["pld"]) and eps["pld"] > 0 else None
     agrees = discrepancy is None or (
         eps["pld"] * (1 - CROSSCHECK_TOLERANCE) <= eps["prv"] <= eps["pld"] * (1 + CROSSCHECK_TOLERANCE) + margin)
     if not agrees:
-        problems.append(f"PRV ε={_eps(eps['prv'])} disagrees with dp-accounting PLD ε={_eps(eps['pld'])} by "
+        problems.append(f"PRV ε={format_epsilon(eps['prv'])} disagrees with dp-accounting PLD "
+                        f"ε={format_epsilon(eps['pld'])} by "
                         f"{discrepancy:+.1%} (tolerance ±{CROSSCHECK_TOLERANCE:.0%} plus PRV's margin {margin:g})")
     if source == "ledger":
         by_round = {e["server_round"]: e for e in this_run}
         for rnd, metrics in sorted(trained.items()):
-            entry = by_round.get(rnd)
+            entry, reported = by_round.get(rnd), epsilon_from_wire(metrics.get(wire.EPSILON))
             if entry is None:
                 problems.append(f"the coordinator received an update for round {rnd} but the ledger has no entry "
                                 f"for run {run_id} round {rnd}: that release is not accounted for")
-            elif not _close(_metric_eps(metrics.get(wire.EPSILON)), entry["epsilon"]):
-                problems.append(f"round {rnd}: the site reported ε={_eps(_metric_eps(metrics.get(wire.EPSILON)))} "
-                                f"to the coordinator but its ledger records ε={_eps(entry['epsilon'])}")
+            elif not _close(reported, entry["epsilon"]):
+                problems.append(f"round {rnd}: the site reported ε={format_epsilon(reported)} "
+                                f"to the coordinator but its ledger records ε={format_epsilon(entry['epsilon'])}")
     first = next((i for i, e in enumerate(entries) if e["run_id"] == run_id), 0)
     start = entries[first - 1]["epsilon"] if first > 0 else 0.0  # spent by earlier runs
     report.update({
@@ -227,8 +222,8 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
         "delta-times-n": delta * n,
         "delta-ok": delta * n <= DELTA_N_LIMIT,
         "accountant": accountant,
-        "epsilon": {"enforced": _json_eps(enforced), "recorded": _json_eps(recorded),
-                    **{k: _json_eps(v) for k, v in eps.items()}},
+        "epsilon": {"enforced": epsilon_to_json(enforced), "recorded": epsilon_to_json(recorded),
+                    **{k: epsilon_to_json(v) for k, v in eps.items()}},
         "recompute-ok": recompute_ok,
         "prv-margin": margin,
         "discrepancy-prv-pld": discrepancy,
@@ -236,12 +231,12 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
         "no-dp": math.isinf(enforced),
         "cap": cap,
         "cap-source": "site" if 0 < site_cap < run_cap else "run",
-        "headroom": _json_eps(cap - enforced) if math.isfinite(enforced) else None,
+        "headroom": epsilon_to_json(cap - enforced) if math.isfinite(enforced) else None,
         "over-cap": bool(enforced > cap),
         "refused-rounds": refused,
         "rejected-rounds": rejected,
-        "epsilon-per-round": [{"round": e["server_round"], "epsilon": _json_eps(e["epsilon"])} for e in this_run],
-        "epsilon-before-run": _json_eps(start),
+        "epsilon-per-round": [{"round": e["server_round"], "epsilon": epsilon_to_json(e["epsilon"])} for e in this_run],
+        "epsilon-before-run": epsilon_to_json(start),
         "problems": problems,
     })
     return report
@@ -291,10 +286,10 @@ def _central_report(history: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     if not central.get("enabled"):
         return {"enabled": False}
-    eps = _float(central.get("epsilon"))
+    eps = to_float(central.get("epsilon"))
     per_round = [{"round": r["round"], **r["central-dp"]} for r in history["rounds"]
                  if isinstance(r.get("central-dp"), dict)]
-    return {**central, "epsilon": _json_eps(eps), "meaningless": eps > MEANINGLESS_SITE_EPSILON,
+    return {**central, "epsilon": epsilon_to_json(eps), "meaningless": eps > MEANINGLESS_SITE_EPSILON,
             "per-round": per_round}
 
 
@@ -332,8 +327,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         for s in report["sites"]:
             e = s["epsilon"]
-            print(f"{s['site']}: ε {_eps(e['enforced'])} ({s['accountant']}; RDP {_eps(e['rdp'])}, PLD {_eps(e['pld'])}),"
-                  f" δ={_g(s['target-delta'])}, cap {_g(s['cap'])}, ledger {_ledger_word(s['ledger']).strip('*')}",
+            print(f"{s['site']}: ε {format_epsilon(e['enforced'])} ({s['accountant']}; "
+                  f"RDP {format_epsilon(e['rdp'])}, PLD {format_epsilon(e['pld'])}), δ={format_g(s['target-delta'])}, "
+                  f"cap {format_g(s['cap'])}, ledger {ledger_word(s['ledger']).strip('*')}",
                   flush=True)
         print(f"Privacy report: {output / FILES[0]} (also {FILES[1]}, {FILES[2]})", flush=True)
     if not report["ok"]:
@@ -358,17 +354,8 @@ def _parse_public_keys(items: Sequence[str]) -> dict[str, Any]:
 # small helpers
 
 
-def _json_eps(value: float) -> float | str:
-    return "inf" if math.isinf(value) else float(value)
-
-
-def _metric_eps(value: Any) -> float:
-    """ε as sent on the wire: -1 (or absent) means ∞ (a release without DP)."""
-    return math.inf if value is None or float(value) < 0 else float(value)
-
-
 def _close(a: Any, b: Any) -> bool:
-    a, b = _float(a), _float(b)
+    a, b = to_float(a), to_float(b)
     if math.isinf(a) or math.isinf(b):
         return a == b
     return abs(a - b) <= RECOMPUTE_TOLERANCE * max(1.0, abs(b))

@@ -1,4 +1,9 @@
-"""Run history + ledgers -> the end-of-run summary text. Pure: stdlib only, golden-testable."""
+"""Run history -> the end-of-run summary that ``fedllm simulate`` and ``fedllm run`` print.
+
+Per site: held-out loss and perplexity before and after, rounds trained and refused, ε spent;
+then the privacy line and where the run's files are. Pure (stdlib only; numbers written by
+:mod:`fedllm.reports.numbers`), so the CLI tests pin its text.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm import wire
-
-
-def _num(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None or (isinstance(value, (int, float)) and value < 0) else format(value, spec)
+from fedllm.reports.numbers import format_loss, format_metric, format_perplexity
+from fedllm.reports.privacy_statement import MEANINGLESS_SITE_EPSILON
 
 
 def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
@@ -57,10 +60,11 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
     header = f"{'site':<24} {'loss before':>11} {'after':>7} {'ppl before':>10} {'after':>7} {'rounds':>6} {'ε spent':>8}"
     lines += [header, "-" * len(header)]
     for r in rows:
-        eps = "no DP" if not privacy_enabled else _num(r["epsilon"], ".2f")
+        eps = "no DP" if not privacy_enabled else format_metric(r["epsilon"], ".2f")
         refused = f"  (refused round {', '.join(map(str, r['rounds-refused']))})" if r["rounds-refused"] else ""
-        lines.append(f"{r['site']:<24} {_num(r['loss-before']):>11} {_num(r['loss-after']):>7} "
-                     f"{_num(r['ppl-before'], '.2f'):>10} {_num(r['ppl-after'], '.2f'):>7} {r['rounds-trained']:>6} {eps:>8}{refused}")
+        lines.append(f"{r['site']:<24} {format_loss(r['loss-before']):>11} {format_loss(r['loss-after']):>7} "
+                     f"{format_perplexity(r['ppl-before']):>10} {format_perplexity(r['ppl-after']):>7} "
+                     f"{r['rounds-trained']:>6} {eps:>8}{refused}")
     lines.append("")
     if privacy_enabled:
         delta = next((r["delta"] for r in rows if r["delta"]), None)
@@ -71,9 +75,10 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
     central = history.get("central-dp") or {}
     if central.get("enabled"):
         eps = central.get("epsilon")
-        lines.append(f"Central DP: site-level ε = {_num(eps, '.2f')} (δ={central.get('delta', 0):g}) after "
+        lines.append(f"Central DP: site-level ε = {format_metric(eps, '.2f')} (δ={central.get('delta', 0):g}) after "
                      f"{central.get('rounds', 0)} noisy rounds, noise {central.get('noise-multiplier')}, "
-                     f"{central.get('clipping')} clipping" + ("  -- too large to mean anything" if isinstance(eps, (int, float)) and eps > 10 else ""))
+                     f"{central.get('clipping')} clipping" + ("  -- too large to mean anything"
+                        if isinstance(eps, (int, float)) and eps > MEANINGLESS_SITE_EPSILON else ""))
     lines += [
         f"Adapter:  {output_dir / 'adapter'}  (PeftModel.from_pretrained(base, this folder))",
         f"History:  {output_dir / 'history.json'}",

@@ -28,14 +28,12 @@ from fedllm.errors import RunFailedError
 from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import generate_signing_key, load_private_key
+from fedllm.reports.epsilon_plot import write_epsilon_plot
 from fedllm.reports.model_card import render_model_card, write_model_card
-from fedllm.reports.privacy_report import (
-    CROSSCHECK_TOLERANCE,
-    build_privacy_report,
-    main,
-    render_markdown,
-    write_epsilon_plot,
-)
+from fedllm.reports.privacy_markdown import render_markdown
+from fedllm.reports.privacy_report import CROSSCHECK_TOLERANCE, build_privacy_report, main
+from fedllm.reports.privacy_statement import privacy_statement
+from tests.helpers import edit_json
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_ID = "4242"
@@ -69,7 +67,7 @@ def make_run(root: Path, *, sites: dict = SITES, overrides: dict | None = None, 
     rounds: list[dict] = [{"round": 0, "evaluate": {"sites": {}, "failed": [], "aggregate": {}}}]
     rounds += [{"round": r, "train": {"sites": {}, "refused": {}, "rejected": {}, "failed": [], "aggregate": {}},
                 "evaluate": {"sites": {}, "failed": [], "aggregate": {}}} for r in (1, 2, 3)]
-    for name, (n_train, n_held, sigma, cap, trained, refused, signed) in sites.items():
+    for name, (n_train, n_held, sigma, _cap, trained, refused, signed) in sites.items():
         signing_key = None
         if signed:
             private, _ = generate_signing_key(root / "keys", site=name)
@@ -193,10 +191,8 @@ def test_plot_is_a_png_of_the_right_size_also_without_dp(demo_report, tmp_path):
 
 def test_tampered_ledger_fails_the_audit_and_names_the_entry(tmp_path, capsys):
     run = make_run(tmp_path, sites=one_site())
-    path = run / "ledgers" / "solo.json"
-    data = json.loads(path.read_text())
-    data["entries"][1]["noise_multiplier"] = 2.0  # a smaller ε for round 2, without the key or rehashing
-    path.write_text(json.dumps(data, indent=2))
+    # a smaller ε for round 2, without the key or rehashing
+    edit_json(run / "ledgers" / "solo.json", lambda data: data["entries"][1].update(noise_multiplier=2.0))
     assert cli.main(["audit", str(run)]) == 1
     assert "FAILED" in capsys.readouterr().err
     text = (run / "audit" / "privacy-report.md").read_text(encoding="utf-8")
@@ -241,10 +237,12 @@ def test_another_sites_ledger_in_its_place_fails(tmp_path):
 
 def test_epsilon_reported_to_the_coordinator_must_match_the_ledger(tmp_path):
     run = make_run(tmp_path, sites=one_site())
-    history = json.loads((run / "history.json").read_text())
-    history["rounds"][2]["train"]["sites"]["solo"][wire.EPSILON] = 0.5
-    history["rounds"][3]["train"]["sites"]["solo"] = dict(history["rounds"][1]["train"]["sites"]["solo"])
-    (run / "history.json").write_text(json.dumps(history))
+
+    def misreport(history):
+        history["rounds"][2]["train"]["sites"]["solo"][wire.EPSILON] = 0.5
+        history["rounds"][3]["train"]["sites"]["solo"] = dict(history["rounds"][1]["train"]["sites"]["solo"])
+
+    edit_json(run / "history.json", misreport)
     problems = build_privacy_report(run)["problems"]
     assert any("round 2: the site reported ε=0.500" in p for p in problems)
     assert any("update for round 3 but the ledger has no entry" in p for p in problems)
@@ -297,10 +295,12 @@ CENTRAL = {"enabled": True, "clipping": "fixed", "noise-multiplier": 1.0, "clipp
 @pytest.fixture(scope="module")
 def central_run(tmp_path_factory) -> Path:
     run = make_run(tmp_path_factory.mktemp("central"), sites=one_site(trained=1), central_dp=CENTRAL)
-    history = json.loads((run / "history.json").read_text())
-    for r, eps in ((1, 12.1), (2, 21.0), (3, 28.4)):
-        history["rounds"][r]["central-dp"] = {"clipping-norm": 1.0, "epsilon": eps, "sites": 5}
-    (run / "history.json").write_text(json.dumps(history))
+
+    def record_central_dp(history):
+        for r, eps in ((1, 12.1), (2, 21.0), (3, 28.4)):
+            history["rounds"][r]["central-dp"] = {"clipping-norm": 1.0, "epsilon": eps, "sites": 5}
+
+    edit_json(run / "history.json", record_central_dp)
     return run
 
 
@@ -323,13 +323,15 @@ def test_meaningless_site_level_epsilon_is_warned_beside_the_record_level_one(ce
      "too large to mean anything"),
 ])
 def test_central_dp_absent_off_or_meaningful(central_run, tmp_path, central, expected, unexpected):
-    history = json.loads((central_run / "history.json").read_text())
-    history.pop("central-dp")
-    if central is not None:
-        history["central-dp"] = central
     run = tmp_path / "run"
     shutil.copytree(central_run, run)
-    (run / "history.json").write_text(json.dumps(history))
+
+    def set_central_dp(history):
+        history.pop("central-dp")
+        if central is not None:
+            history["central-dp"] = central
+
+    edit_json(run / "history.json", set_central_dp)
     text = render_markdown(build_privacy_report(run))
     assert expected in text and unexpected not in text
 
@@ -367,7 +369,6 @@ def test_model_card_front_matter_and_no_paths(demo_run, tmp_path):
     for site in sites:
         assert f"| {site.name} |" in text
     # the same statement text as the report
-    from fedllm.reports.privacy_report import privacy_statement
     assert privacy_statement(accountant="prv", central_dp=None).rstrip("\n") in text
 
 

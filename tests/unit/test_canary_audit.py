@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedllm.audit import canaries as audit
 from fedllm.audit.scoring import (
@@ -29,7 +28,7 @@ from fedllm.cli.main import main
 from fedllm.config import ModelConfig
 from fedllm.data.formatting import tokenize_record
 from fedllm.errors import FedLLMError
-from fedllm.model.loading import build_byte_tokenizer, load_model_and_tokenizer
+from fedllm.model.loading import load_model_and_tokenizer
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.reports.canary_report import (
     can_and_cannot,
@@ -37,6 +36,7 @@ from fedllm.reports.canary_report import (
     summary_lines,
     verdict_line,
 )
+from tests.helpers import save_random_llama
 
 SMOKE_DATA = Path(__file__).resolve().parents[2] / "simulations" / "smoke" / "data" / "smoke.jsonl"
 CANARIES = 40  # k = 5 guesses per side; the one-run alarm needs all 10 right
@@ -44,17 +44,9 @@ CANARIES = 40  # k = 5 guesses per side; the one-run alarm needs all 10 right
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("tiny-untied")
-    config = LlamaConfig(vocab_size=259, pad_token_id=257, eos_token_id=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.3)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    build_byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_random_llama(tmp_path_factory.mktemp("tiny-untied"), pad_token_id=257, hidden_size=64,
+                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")

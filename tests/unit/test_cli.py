@@ -9,6 +9,7 @@ import pytest
 from fedllm.cli.main import main
 from fedllm.privacy.accounting import DPEvent, epsilon_for
 from fedllm.privacy.ledger import PrivacyLedger
+from tests.helpers import record_release
 
 
 def test_budget_answers_both_planning_questions(capsys):
@@ -31,8 +32,7 @@ def test_budget_without_steps_is_a_clear_error(capsys):
 def test_ledger_show_prints_every_release_and_the_total(tmp_path, capsys):
     ledger = PrivacyLedger.open(tmp_path / "a.json", site="cardiology")
     for server_round in (1, 2):
-        ledger.record(run_id="r1", server_round=server_round, steps=25, sample_rate=0.008, noise_multiplier=1.0,
-                      max_grad_norm=1.0, target_delta=1e-5, num_examples=2000)
+        record_release(ledger, run_id="r1", server_round=server_round, steps=25)
     assert main(["ledger", "show", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
     total = epsilon_for([DPEvent(1.0, 0.008, 50)], target_delta=1e-5)

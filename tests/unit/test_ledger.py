@@ -20,23 +20,17 @@ from fedllm.privacy.ledger import (
     LedgerEntry,
     PrivacyLedger,
 )
+from tests.helpers import edit_json, record_release
 
-RELEASE = {"sample_rate": 0.008, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_delta": 1e-5}
 FINGERPRINT = dataset_fingerprint([{"text": "one record"}, {"text": "another record"}])
 OTHER_DATA = dataset_fingerprint([{"text": "one record"}, {"text": "another record, edited"}])
-
-
-def _record(ledger: PrivacyLedger, run_id: str = "run-a", server_round: int = 1, steps: int = 25, **overrides):
-    return ledger.record(
-        **{"run_id": run_id, "server_round": server_round, "steps": steps, "num_examples": 2000, **RELEASE, **overrides}
-    )
 
 
 @pytest.fixture
 def ledger_file(tmp_path: Path) -> Path:
     ledger = PrivacyLedger.open(tmp_path / "cardiology.json", site="cardiology")
-    _record(ledger, server_round=1)
-    _record(ledger, server_round=2)
+    record_release(ledger, server_round=1)
+    record_release(ledger, server_round=2)
     return ledger.path
 
 
@@ -44,8 +38,8 @@ def test_record_persists_and_reopens(tmp_path):
     path = tmp_path / "sites" / "cardiology" / "ledger.json"  # parent folders do not exist yet
     ledger = PrivacyLedger.open(path, site="cardiology")
     assert ledger.entries == () and not path.exists()  # nothing written before the first record
-    first = _record(ledger, server_round=1)
-    second = _record(ledger, server_round=2, steps=50)
+    first = record_release(ledger, server_round=1)
+    second = record_release(ledger, server_round=2, steps=50)
     reopened = PrivacyLedger.open(path, site="cardiology")
     assert reopened.entries == (first, second)
     assert reopened.events() == [DPEvent(1.0, 0.008, 25), DPEvent(1.0, 0.008, 50)]
@@ -59,9 +53,9 @@ def test_record_persists_and_reopens(tmp_path):
 def test_cumulative_epsilon_is_composed_over_the_whole_history(tmp_path):
     rounds = PrivacyLedger.open(tmp_path / "rounds.json", site="s")
     one = PrivacyLedger.open(tmp_path / "one.json", site="s")
-    after_first = _record(rounds, server_round=1, steps=250)
-    after_second = _record(rounds, run_id="run-b", server_round=1, steps=250)
-    single = _record(one, steps=500)
+    after_first = record_release(rounds, server_round=1, steps=250)
+    after_second = record_release(rounds, run_id="run-b", server_round=1, steps=250)
+    single = record_release(one, steps=500)
     assert after_first.epsilon < after_second.epsilon
     assert after_second.epsilon == pytest.approx(single.epsilon, rel=1e-9)
     assert after_second.epsilon == pytest.approx(1.0562, abs=1e-4)  # docs/notes/dp-lora.md §2.3, PRV
@@ -71,7 +65,7 @@ def test_cumulative_epsilon_is_composed_over_the_whole_history(tmp_path):
 
 def test_check_refuses_the_release_that_crosses_the_cap(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", site="cardiology")
-    _record(ledger, steps=375)  # ε_PRV = 0.936 (docs/notes/dp-lora.md §2.1, "LLM site" row)
+    record_release(ledger, steps=375)  # ε_PRV = 0.936 (docs/notes/dp-lora.md §2.1, "LLM site" row)
     planned = {"noise_multiplier": 1.0, "sample_rate": 0.008, "steps": 100, "target_delta": 1e-5}
     with pytest.raises(BudgetExceededError) as info:
         ledger.check(max_epsilon=1.0, **planned)
@@ -87,23 +81,17 @@ def test_check_refuses_the_release_that_crosses_the_cap(tmp_path):
 
 def test_release_without_noise_is_inf_and_round_trips(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", site="s")
-    _record(ledger, steps=25)
+    record_release(ledger, steps=25)
     no_noise = {"noise_multiplier": 0.0, "sample_rate": 0.008, "steps": 5, "target_delta": 1e-5}
     assert ledger.check(max_epsilon=1.0, **no_noise) == math.inf  # the cap never refuses it: the caller decides
-    entry = _record(ledger, steps=5, noise_multiplier=0.0)
+    entry = record_release(ledger, steps=5, noise_multiplier=0.0)
     assert entry.epsilon == math.inf
     assert json.loads(ledger.path.read_text())["entries"][1]["epsilon"] == "inf"
     reopened = PrivacyLedger.open(ledger.path, site="s")
     assert reopened.entries[1].epsilon == math.inf and reopened.epsilon(target_delta=1e-5) == math.inf
     with pytest.raises(BudgetExceededError, match=r"spent ε=inf, this round \+0\.\d\d, cap 8\.00"):
         reopened.check(max_epsilon=8.0, noise_multiplier=1.0, sample_rate=0.008, steps=1, target_delta=1e-5)
-    assert _record(reopened, steps=1).epsilon == math.inf  # no DP release can undo it
-
-
-def _corrupt(path: Path, edit) -> None:
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
+    assert record_release(reopened, steps=1).epsilon == math.inf  # no DP release can undo it
 
 
 @pytest.mark.parametrize(
@@ -113,23 +101,23 @@ def _corrupt(path: Path, edit) -> None:
         (lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]), "truncated"),
         (lambda p: p.write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
         (lambda p: p.write_text("[]"), "not a fedllm privacy ledger"),
-        (lambda p: _corrupt(p, lambda d: d.update(format="something-else")), "not a fedllm privacy ledger"),
-        (lambda p: _corrupt(p, lambda d: d.update(version=3)), "version 3"),
-        (lambda p: _corrupt(p, lambda d: d.update(site="oncology")), "belongs to site 'oncology', not 'cardiology'"),
-        (lambda p: _corrupt(p, lambda d: d.update(entries={})), '"entries" must be a list'),
-        (lambda p: _corrupt(p, lambda d: d["entries"][1].pop("noise_multiplier")), "entry 2, field 'noise_multiplier'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][1].update(steps="ten")), "entry 2, field 'steps'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(steps=True)), "entry 1, field 'steps'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(sample_rate=1.5)), "entry 1, field 'sample_rate'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(accountant="gdp")), "entry 1, field 'accountant'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(epsilon=-1)), "entry 1, field 'epsilon'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(timestamp="yesterday")), "entry 1, field 'timestamp'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(extra=1)), "entry 1, field 'extra'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][1].pop("prev-hash")), "entry 2, field 'prev-hash'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][1].update({"entry-hash": "00"})), "entry 2, field 'entry-hash'"),
-        (lambda p: _corrupt(p, lambda d: d.pop("head")), "header field 'head'"),
-        (lambda p: _corrupt(p, lambda d: d["entries"][0].update(steps=26)), "entry 1: its content does not match"),
-        (lambda p: _corrupt(p, lambda d: d["entries"].pop(0)), "entry 1: its prev-hash does not match the ledger header"),
+        (lambda p: edit_json(p, lambda d: d.update(format="something-else")), "not a fedllm privacy ledger"),
+        (lambda p: edit_json(p, lambda d: d.update(version=3)), "version 3"),
+        (lambda p: edit_json(p, lambda d: d.update(site="oncology")), "belongs to site 'oncology', not 'cardiology'"),
+        (lambda p: edit_json(p, lambda d: d.update(entries={})), '"entries" must be a list'),
+        (lambda p: edit_json(p, lambda d: d["entries"][1].pop("noise_multiplier")), "entry 2, field 'noise_multiplier'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][1].update(steps="ten")), "entry 2, field 'steps'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(steps=True)), "entry 1, field 'steps'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(sample_rate=1.5)), "entry 1, field 'sample_rate'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(accountant="gdp")), "entry 1, field 'accountant'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(epsilon=-1)), "entry 1, field 'epsilon'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(timestamp="yesterday")), "entry 1, field 'timestamp'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(extra=1)), "entry 1, field 'extra'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][1].pop("prev-hash")), "entry 2, field 'prev-hash'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][1].update({"entry-hash": "00"})), "entry 2, field 'entry-hash'"),
+        (lambda p: edit_json(p, lambda d: d.pop("head")), "header field 'head'"),
+        (lambda p: edit_json(p, lambda d: d["entries"][0].update(steps=26)), "entry 1: its content does not match"),
+        (lambda p: edit_json(p, lambda d: d["entries"].pop(0)), "entry 1: its prev-hash does not match the ledger header"),
         (lambda p: p.write_text(re.sub(r'"epsilon": [0-9.e+-]+', '"epsilon": NaN', p.read_text(), count=1)), "NaN"),
     ],
 )
@@ -142,7 +130,7 @@ def test_damaged_ledger_is_an_error_naming_the_file(ledger_file, damage, message
 
 
 def test_field_errors_say_what_to_do(ledger_file):
-    _corrupt(ledger_file, lambda d: d["entries"][1].update(steps="ten"))
+    edit_json(ledger_file, lambda d: d["entries"][1].update(steps="ten"))
     with pytest.raises(LedgerError, match="expected an integer >= 0, got 'ten'.*restore it from a backup"):
         PrivacyLedger.open(ledger_file, site="cardiology")
 
@@ -158,30 +146,30 @@ def test_failed_write_keeps_the_old_ledger(ledger_file, monkeypatch, failing):
 
     monkeypatch.setattr(f"fedllm.privacy.ledger.{module}.{name}", fail)
     with pytest.raises(OSError, match="disk full"):
-        _record(ledger, server_round=3)
+        record_release(ledger, server_round=3)
     monkeypatch.undo()
     assert ledger_file.read_bytes() == before
     assert len(ledger.entries) == 2 and len(PrivacyLedger.open(ledger_file, site="cardiology").entries) == 2
     assert sorted(os.listdir(ledger_file.parent)) == [ledger_file.name]
-    _record(ledger, server_round=3)  # the ledger object is still usable
+    record_release(ledger, server_round=3)  # the ledger object is still usable
     assert len(PrivacyLedger.open(ledger_file, site="cardiology").entries) == 3
 
 
 def test_concurrent_writer_is_detected(ledger_file):
     first = PrivacyLedger.open(ledger_file, site="cardiology")
     second = PrivacyLedger.open(ledger_file, site="cardiology")
-    _record(first, server_round=3)
+    record_release(first, server_round=3)
     with pytest.raises(LedgerError, match="changed on disk"):
-        _record(second, server_round=3)
+        record_release(second, server_round=3)
     assert len(PrivacyLedger.open(ledger_file, site="cardiology").entries) == 3
 
 
 def test_bad_release_is_not_recorded(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", site="s")
     with pytest.raises(ValueError, match="run_id"):
-        _record(ledger, run_id="")
+        record_release(ledger, run_id="")
     with pytest.raises(ValueError, match="sample_rate"):
-        _record(ledger, sample_rate=2.0)
+        record_release(ledger, sample_rate=2.0)
     assert ledger.entries == () and not ledger.path.exists()
 
 
@@ -189,8 +177,8 @@ def test_summary_lines(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", site="cardiology", dataset_fingerprint=FINGERPRINT)
     assert ledger.summary_lines()[1:] == [f"dataset: {FINGERPRINT}", "integrity: nothing written yet",
                                           "no releases recorded", "cumulative ε = 0.00 (nothing released)"]
-    _record(ledger, server_round=1)
-    _record(ledger, run_id="run-b", server_round=1, max_grad_norm=0.5)
+    record_release(ledger, server_round=1)
+    record_release(ledger, run_id="run-b", server_round=1, max_grad_norm=0.5)
     assert ledger.summary_lines() == [
         f"Privacy ledger of site 'cardiology': {ledger.path}",
         f"dataset: {FINGERPRINT}",
@@ -200,7 +188,7 @@ def test_summary_lines(tmp_path):
         "run-b  1      25     0.008  1  0.5  1e-05  prv         0.47",
         "cumulative ε = 0.47 (δ=1e-05, prv)",  # 50 steps at σ=1, q=0.008: PRV 0.4728
     ]
-    _record(ledger, run_id="run-c", server_round=1, noise_multiplier=0.0)
+    record_release(ledger, run_id="run-c", server_round=1, noise_multiplier=0.0)
     lines = ledger.summary_lines()
     assert lines[-2].endswith("inf (no DP)")
     assert lines[-1] == "cumulative ε = inf: no DP guarantee (a release without noise)"
@@ -239,7 +227,7 @@ def test_version_1_ledger_loads_and_is_chained_at_the_first_record(tmp_path):
     assert [e.epsilon for e in ledger.entries] == old_eps
     assert "version 1 ledger without a hash chain" in ledger.summary_lines()[2]
     assert json.loads(path.read_text())["version"] == 1  # reading never rewrites
-    new = _record(ledger, run_id="new-run")
+    new = record_release(ledger, run_id="new-run")
     assert new.epsilon == pytest.approx(epsilon_for([DPEvent(1.0, 0.008, 25)] * 3, target_delta=1e-5), rel=1e-12)
     data = json.loads(path.read_text())
     assert data["version"] == LEDGER_VERSION == 2 and data["dataset-fingerprint"] == FINGERPRINT
@@ -250,7 +238,7 @@ def test_version_1_ledger_loads_and_is_chained_at_the_first_record(tmp_path):
     assert all(e["dataset-fingerprint"] == FINGERPRINT for e in data["entries"])
     reopened = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
     assert reopened.entries == ledger.entries
-    _record(reopened, run_id="new-run", server_round=2)  # a second write keeps the migration as it was
+    record_release(reopened, run_id="new-run", server_round=2)  # a second write keeps the migration as it was
     again = json.loads(path.read_text())
     assert again["migrated"] == data["migrated"] and again["entries"][:3] == data["entries"]
 
@@ -258,7 +246,7 @@ def test_version_1_ledger_loads_and_is_chained_at_the_first_record(tmp_path):
 def test_a_ledger_is_bound_to_its_data(tmp_path):
     path = tmp_path / "l.json"
     ledger = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
-    _record(ledger)
+    record_release(ledger)
     reopened = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=FINGERPRINT)
     assert reopened.dataset_fingerprint == FINGERPRINT
     assert PrivacyLedger.open(path, site="cardiology").dataset_fingerprint == FINGERPRINT  # reading needs no data
@@ -271,14 +259,14 @@ def test_a_ledger_is_bound_to_its_data(tmp_path):
 
 def test_an_unbound_ledger_cannot_be_taken_over_by_a_site(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", site="s")  # written by a tool, without data
-    _record(ledger)
+    record_release(ledger)
     assert json.loads(ledger.path.read_text())["dataset-fingerprint"] is None
     with pytest.raises(LedgerError, match="is not bound to any dataset"):
         PrivacyLedger.open(ledger.path, site="s", dataset_fingerprint=FINGERPRINT)
 
 
 def test_a_broken_chain_refuses_to_open_and_says_what_to_do(ledger_file):
-    _corrupt(ledger_file, lambda d: d["entries"][1].update(run_id="someone-else"))
+    edit_json(ledger_file, lambda d: d["entries"][1].update(run_id="someone-else"))
     with pytest.raises(LedgerError) as info:
         PrivacyLedger.open(ledger_file, site="cardiology")
     message = str(info.value)
@@ -291,13 +279,13 @@ def test_signed_ledger_is_written_only_with_its_key(tmp_path):
 
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     path = tmp_path / "l.json"
-    _record(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=key))
+    record_release(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=key))
     data = json.loads(path.read_text())
     assert data["public-key"] == public_key_text(key) and data["entries"][0]["signature"] and data["head-signature"]
     unkeyed = PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT)  # reading needs no key
     assert key_id(key) in unkeyed.integrity_line()
     with pytest.raises(LedgerError, match="no signing key was given"):
-        _record(unkeyed)
+        record_release(unkeyed)
     wrong_key = f"signed with key {key_id(key)}, but the site's signing key is {key_id(other)}"
     with pytest.raises(LedgerError, match=wrong_key):
         PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=other)
@@ -310,8 +298,8 @@ def test_signing_can_start_on_an_unsigned_ledger(tmp_path):
 
     key = Ed25519PrivateKey.generate()
     path = tmp_path / "l.json"
-    _record(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT), server_round=1)
-    _record(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=key), server_round=2)
+    record_release(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT), server_round=1)
+    record_release(PrivacyLedger.open(path, site="s", dataset_fingerprint=FINGERPRINT, signing_key=key), server_round=2)
     data = json.loads(path.read_text())
     assert "signature" not in data["entries"][0] and "signature" in data["entries"][1]
     result = verify_ledger(path, public_key=key.public_key())

@@ -25,19 +25,15 @@ from fedllm.errors import LedgerError
 from fedllm.privacy.accounting import DPEvent, epsilon_for
 from fedllm.privacy.ledger import PrivacyLedger, verify_ledger
 from fedllm.privacy.signing import Ed25519PrivateKey, key_id
+from tests.helpers import edit_json, record_release, write_jsonl
 
 RECORDS = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(6)]
 STEPS = (25, 30, 35)  # one release per round, all different so that no two entries are alike
 
 
-def _write_data(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 @pytest.fixture
 def data_file(tmp_path: Path) -> Path:
-    return _write_data(tmp_path / "site.jsonl", RECORDS)
+    return write_jsonl(tmp_path / "site.jsonl", RECORDS)
 
 
 @pytest.fixture
@@ -48,8 +44,7 @@ def fingerprint(data_file: Path) -> str:
 def _make_ledger(path: Path, fingerprint: str, key: Ed25519PrivateKey | None = None) -> Path:
     ledger = PrivacyLedger.open(path, site="cardiology", dataset_fingerprint=fingerprint, signing_key=key)
     for server_round, steps in enumerate(STEPS, start=1):
-        ledger.record(run_id="run-a", server_round=server_round, steps=steps, sample_rate=0.008, noise_multiplier=1.0,
-                      max_grad_norm=1.0, target_delta=1e-5, num_examples=2000)
+        record_release(ledger, server_round=server_round, steps=steps)
     return path
 
 
@@ -66,12 +61,6 @@ def key() -> Ed25519PrivateKey:
 @pytest.fixture
 def signed(tmp_path: Path, fingerprint: str, key: Ed25519PrivateKey) -> Path:
     return _make_ledger(tmp_path / "signed.json", fingerprint, key)
-
-
-def _edit(path: Path, change) -> None:
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data, indent=2))
 
 
 def _sha(value) -> str:
@@ -138,7 +127,7 @@ def _attacker_edits_epsilon(d):
          "append-copy", "swap", "rehashed-epsilon", "rename-site"],
 )
 def test_each_kind_of_tampering_is_found_and_the_entry_named(ledger, tamper, first_bad, message):
-    _edit(ledger, tamper)
+    edit_json(ledger, tamper)
     result = verify_ledger(ledger)
     assert not result.ok
     assert result.first_bad_entry == first_bad, result.problems
@@ -146,7 +135,7 @@ def test_each_kind_of_tampering_is_found_and_the_entry_named(ledger, tamper, fir
 
 
 def test_a_consistently_rehashed_epsilon_is_caught_only_by_the_recomputation(ledger):
-    _edit(ledger, _attacker_edits_epsilon)
+    edit_json(ledger, _attacker_edits_epsilon)
     result = verify_ledger(ledger)
     assert len(result.problems) == 1, result.problems  # the chain itself is consistent again
     assert result.problems[0].startswith("entry 2: its cumulative ε 0.2") and "recomputed from the recorded " \
@@ -156,7 +145,7 @@ def test_a_consistently_rehashed_epsilon_is_caught_only_by_the_recomputation(led
 
 def test_a_rehashed_header_fingerprint_is_caught_when_the_data_is_given(ledger, fingerprint, tmp_path):
     other = dataset_fingerprint(RECORDS[:-1])  # one record removed
-    _edit(ledger, lambda d: d["entries"][0].update({"dataset-fingerprint": other}))
+    edit_json(ledger, lambda d: d["entries"][0].update({"dataset-fingerprint": other}))
     naive = verify_ledger(ledger)
     assert naive.first_bad_entry == 1 and any("its dataset fingerprint" in p for p in naive.problems)
 
@@ -166,7 +155,7 @@ def test_a_rehashed_header_fingerprint_is_caught_when_the_data_is_given(ledger, 
             entry["dataset-fingerprint"] = other
         _attacker_rehash(d)
 
-    _edit(ledger, move)
+    edit_json(ledger, move)
     assert verify_ledger(ledger).ok  # unsigned and re-hashed: consistent in itself (docs/privacy.md says so)
     result = verify_ledger(ledger, dataset_fingerprint=fingerprint)
     assert not result.ok and result.first_bad_entry == 1
@@ -176,7 +165,7 @@ def test_a_rehashed_header_fingerprint_is_caught_when_the_data_is_given(ledger, 
 
 def test_a_ledger_presented_with_other_data_fails(ledger, tmp_path):
     edited = [*RECORDS[:-1], {"instruction": "Question 5?", "output": "Answer five."}]
-    other = dataset_fingerprint(load_records(_write_data(tmp_path / "other.jsonl", edited)))
+    other = dataset_fingerprint(load_records(write_jsonl(tmp_path / "other.jsonl", edited)))
     result = verify_ledger(ledger, dataset_fingerprint=other)
     assert not result.ok and result.first_bad_entry == 1 and other in result.problems[0]
 
@@ -228,7 +217,7 @@ def test_an_unsigned_ledger_fails_when_a_key_is_expected(ledger, key):
 
 
 def test_an_unsigned_entry_in_a_signed_ledger_fails(signed, key):
-    _edit(signed, lambda d: d["entries"][2].pop("signature"))
+    edit_json(signed, lambda d: d["entries"][2].pop("signature"))
     result = verify_ledger(signed, public_key=key.public_key())
     assert not result.ok and result.first_bad_entry == 3
     assert result.problems == ["entry 3 is not signed, but entry 1 before it is: it was added or altered by someone "
@@ -240,7 +229,7 @@ def test_an_attacker_without_the_key_cannot_rehash_a_signed_ledger(signed, key):
         d["entries"][1]["noise_multiplier"] = 2.0
         _attacker_rehash(d)
 
-    _edit(signed, edit)
+    edit_json(signed, edit)
     result = verify_ledger(signed, public_key=key.public_key())
     assert not result.ok and result.first_bad_entry == 2
     assert any(p.startswith("entry 2: its signature does not verify") for p in result.problems)
@@ -257,7 +246,7 @@ def test_an_appended_entry_in_a_signed_ledger_fails(signed, key):
         for entry, original in zip(d["entries"][:3], json.loads(signed.read_text())["entries"]):
             entry["signature"] = original["signature"]  # unchanged entries keep their valid signatures
 
-    _edit(signed, append)
+    edit_json(signed, append)
     result = verify_ledger(signed, public_key=key.public_key())
     assert not result.ok and result.first_bad_entry == 4
     assert ("entry 4 is not signed, but entry 1 before it is: it was added or altered by someone without the "
@@ -280,7 +269,7 @@ def test_a_ledger_re_signed_with_another_key_fails_against_the_sites_key(signed,
         d["head-signature"] = sign(forger, b"fedllm-privacy-ledger/v2 head " +
                                    json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
 
-    _edit(signed, resign)
+    edit_json(signed, resign)
     assert [p for p in verify_ledger(signed).problems if "signature" in p] == []  # consistent with its own key
     result = verify_ledger(signed, public_key=key.public_key())
     assert not result.ok and result.first_bad_entry == 1 and "not with the given key" in result.problems[0]
@@ -331,7 +320,7 @@ def test_verify_exits_0_when_everything_checks(signed, tmp_path, key, data_file,
 
 
 def test_verify_exits_1_and_names_the_first_bad_entry(ledger, tmp_path, capsys):
-    _edit(ledger, _swap)
+    edit_json(ledger, _swap)
     assert main(["ledger", "verify", str(ledger)]) == 1
     out = capsys.readouterr().out
     assert "FAILED: first bad entry: 2 (entries are numbered from 1)" in out
@@ -342,7 +331,7 @@ def test_verify_exits_1_and_names_the_first_bad_entry(ledger, tmp_path, capsys):
 
 
 def test_verify_exits_1_on_other_data(ledger, tmp_path, capsys):
-    other = _write_data(tmp_path / "other.jsonl", RECORDS[:-1])
+    other = write_jsonl(tmp_path / "other.jsonl", RECORDS[:-1])
     assert main(["ledger", "verify", str(ledger), "--data", str(other)]) == 1
     assert "first bad entry: 1" in capsys.readouterr().out
 
@@ -391,7 +380,7 @@ def test_ledger_show_says_what_the_ledger_is_bound_to_and_who_signed_it(signed, 
     assert main(["ledger", "show", str(signed)]) == 0
     out = capsys.readouterr().out
     assert f"dataset: {fingerprint}" in out and f"signed by {key_id(key)}" in out and "chain of 3 entries intact" in out
-    _edit(signed, _swap)
+    edit_json(signed, _swap)
     assert main(["ledger", "show", str(signed)]) == 2
     assert "hash chain is broken" in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import BudgetExceededError
 from fedllm.model.loading import get_adapter_state
 from fedllm.site.runtime import SiteRuntime
+from tests.helpers import write_jsonl
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(12)]
 CONFIG = {"model.name": "tiny-random-llama", "data.max-length": 48, "train.local-steps": 2, "train.batch-size": 2,
@@ -21,9 +22,7 @@ CONFIG = {"model.name": "tiny-random-llama", "data.max-length": 48, "train.local
 
 @pytest.fixture
 def data_file(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
+    return write_jsonl(tmp_path / "data.jsonl", RECORDS)
 
 
 def _runtime(tmp_path, data_file, **overrides) -> SiteRuntime:

@@ -1,0 +1,81 @@
+"""The plain-language privacy statement: what a run's DP guarantees and what it does not.
+
+The privacy report (:mod:`fedllm.reports.privacy_markdown`) and the model card
+(:mod:`fedllm.reports.model_card`) print it word for word, so both are golden-tested against the
+same text. Assumptions stated: record-level DP-SGD at each site (Poisson sampling, add/remove-one
+neighbouring relation, one training record at one site as the unit of privacy, each round's
+adapter update released), composed over every release in the site's ledger; optionally
+site-level (central) DP on the aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedllm.reports.numbers import format_epsilon, format_g, to_float
+
+MEANINGLESS_SITE_EPSILON = 10.0  # a site-level ε above this is called meaningless
+
+
+def privacy_statement(*, accountant: str, sites_without_dp: Sequence[str] = (), all_without_dp: bool = False,
+                      central_dp: Mapping[str, Any] | None = None) -> str:
+    """What is guaranteed and what is not, in Markdown; the same words in the report and the card."""
+    lines = ["**What is guaranteed.** "]
+    if all_without_dp:
+        lines[0] += ("Nothing. Differential privacy was off (noise multiplier σ = 0) for the releases of every "
+                     "site, so no differential-privacy guarantee holds for this run, and none can hold for any "
+                     "later release on the same data (an ∞ in a ledger is permanent).")
+    else:
+        enforced = ("the Opacus PRV accountant's upper bound" if accountant == "prv"
+                    else "the Opacus RDP accountant (Balle et al. 2020 conversion)")
+        lines[0] += (
+            "For each site, the adapter updates it released, over every round of every run recorded in its "
+            "privacy ledger, are (ε, δ)-differentially private with the ε and δ given for that site. In plain "
+            "words: adding or removing any one training record of that site changes the probability of anything "
+            "that can be learnt from those updates by at most a factor e^ε, except with probability δ. This "
+            "holds against anyone who sees the updates, the coordinator included, and for everything computed "
+            "from them (the aggregated and exported adapter, checkpoints, other sites' later training).")
+        if sites_without_dp:
+            lines[0] += (" It does **not** hold for " + ", ".join(f"`{s}`" for s in sites_without_dp)
+                         + ": a release without noise (σ = 0) is in its ledger, so its ε is ∞.")
+        lines += [
+            "",
+            "* Unit of privacy: one training record (one sequence) at one site.",
+            "* Neighbouring datasets: one record added or removed.",
+            "* Mechanism: DP-SGD at every local step: Poisson sampling at rate q, each record's gradient clipped "
+            "to norm C, Gaussian noise of standard deviation σ·C added to the sum.",
+            "* Composition: every release in the site's ledger, across rounds and runs on the same data.",
+            f"* Accounting: {enforced}, the value enforced against the cap; RDP and Google dp-accounting's PLD "
+            "accountant are independent cross-checks.",
+        ]
+    lines += [
+        "",
+        "**What is not guaranteed.**",
+        "",
+        "* A person with many records. The guarantee is per record; a person with k records is protected only "
+        "through group privacy, which degrades roughly linearly: about k·ε, with δ growing to k·e^((k−1)ε)·δ.",
+        "* Site-level inference: whether a site (a hospital, a bank) took part, how much data it has, or its "
+        "aggregate statistics. Record-level DP does not hide these. " + _central_dp_sentence(central_dp),
+        "* The metrics each site sends with its update: number of training examples, train loss, examples seen, "
+        "token count and training time are exact, not noised.",
+        "* Held-out records and the evaluation metrics computed on them (eval loss, perplexity, token and example "
+        "counts).",
+        "* The base model and what it already contains.",
+        "* Anything outside the released updates: the sites' data files, ledgers, logs and output folders; side "
+        "channels such as timing and message sizes; the security of the machines and of the network; the "
+        "random number generator (torch's standard one, not cryptographically secure).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _central_dp_sentence(central_dp: Mapping[str, Any] | None) -> str:
+    if not central_dp or not central_dp.get("enabled"):
+        return "Central (site-level) DP was not used in this run."
+    eps = to_float(central_dp.get("epsilon"))
+    text = (f"Central DP was on: the aggregated adapter is ({format_epsilon(eps)}, {format_g(central_dp.get('delta'))})-DP with "
+            "respect to one whole site (the coordinator itself still sees each site's own update).")
+    if eps > MEANINGLESS_SITE_EPSILON:
+        text += f" This site-level ε = {format_epsilon(eps)} is too large to mean anything."
+    return text
+
