@@ -331,9 +331,10 @@ def _build(values: Mapping[str, Any]) -> RunConfig:
         else:
             top[_snake(key)] = value
     kwargs: dict[str, Any] = dict(top)
+    base = RunConfig()
     for f in dataclasses.fields(RunConfig):
         if f.name in sections:
-            kwargs[f.name] = f.default_factory(**sections[f.name])  # type: ignore[misc]
+            kwargs[f.name] = dataclasses.replace(getattr(base, f.name), **sections[f.name])
     return RunConfig(**kwargs)
 
 

@@ -308,12 +308,12 @@ def create_dev_pki(out: Path, *, server_names: list[str], sites: list[str], days
     created: list[Path] = []
     new_files: list[Path] = []
     try:
-        for path, content, private in writes:
+        for path, content, owner_only in writes:
             existed = path.exists()
             write_bytes_atomic(path, content)  # a temporary file of mode 600, renamed into place
             if not existed:
                 new_files.append(path)
-            os.chmod(path, 0o600 if private else 0o644)
+            os.chmod(path, 0o600 if owner_only else 0o644)
             created.append(path)
     except BaseException:
         for path in new_files:
