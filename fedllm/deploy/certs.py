@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedllm.deploy.site_file import SITE_NAME_RE
+from fedllm.config import SITE_NAME_RE
 from fedllm.errors import ConfigError
 from fedllm.files import write_bytes_atomic
 
@@ -111,8 +111,8 @@ def _check_inputs(server_names: list[str], sites: list[str], days: int) -> None:
                                 "'.'; IPv6 without brackets; internationalised names in their xn-- form)")
     for site in sites:
         if not SITE_NAME_RE.fullmatch(site):
-            problems.append(f"--sites: {site!r} is not a site name: letters, digits, '.', '_' and '-' only, not "
-                            "starting with '.' (the site's site-name)")
+            problems.append(f"--sites: {site!r} is not a site name: 1 to 64 letters, digits, '.', '_' and '-', "
+                            "not starting with '.' (the site's site-name)")
     if not isinstance(days, int) or isinstance(days, bool) or days < 1:
         problems.append(f"--days {days!r}: must be a whole number of days >= 1")
     if problems:
@@ -309,12 +309,12 @@ def create_dev_pki(out: Path, *, server_names: list[str], sites: list[str], days
     created: list[Path] = []
     new_files: list[Path] = []
     try:
-        for path, content, private in writes:
+        for path, content, owner_only in writes:
             existed = path.exists()
             write_bytes_atomic(path, content)  # a temporary file of mode 600, renamed into place
             if not existed:
                 new_files.append(path)
-            os.chmod(path, 0o600 if private else 0o644)
+            os.chmod(path, 0o600 if owner_only else 0o644)
             created.append(path)
     except BaseException:
         for path in new_files:

@@ -1,28 +1,30 @@
 """A site file ``sites/<name>.toml``: one institution's own settings, read and checked in one go.
 
-The top-level keys are the site's Flower *node config* (``SiteConfig.NODE_KEYS``): ``site-name``,
-``data-path``, ``ledger-path``, ``max-epsilon``, ``device``, ``signing-key``, ``require-dp``,
-``data-columns``. An optional
-``[connection]`` table holds what ``fedllm site start`` needs to reach the coordinator:
-``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``.
+The top-level keys are the site's Flower *node config*, the site schema of
+:mod:`fedllm.config.site` (``SITE_KEYS``: ``site-name``, ``data-path``, ``ledger-path``,
+``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``), checked by its one
+validator. An optional ``[connection]`` table holds what ``fedllm site start`` needs to reach the
+coordinator: ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``.
+This module adds the file-level work only: paths, files that must exist, the connection, and
+messages that name the file.
 
 * Relative paths are resolved against the folder that contains the site file (not the current
   directory), after ``~`` is expanded, so a site file and its data can move together.
 * ``ledger-path = ""`` becomes ``<folder of the site file>/ledgers/<site-name>.json``: in
   deployment the ledger must stay in one fixed place at the site, whatever the run's settings.
 * ``state-dir = ""`` becomes ``<folder of the site file>/.fedllm-site/<site-name>``.
-* Validation gathers every problem into one ``ConfigError`` that names the file, the key, the bad
-  value and what is allowed, with a did-you-mean for misspelt keys.
+* Validation gathers every problem (the schema's and the file's) into one ``ConfigError`` that
+  names the file, the key, the bad value and what is allowed, with a did-you-mean for misspelt keys.
 
 :meth:`SiteFile.node_config` renders the site part as the ``--node-config`` string of
 ``flower-supernode``; Flower parses it back (``flwr.common.config.parse_config_args``) into the
-same values, which ``SiteConfig.from_node_config`` turns into the same ``SiteConfig``.
+same values, which ``SiteConfig.from_node_config`` turns into the same ``SiteConfig``. Values are
+written with ``tomli_w`` and then made safe for Flower's splitter (:func:`node_config_value`).
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -30,17 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedllm.config import SiteConfig, read_toml
-from fedllm.data.loading import SOURCES_TEXT, columns_problem
+from fedllm.config import SITE_DEFAULTS, SITE_KEYS, SITE_NAME_RE, SiteConfig, read_toml, site_problems, toml_value
+from fedllm.data.loading import SOURCES_TEXT
 from fedllm.errors import ConfigError
 
 CONNECTION_TABLE = "connection"
 CONNECTION_KEYS = ("server", "root-certificates", "auth-key", "runtime-port", "state-dir")
-TOP_KEYS = (*SiteConfig.NODE_KEYS, CONNECTION_TABLE)
-
-SITE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
-DEVICES_TEXT = '"cpu", "cuda", "cuda:N" or "mps"'
+ALWAYS_IN_NODE_CONFIG = ("site-name", "data-path", "ledger-path")
 
 LEDGER_FOLDER = "ledgers"
 STATE_FOLDER = ".fedllm-site"
@@ -67,45 +65,24 @@ class SiteFile:
 
     def node_config(self) -> str:
         """The ``--node-config`` string for ``flower-supernode``: space-separated ``key=value`` with
-        TOML values, only the keys that differ from ``SiteConfig``'s defaults (site-name, data-path
-        and ledger-path always)."""
-        site = self.site
-        items: list[tuple[str, Any]] = [
-            ("site-name", site.name), ("data-path", site.data_path), ("ledger-path", site.ledger_path)]
-        if site.max_epsilon > 0:
-            items.append(("max-epsilon", site.max_epsilon))
-        if site.device != "cpu":
-            items.append(("device", site.device))
-        if site.signing_key:
-            items.append(("signing-key", site.signing_key))
-        if not site.require_dp:
-            items.append(("require-dp", False))
-        if site.data_columns:
-            items.append(("data-columns", site.data_columns))
-        return " ".join(f"{key}={node_config_value(value)}" for key, value in items)
+        TOML values, only the keys that differ from the schema's defaults (site-name, data-path and
+        ledger-path always)."""
+        return " ".join(f"{key}={node_config_value(value)}" for key, value in self.site.to_dict().items()
+                        if key in ALWAYS_IN_NODE_CONFIG or value != SITE_DEFAULTS[key])
 
 
-def node_config_value(value: str | float) -> str:
-    """One value as TOML that survives Flower's ``--node-config`` parser.
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def node_config_value(value: str | float | bool) -> str:
+    """One value as TOML (``tomli_w``) that survives Flower's ``--node-config`` parser.
 
     Flower splits the string with the pattern ``key=("[^"]*"|'[^']*'|\\S+)``, so a double-quoted
-    value must not contain a ``"`` at all, not even escaped (``json.dumps`` would write ``\\"``
-    and Flower would cut the value there). Strings are therefore TOML basic strings with ``"``,
-    backslash and control characters written as escapes (``\\u0022``, ``\\\\``, ``\\uXXXX``).
+    value must not contain a ``"`` at all, not even escaped (``tomli_w`` writes ``\\"`` and Flower
+    would cut the value there). Each ``\\"`` escape is therefore rewritten as ``\\u0022``, which
+    TOML reads back as the same quote.
     """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    out = []
-    for ch in value:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == '"' or ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    return _ESCAPE.sub(lambda m: "\\u0022" if m.group(1) == '"' else m.group(0), toml_value(value))
 
 
 def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
@@ -185,70 +162,64 @@ def load_site_file(path: Path | str) -> SiteFile:
     raw = read_toml(path)  # ConfigError naming the file for bad TOML
     folder = Path(os.path.abspath(path)).parent
     check = _Checker(folder)
+    node = _check_site(raw, folder, check)
+    name = node.get("site-name")
+    name = name if isinstance(name, str) and SITE_NAME_RE.fullmatch(name) else None
+    connection = _check_connection(raw.get(CONNECTION_TABLE, {}), folder, name, check)
+    if check.problems:
+        count = len(check.problems)
+        raise ConfigError(f"{path}: invalid site file ({count} problem{'s' if count != 1 else ''}; relative paths "
+                          f"are resolved from {folder}):\n  - " + "\n  - ".join(check.problems))
+    try:
+        site = SiteConfig.from_node_config(node)
+    except ConfigError as exc:  # pragma: no cover - the same validator already passed above
+        raise ConfigError(f"{path}: {exc}") from None
+    return SiteFile(path=Path(os.path.abspath(path)), site=site, connection=connection)
 
-    for key in raw:
-        if key not in TOP_KEYS:
-            hint = (f" (it belongs in the [{CONNECTION_TABLE}] table)" if key in CONNECTION_KEYS
-                    else _did_you_mean(key, TOP_KEYS))
-            check.add(f"{key}: unknown key{hint}; allowed: {', '.join(SiteConfig.NODE_KEYS)} and a "
-                      f"[{CONNECTION_TABLE}] table")
-    table = raw.get(CONNECTION_TABLE, {})
+
+def _check_site(raw: Mapping[str, Any], folder: Path, check: _Checker) -> dict[str, Any]:
+    """The site schema's problems, then the file's own (paths resolved from ``folder``, files that
+    must exist); returns the node config with absolute paths and the ledger's default place."""
+    entry = {key: value for key, value in raw.items() if key != CONNECTION_TABLE}
+    misplaced = {key: f"it belongs in the [{CONNECTION_TABLE}] table" for key in CONNECTION_KEYS}
+    for problem in site_problems(entry, also_allowed=(CONNECTION_TABLE,), misplaced=misplaced):
+        check.add(problem)
+    node = dict(entry)
+    data = entry.get("data-path")
+    if isinstance(data, str) and data:
+        resolved = _resolve(data, folder)
+        if not resolved.exists():
+            check.add(f"data-path = {_shown(data, resolved)}: no such file or folder; must be the site's data "
+                      f"(a {SOURCES_TEXT})")
+        node["data-path"] = str(resolved)
+    ledger = entry.get("ledger-path", "")
+    if isinstance(ledger, str) and ledger:
+        resolved = _resolve(ledger, folder)
+        if resolved.is_dir():
+            check.add(f"ledger-path = {_shown(ledger, resolved)}: is a folder; must be the ledger's file "
+                      "(e.g. ledgers/<site-name>.json)")
+        node["ledger-path"] = str(resolved)
+    elif ledger == "" and isinstance(entry.get("site-name"), str) and SITE_NAME_RE.fullmatch(entry["site-name"]):
+        node["ledger-path"] = str(folder / LEDGER_FOLDER / f"{entry['site-name']}.json")
+    if isinstance(entry.get("signing-key"), str):
+        node["signing-key"] = check.path(entry, "signing-key", "signing-key",
+                                         "the site's Ed25519 private key (PEM) that signs its ledger, or \"\"",
+                                         must_exist=True,
+                                         hint="; create one with 'fedllm ledger keygen --out DIR --site NAME'")
+    return node
+
+
+def _check_connection(table: Any, folder: Path, name: str | None, check: _Checker) -> ConnectionSettings:
+    """The ``[connection]`` table's problems; its paths resolved from ``folder``."""
     if not isinstance(table, dict):
         check.add(f"{CONNECTION_TABLE} = {table!r}: must be a table ([{CONNECTION_TABLE}]) with the keys "
                   f"{', '.join(CONNECTION_KEYS)}")
         table = {}
     for key in table:
         if key not in CONNECTION_KEYS:
-            hint = (" (it belongs at the top level, before the [connection] table)" if key in SiteConfig.NODE_KEYS
+            hint = (" (it belongs at the top level, before the [connection] table)" if key in SITE_KEYS
                     else _did_you_mean(key, CONNECTION_KEYS))
             check.add(f"{CONNECTION_TABLE}.{key}: unknown key{hint}; allowed: {', '.join(CONNECTION_KEYS)}")
-
-    # -- the site (node config)
-    name = check.string(raw, "site-name", "site-name", "the site's name")
-    if name == "" or (name is not None and not SITE_NAME_RE.fullmatch(name)):
-        shown = "site-name" if "site-name" not in raw else f"site-name = {name!r}"
-        check.add(f"{shown}: required; letters, digits, '.', '_' and '-' only, not starting with '.' (it names "
-                  "the ledger and state files), e.g. \"cardiology\"")
-        name = None
-    data = check.string(raw, "data-path", "data-path", "the path of the site's data file")
-    if data == "":
-        check.add(f"data-path: required; the site's data (a {SOURCES_TEXT})")
-    elif data is not None:
-        resolved = _resolve(data, folder)
-        if not resolved.exists():
-            check.add(f"data-path = {_shown(data, resolved)}: no such file or folder; must be the site's data "
-                      f"(a {SOURCES_TEXT})")
-        data = str(resolved)
-    columns = check.string(raw, "data-columns", "data-columns", '"FIELD=COLUMN, ..." or ""')
-    if columns and (why := columns_problem(columns)):
-        check.add(f"data-columns = {columns!r}: {why}")
-    ledger = check.string(raw, "ledger-path", "ledger-path", "the path of the site's privacy ledger")
-    if ledger:
-        resolved = _resolve(ledger, folder)
-        if resolved.is_dir():
-            check.add(f"ledger-path = {_shown(ledger, resolved)}: is a folder; must be the ledger's file "
-                      "(e.g. ledgers/<site-name>.json)")
-        ledger = str(resolved)
-    elif ledger == "" and name:
-        ledger = str(folder / LEDGER_FOLDER / f"{name}.json")
-    cap = raw.get("max-epsilon", 0.0)
-    if (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not math.isfinite(cap) or cap < 0):
-        check.add(f"max-epsilon = {cap!r}: must be a finite number >= 0 (the site's own cap on its cumulative ε; "
-                  "0 = the run's privacy.max-epsilon)")
-    device = raw.get("device", "cpu")
-    if not isinstance(device, str) or not DEVICE_RE.fullmatch(device):
-        check.add(f"device = {device!r}: must be {DEVICES_TEXT}")
-    signing_key = check.path(raw, "signing-key", "signing-key",
-                             "the site's Ed25519 private key (PEM) that signs its ledger, or \"\"",
-                             must_exist=True, hint="; create one with 'fedllm ledger keygen --out DIR --site NAME'")
-
-    require_dp = raw.get("require-dp", True)
-    if not isinstance(require_dp, bool):
-        check.add(f"require-dp = {require_dp!r}: must be true (refuse runs without differential privacy, the "
-                  "default) or false")
-        require_dp = True
-
-    # -- the connection
     server = check.string(table, "server", f"{CONNECTION_TABLE}.server", '"HOST:PORT" or ""')
     if server:
         why = _check_server(server)
@@ -271,22 +242,5 @@ def load_site_file(path: Path | str) -> SiteFile:
         check.add(f"{CONNECTION_TABLE}.state-dir = {table['state-dir']!r}: is a file; must be a folder")
     if not state_dir and name:
         state_dir = str(folder / STATE_FOLDER / name)
-
-    if check.problems:
-        count = len(check.problems)
-        raise ConfigError(f"{path}: invalid site file ({count} problem{'s' if count != 1 else ''}; relative paths "
-                          f"are resolved from {folder}):\n  - " + "\n  - ".join(check.problems))
-    node: dict[str, Any] = {"site-name": name, "data-path": data, "ledger-path": ledger,
-                            "max-epsilon": cap, "device": device}
-    if signing_key:
-        node["signing-key"] = signing_key
-    node["require-dp"] = require_dp
-    if columns:
-        node["data-columns"] = columns
-    try:
-        site = SiteConfig.from_node_config(node)
-    except ConfigError as exc:  # pragma: no cover - every check above is at least as strict
-        raise ConfigError(f"{path}: {exc}") from None
-    connection = ConnectionSettings(server=server or "", root_certificates=root, auth_key=auth,
-                                    runtime_port=port, state_dir=state_dir)
-    return SiteFile(path=Path(os.path.abspath(path)), site=site, connection=connection)
+    return ConnectionSettings(server=server or "", root_certificates=root, auth_key=auth, runtime_port=port,
+                              state_dir=state_dir)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm.config import toml_value
+from fedllm.config import toml_text
 from fedllm.errors import FedLLMError, RunFailedError
 from fedllm.logs import strip_to_marker
 
@@ -85,32 +85,34 @@ class Connection:
 
     def write(self, flwr_home: Path) -> None:
         flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f"address = {toml_value(self.address)}"]
+        connection: dict[str, str | bool] = {"address": self.address}
         if self.insecure:
-            lines.append("insecure = true")
+            connection["insecure"] = True
         elif self.root_certificates:
-            lines.append(f"root-certificates = {toml_value(str(Path(self.root_certificates).resolve()))}")
-        (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            connection["root-certificates"] = str(Path(self.root_certificates).resolve())
+        text = toml_text({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+        (flwr_home / "config.toml").write_text(text, encoding="utf-8")
 
 
 def write_app_folder(folder: Path, defaults: dict) -> None:
     """A minimal Flower app folder: components point at the installed fedllm package, so the app
     bundle (FAB) carries no code, only this pyproject.toml."""
-    lines = [
-        '[build-system]', 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', '',
-        '[project]', 'name = "fedllm"', 'version = "0.1.0"', 'dependencies = []', '',
-        '[tool.flwr.app]', 'publisher = "fedllm"', '',
-        '[tool.flwr.app.components]', 'serverapp = "fedllm.flower.server_app:app"', 'clientapp = "fedllm.flower.client_app:app"', '',
-        '[tool.flwr.app.config]',
-        *[f'"{k}" = {toml_value(v)}' for k, v in defaults.items()],
-    ]
+    pyproject = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedllm", "version": "0.1.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedllm",
+            "components": {"serverapp": "fedllm.flower.server_app:app", "clientapp": "fedllm.flower.client_app:app"},
+            "config": dict(defaults),  # flat dotted keys, written quoted: "privacy.max-epsilon" = 10.0
+        }}},
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "pyproject.toml").write_text(toml_text(pyproject), encoding="utf-8")
 
 
 def write_run_overrides(path: Path, flat: dict) -> None:
-    path.write_text("".join(f'"{k}" = {toml_value(v)}\n' for k, v in flat.items()), encoding="utf-8")
+    """Flat run-config keys as the TOML file ``flwr run --run-config`` reads (quoted dotted keys)."""
+    path.write_text(toml_text(flat), encoding="utf-8")
 
 
 def start_process(cmd: list[str], *, cwd: Path, env: dict, log_file: Path) -> subprocess.Popen:

@@ -4,15 +4,19 @@ A scenario folder holds:
 
 * ``run.toml``: run-config overrides (only keys of ``[tool.flwr.app.config]``);
 * ``sites.toml``: the virtual sites, in one of three forms:
-  - ``[[site]]`` tables with ``name``, ``data`` (a file or saved dataset folder, relative to the
-    folder) and optionally ``max-epsilon`` (the site's own cap, which can only tighten the run's),
-    ``device`` and ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``);
+  - ``[[site]]`` tables with the keys of a site file (the site schema, :mod:`fedllm.config.site`):
+    ``site-name``, ``data-path`` (a file or saved dataset folder, relative to the scenario folder)
+    and optionally ``max-epsilon`` (the site's own cap, which can only tighten the run's),
+    ``device``, ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``), ``require-dp``
+    (default true: set false for a no-DP baseline), ``ledger-path``, ``signing-key``; checked by
+    the schema's one validator, every problem of every entry reported at once;
   - ``[partition]`` with ``data``, ``num-sites``, ``method`` ("iid", "dirichlet", "natural-id",
     "shard" or "pathological", Flower Datasets' partitioners), ``partition-by`` (a column),
     ``seed`` and the method's own keys: one dataset split into simulated sites (the keys are in
     ``fedllm.simulation.partition_table``);
   - ``[pubmedqa]`` with ``path`` (the shared PubMedQA folder, relative to the scenario folder;
-    ``$FEDLLM_PUBMEDQA_DIR`` overrides it) plus ``[[site]]`` tables naming population sites;
+    ``$FEDLLM_PUBMEDQA_DIR`` overrides it) plus ``[[site]]`` tables whose ``site-name`` names a
+    population site (their data-path is the file written for them);
 * ``README.md``: the command, the expected runtime and the expected final ε.
 
 Sites built from a partition or from PubMedQA are written as JSONL files into the run's output
@@ -28,11 +32,12 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedllm.config import SiteConfig, load_run_overrides, read_toml
+from fedllm.config import SITE_PATH_KEYS, SiteConfig, load_run_overrides, read_toml, site_problems
 from fedllm.data.loading import columns_problem
 from fedllm.errors import ConfigError
 
@@ -87,9 +92,6 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-SITE_KEYS = ("name", "data", "max-epsilon", "device", "data-columns")
-
-
 def _check_columns(table: dict[str, Any], where: str) -> str:
     columns = table.get("data-columns", "")
     if why := columns_problem(columns):
@@ -97,22 +99,37 @@ def _check_columns(table: dict[str, Any], where: str) -> str:
     return columns
 
 
-def _site_entries(spec: dict[str, Any], where: Path) -> list[dict[str, Any]]:
+def _site_entries(spec: dict[str, Any], where: Path,
+                  resolve: Callable[[dict[str, Any]], dict[str, Any]]) -> list[SiteConfig]:
+    """The ``[[site]]`` tables as sites, checked by the site schema's one validator: every problem
+    of every entry in one ``ConfigError`` naming the file. ``resolve(entry)``: the entry with its
+    paths as the simulation uses them (absolute)."""
     entries = spec.get("site", [])
-    if not isinstance(entries, list):
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise ConfigError(f"{where}: 'site' must be an array of tables ([[site]])")
-    names = []
+    sites, invalid = [], []
     for i, entry in enumerate(entries, start=1):
-        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
-            raise ConfigError(f"{where}: site {i}: 'name' is required (a non-empty string)")
-        unknown = set(entry) - set(SITE_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: site {entry['name']!r}: unknown keys {sorted(unknown)}; allowed: {', '.join(SITE_KEYS)}")
-        _check_columns(entry, f"{where}: site {entry['name']!r}")
-        names.append(entry["name"])
+        resolved = resolve(entry)
+        problems = site_problems(resolved)
+        if problems:
+            name = entry.get("site-name")
+            label = f"site {i} ({name!r})" if isinstance(name, str) and name else f"site {i}"
+            invalid.append(f"  {label}:\n  - " + "\n  - ".join(problems))
+        else:
+            sites.append(SiteConfig.from_dict(resolved))
+    if invalid:
+        raise ConfigError(f"{where}: invalid [[site]] entries (site keys as in a site file):\n" + "\n".join(invalid))
+    names = [site.name for site in sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: site names must be unique, found {names}")
-    return entries
+    return sites
+
+
+def _in_folder(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``entry`` with its relative paths (data-path, ledger-path, signing-key) resolved from ``folder``."""
+    return {key: str((folder / Path(value).expanduser()).resolve())
+            if key in SITE_PATH_KEYS and isinstance(value, str) and value else value
+            for key, value in entry.items()}
 
 
 def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
@@ -122,25 +139,21 @@ def materialise_sites(scenario: Scenario, output: Path) -> list[SiteConfig]:
         from fedllm.simulation.partition_table import partition_sites
 
         return partition_sites(spec["partition"], scenario.folder, output, where)
-    entries = _site_entries(spec, where)
-    if not entries:
+    if "pubmedqa" in spec:  # population sites: data-path is the file written below
+        sites = _site_entries(spec, where, lambda entry: {
+            **_in_folder(entry, scenario.folder), "data-path": str(output / "data" / f"{entry.get('site-name')}.jsonl")})
+    else:
+        sites = _site_entries(spec, where, lambda entry: _in_folder(entry, scenario.folder))
+    if not sites:
         raise ConfigError(f"{where}: no sites; add [[site]] tables or a [partition] table")
     if "pubmedqa" in spec:
         from fedllm.data.pubmedqa import pubmedqa_site_records
 
         folder = Path(os.environ.get("FEDLLM_PUBMEDQA_DIR") or (scenario.folder / spec["pubmedqa"].get("path", "")).resolve())
         records = pubmedqa_site_records(folder)
-        sites = []
-        for entry in entries:
-            if entry["name"] not in records:
-                raise ConfigError(f"{where}: PubMedQA has no site {entry['name']!r}; use {', '.join(records)}")
-            data = output / "data" / f"{entry['name']}.jsonl"
-            _write_jsonl(data, records[entry["name"]])
-            sites.append(SiteConfig.from_dict({**entry, "data": str(data)}))
-        return sites
-    sites = []
-    for entry in entries:
-        if "data" not in entry:
-            raise ConfigError(f"{where}: site {entry['name']!r}: 'data' (a file path) is required")
-        sites.append(SiteConfig.from_dict({**entry, "data": str((scenario.folder / entry["data"]).resolve())}))
+        for site in sites:
+            if site.name not in records:
+                raise ConfigError(f"{where}: PubMedQA has no site {site.name!r}; use {', '.join(records)}")
+        for site in sites:
+            _write_jsonl(Path(site.data_path), records[site.name])
     return sites

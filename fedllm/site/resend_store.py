@@ -11,7 +11,8 @@ the site trains again and pays again, which is safe.
 
 The cache is the site's own file and never leaves the site; it is exactly as sensitive as the
 update that was already sent (written owner-only, 0600, by ``files.write_bytes_atomic``). It
-holds only the **last** release: ``FOLDER/<site>.release.safetensors`` with the adapter tensors
+holds only the **last** release: ``FOLDER/<site>.release.safetensors`` (a name outside the one site-name
+rule, ``fedllm.config.SITE_NAME_RE``, is replaced by a hash of it) with the adapter tensors
 and, as safetensors metadata, the run id, round, the digest of the global adapter the site was
 sent (``input-digest``), the metrics, the ledger's entry count after the release, the digest of
 the adapter tensors, and a sha256 over all of that (the file's own hash).
@@ -29,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fedllm.config import SITE_NAME_RE
 from fedllm.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fedllm-release-cache/1"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def adapter_digest(state: dict[str, torch.Tensor]) -> str:
@@ -80,7 +80,7 @@ class ReleaseCache:
     def __init__(self, folder: Path, *, site: str) -> None:
         self.folder = Path(folder)
         self.site = site
-        stem = site if _SAFE_NAME.fullmatch(site) else "site-" + hashlib.sha256(site.encode("utf-8")).hexdigest()[:16]
+        stem = site if SITE_NAME_RE.fullmatch(site) else "site-" + hashlib.sha256(site.encode("utf-8")).hexdigest()[:16]
         self.path = self.folder / f"{stem}.release.safetensors"
 
     def store(self, *, run_id: str, server_round: int, input_digest: str, adapter: dict[str, torch.Tensor],

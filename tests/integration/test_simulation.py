@@ -54,8 +54,8 @@ def test_smoke_federation_produces_a_loadable_adapter_history_and_ledgers(tmp_pa
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "completed"
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
-    sites = sorted(json.loads((out / "sites.json").read_text()), key=lambda s: s["name"])
-    names = [s["name"] for s in sites]
+    sites = sorted(json.loads((out / "sites.json").read_text()), key=lambda s: s["site-name"])
+    names = [s["site-name"] for s in sites]
     assert len(names) == 3
     for r in history["rounds"]:
         assert sorted(r["evaluate"]["sites"]) == names

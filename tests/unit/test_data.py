@@ -573,7 +573,7 @@ def test_scenario_sites_and_partitions_take_a_column_mapping(tmp_path):
 
     _write_csv(tmp_path / "qa.csv", QA_ROWS * 4)
     (tmp_path / "run.toml").write_text("")
-    (tmp_path / "sites.toml").write_text(f'[[site]]\nname = "a"\ndata = "qa.csv"\ndata-columns = "{QA_MAPPING}"\n')
+    (tmp_path / "sites.toml").write_text(f'[[site]]\nsite-name = "a"\ndata-path = "qa.csv"\ndata-columns = "{QA_MAPPING}"\n')
     [site] = materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out")
     assert site.data_columns == QA_MAPPING and len(load_records(site.data_path, columns=site.data_columns)) == 8
     (tmp_path / "sites.toml").write_text(f'[partition]\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "{QA_MAPPING}"\n')

@@ -121,12 +121,14 @@ def _scenario(tmp_path: Path, sites_toml: str, *, run_toml: str | None = None) -
 @pytest.mark.parametrize(
     "sites_toml, detail",
     [
-        pytest.param('[[site]]\nname = "a"\ndata = "data/a.jsonl"\n[[site]]\nname = "a"\ndata = "data/a.jsonl"\n',
-                     "site names must be unique", id="duplicate-names"),
-        pytest.param('[[site]]\nname = "a"\ndata = "data/a.jsonl"\nmax-epsilom = 4.0\n',
-                     "site 'a': unknown keys ['max-epsilom']", id="unknown-key"),
-        pytest.param('[[site]]\nname = "a"\n', "site 'a': 'data' (a file path) is required", id="missing-data"),
-        pytest.param('[[site]]\ndata = "data/a.jsonl"\n', "site 1: 'name' is required", id="missing-name"),
+        pytest.param('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\n[[site]]\nsite-name = "a"\n'
+                     'data-path = "data/a.jsonl"\n', "site names must be unique", id="duplicate-names"),
+        pytest.param('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilom = 4.0\n',
+                     "site 1 ('a'):\n  - max-epsilom: unknown key (did you mean 'max-epsilon'?)", id="unknown-key"),
+        pytest.param('[[site]]\nsite-name = "a"\n', "site 1 ('a'):\n  - data-path: required", id="missing-data"),
+        pytest.param('[[site]]\ndata-path = "data/a.jsonl"\n', "site 1:\n  - site-name: required", id="missing-name"),
+        pytest.param('[[site]]\nname = "a"\ndata = "data/a.jsonl"\n',
+                     "name: unknown key (did you mean 'site-name'?)", id="old-key-names"),
         pytest.param("# nothing here\n", "no sites", id="no-sites"),
         pytest.param('[partition]\ndata = "data/a.jsonl"\n', "[partition] needs 'num-sites'", id="partition-no-count"),
         pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "kmeans"\n',
@@ -163,7 +165,7 @@ def test_invalid_sites_toml_and_run_toml_name_the_file(tmp_path):
     folder = _scenario(tmp_path, "[[site]\n")
     with pytest.raises(ConfigError, match="sites.toml: not valid TOML"):
         load_scenario(str(folder))
-    folder = _scenario(tmp_path / "b", '[[site]]\nname = "a"\ndata = "data/a.jsonl"\n',
+    folder = _scenario(tmp_path / "b", '[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\n',
                        run_toml="[privacy]\nmax-epsilom = 3.0\n")
     with pytest.raises(ConfigError) as exc:
         load_scenario(str(folder))

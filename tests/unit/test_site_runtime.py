@@ -42,7 +42,7 @@ def test_a_site_refuses_a_run_without_dp_unless_its_file_allows_it(tmp_path, dat
     runtime = SiteRuntime(runtime.config, allowed, ledger_path=tmp_path / "ledger2.json", simulated=False)
     outcome = runtime.train_round(run_id="r", server_round=1, adapter=adapter)
     assert outcome.metrics["noise-multiplier"] == 0.0
-    assert SiteConfig.from_dict({"name": "s", "data": "x"}).require_dp is False  # simulated sites follow the run
+    assert SiteConfig.from_dict({"site-name": "s", "data-path": "x"}).require_dp is True  # one default, every reader
 
 
 def test_a_round_asked_again_resends_the_same_update_without_a_second_spend(tmp_path, data_file):

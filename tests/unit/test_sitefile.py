@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.cli.main import build_parser
-from fedllm.config import RunConfig, SiteConfig
+from fedllm.config import SITE_KEYS, RunConfig, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.loading import load_records
 from fedllm.data.partition import split_holdout, stable_seed
@@ -202,12 +202,12 @@ def test_node_config_leaves_out_defaults_and_round_trips(tmp_path: Path, data: P
 
 def test_template_has_every_key_and_loads_once_the_two_required_values_are_filled_in(tmp_path: Path, data: Path) -> None:
     template = (REPO / "sites" / "_template.toml").read_text(encoding="utf-8")
-    for key in (*SiteConfig.NODE_KEYS, *CONNECTION_KEYS):
+    for key in (*SITE_KEYS, *CONNECTION_KEYS):
         assert re.search(rf"^#? ?{re.escape(key)} = ", template, re.MULTILINE), key
     unfilled = _site(tmp_path / "sites", template, "unfilled.toml")
     with pytest.raises(ConfigError) as err:
         load_site_file(unfilled)
-    assert "site-name = ''" in str(err.value) and "data-path: required" in str(err.value)
+    assert "site-name: required" in str(err.value) and "data-path: required" in str(err.value)
     filled = template.replace('site-name = ""', 'site-name = "cardiology"', 1)
     filled = filled.replace('data-path = ""', 'data-path = "data/train.jsonl"', 1)
     site_file = load_site_file(_site(tmp_path / "sites", filled, "cardiology.toml"))

@@ -5,8 +5,9 @@ kebab-case inside dotted sections (``privacy.max-grad-norm``). The Python fields
 twins (``RunConfig.privacy.max_grad_norm``); the mapping is mechanical. Flower config values are
 bool/int/float/str only: lists are comma-separated strings and "" means unset.
 
-Run config (set by the federation operator) and site config (owned by each site) are separate
-classes and are never merged; a site's privacy cap can only tighten the run's cap.
+Run config (set by the federation operator) and site config (owned by each site,
+:mod:`fedllm.config.site`) are separate classes and are never merged; a site's privacy cap can
+only tighten the run's cap.
 
 Validation gathers every problem and raises one ``ConfigError`` whose lines name the key, the bad
 value, what is allowed, and a did-you-mean for typos.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import tomllib
 from collections.abc import Mapping
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm.data.loading import columns_problem
+from fedllm.config.toml import flatten, read_toml, toml_text
 from fedllm.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -273,9 +273,8 @@ def _coerce(key: str, value: Any, default: Scalar, problems: list[str]) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
+    elif kind is str and isinstance(value, str):
+        return value
     problems.append(f"{key} = {value!r}: expected {kind.__name__}")
     return default
 
@@ -305,13 +304,13 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
             problems.append(f"{key} = {v!r}: must be {lo_txt}{hi_txt}")
     if not values["lora.target-modules"].strip():
         problems.append("lora.target-modules = '': give 'all-linear' or comma-separated module names")
-    if values["privacy.enabled"] and values["privacy.noise-multiplier"] == 0.0:
-        if values["privacy.target-epsilon"] > values["privacy.max-epsilon"]:
-            problems.append(
-                f"privacy.target-epsilon = {values['privacy.target-epsilon']:g} is above "
-                f"privacy.max-epsilon = {values['privacy.max-epsilon']:g}: the run could never reach "
-                "its target; lower the target or raise the cap"
-            )
+    calibrating = values["privacy.enabled"] and values["privacy.noise-multiplier"] == 0.0
+    if calibrating and values["privacy.target-epsilon"] > values["privacy.max-epsilon"]:
+        problems.append(
+            f"privacy.target-epsilon = {values['privacy.target-epsilon']:g} is above "
+            f"privacy.max-epsilon = {values['privacy.max-epsilon']:g}: the run could never reach "
+            "its target; lower the target or raise the cap"
+        )
     if values["central-dp.enabled"] and values["strategy.name"] == "fedadam":
         problems.append(
             "central-dp.enabled = true with strategy.name = 'fedadam': Flower's DP wrappers add the "
@@ -332,33 +331,11 @@ def _build(values: Mapping[str, Any]) -> RunConfig:
         else:
             top[_snake(key)] = value
     kwargs: dict[str, Any] = dict(top)
+    base = RunConfig()
     for f in dataclasses.fields(RunConfig):
         if f.name in sections:
-            kwargs[f.name] = f.default_factory(**sections[f.name])  # type: ignore[misc]
+            kwargs[f.name] = dataclasses.replace(getattr(base, f.name), **sections[f.name])
     return RunConfig(**kwargs)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested TOML tables -> flat dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{full}."))
-        else:
-            out[full] = value
-    return out
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file with an error that names the file and the TOML problem."""
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_run_overrides(path: Path) -> dict[str, Any]:
@@ -385,112 +362,11 @@ def parse_set_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def toml_value(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
 def to_toml(config: RunConfig, header: str = "") -> str:
-    """The fully resolved configuration as TOML (top-level keys, then one table per section)."""
-    lines = [f"# {line}" for line in header.splitlines()] if header else []
-    sections: dict[str, list[str]] = {}
+    """The fully resolved configuration as TOML (top-level keys, then one table per section), with
+    ``header`` as comment lines; ``tomllib`` reads it back to the same ``to_flat()`` values."""
+    tree: dict[str, Any] = {}
     for key, value in config.to_flat().items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
-        else:
-            lines.append(f"{key} = {toml_value(value)}")
-    for section, entries in sections.items():
-        lines += ["", f"[{section}]", *entries]
-    return "\n".join(lines) + "\n"
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """One site's own settings (node config). Never merged into the run config."""
-
-    name: str
-    data_path: str
-    ledger_path: str = ""
-    max_epsilon: float = 0.0
-    device: str = "cpu"
-    signing_key: str = ""  # the site's Ed25519 private key (PEM) that signs its ledger; "": unsigned
-    require_dp: bool = True  # refuse every round of a run with privacy.enabled = false
-    data_columns: str = ""  # which of this site's columns hold which field ("FIELD=COLUMN, ..."); "": same names
-
-    NODE_KEYS = ("site-name", "data-path", "ledger-path", "max-epsilon", "device", "signing-key", "require-dp",
-                 "data-columns")
-
-    @classmethod
-    def from_node_config(cls, node: Mapping[str, Any]) -> SiteConfig:
-        """From a SuperNode's ``--node-config`` (deployment)."""
-        problems = []
-        for key in sorted(set(node) - set(cls.NODE_KEYS)):
-            close = difflib.get_close_matches(key, cls.NODE_KEYS, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            problems.append(f"{key}: unknown site key{hint}; allowed: {', '.join(cls.NODE_KEYS)}")
-        for key in ("site-name", "data-path"):
-            if not isinstance(node.get(key), str) or not node.get(key):
-                problems.append(f"{key}: required (a non-empty string) in the site's node config")
-        cap = node.get("max-epsilon", 0.0)
-        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap < 0:
-            problems.append(f"max-epsilon = {cap!r}: must be a number >= 0 (0 = the run's cap)")
-        signing_key = node.get("signing-key", "")
-        if not isinstance(signing_key, str):
-            problems.append(f"signing-key = {signing_key!r}: must be the path of the site's Ed25519 private key "
-                            "(PEM, from 'fedllm ledger keygen'), or \"\" to leave the ledger unsigned")
-        elif signing_key and not Path(signing_key).expanduser().is_file():
-            problems.append(f"signing-key = {signing_key!r}: no such file; create a key with "
-                            "'fedllm ledger keygen --out DIR --site NAME'")
-        require_dp = node.get("require-dp", True)
-        if not isinstance(require_dp, bool):
-            problems.append(f"require-dp = {require_dp!r}: must be true (refuse runs without DP, the default) or false")
-        columns = node.get("data-columns", "")
-        if why := columns_problem(columns):
-            problems.append(f"data-columns = {columns!r}: {why}")
-        if problems:
-            raise ConfigError("Invalid site configuration:\n  - " + "\n  - ".join(problems))
-        return cls(
-            name=str(node["site-name"]),
-            data_path=str(node["data-path"]),
-            ledger_path=str(node.get("ledger-path", "")),
-            max_epsilon=float(cap),
-            device=str(node.get("device", "cpu")),
-            signing_key=str(Path(signing_key).expanduser()) if signing_key else "",
-            require_dp=require_dp,
-            data_columns=columns,
-        )
-
-    def effective_max_epsilon(self, run: PrivacyConfig) -> float:
-        """The cap this site enforces: its own, which can only tighten the run's."""
-        if self.max_epsilon > 0:
-            return min(self.max_epsilon, run.max_epsilon)
-        return run.max_epsilon
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "data": self.data_path,
-            "ledger": self.ledger_path,
-            "max-epsilon": self.max_epsilon,
-            "device": self.device,
-            "signing-key": self.signing_key,
-            "require-dp": self.require_dp,
-            "data-columns": self.data_columns,
-        }
-
-    @classmethod
-    def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:
-        return cls(
-            name=str(entry["name"]),
-            data_path=str(entry["data"]),
-            ledger_path=str(entry.get("ledger", "")),
-            max_epsilon=float(entry.get("max-epsilon", 0.0)),
-            device=str(entry.get("device", "cpu")),
-            signing_key=str(entry.get("signing-key", "")),
-            require_dp=bool(entry.get("require-dp", False)),  # simulated sites follow the run's privacy.enabled
-            data_columns=str(entry.get("data-columns", "")),
-        )
+        section, _, name = key.rpartition(".")
+        (tree.setdefault(section, {}) if section else tree)[name] = value
+    return toml_text(tree, header)
