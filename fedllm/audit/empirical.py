@@ -79,7 +79,8 @@ class AUCResult:
     n_nonmembers: int
 
 
-def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float], *, confidence: float = 0.95) -> AUCResult:
+def auc(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray, *,
+        confidence: float = 0.95) -> AUCResult:
     """P(member score > non-member score) + ½ P(tie), with a DeLong interval."""
     from scipy.stats import norm
 
@@ -100,7 +101,7 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float], *, co
     return AUCResult(value, max(0.0, value - half), min(1.0, value + half), int(x.size), int(y.size))
 
 
-def mann_whitney_greater(treated: Sequence[float], controls: Sequence[float]) -> float:
+def mann_whitney_greater(treated: Sequence[float] | np.ndarray, controls: Sequence[float] | np.ndarray) -> float:
     """One-sided Mann-Whitney U p-value for "``treated`` tends to be larger than ``controls``".
 
     Exact when there are no ties and the samples are small, otherwise the normal approximation
@@ -113,7 +114,7 @@ def mann_whitney_greater(treated: Sequence[float], controls: Sequence[float]) ->
     return float(mannwhitneyu(list(treated), list(controls), alternative="greater", method="auto").pvalue)
 
 
-def exposure_null_p_value(exposures: Sequence[float]) -> float:
+def exposure_null_p_value(exposures: Sequence[float] | np.ndarray) -> float:
     """p-value of "these canaries leaked nothing", from their exposures alone (Fisher's method).
 
     A canary whose secret left no trace in the model is a uniform random code independent of the

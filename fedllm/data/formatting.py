@@ -73,12 +73,12 @@ def _segments(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[tuple[
 def tokenize_record(record: Record, tokenizer: Any, *, max_length: int) -> TokenizedExample:
     """One normalised record -> a ``TokenizedExample`` of at most ``max_length`` tokens."""
     if "text" in record:
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        ids: list[int] = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids = [*ids, tokenizer.eos_token_id]
         ids = ids[:max_length]
         return TokenizedExample(tuple(ids), tuple(ids))
-    ids: list[int] = []
+    ids = []
     labels: list[int] = []
     for text, is_response in _segments(tokenizer, record["messages"]):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -9,7 +9,7 @@ wrapped in Flower's own ``DifferentialPrivacyServerSideFixedClipping`` or
 ``...ServerSideAdaptiveClipping``. Each site's update *relative to the global adapter it was sent*
 (``configure_train`` stores it) is clipped to L2 norm S over all exchanged tensors (the B tensors
 under FFA-LoRA), the clipped updates are averaged, and Gaussian noise of std z·S/m is added to the
-mean. Unit of privacy: one site; the ε is :func:`fedllm.privacy.accounting.site_level_epsilon`
+mean. Unit of privacy: one site; the ε is :func:`fedllm.privacy.site_level.site_level_epsilon`
 (q = 1: Flower samples a fixed number of sites, so there is no amplification). Server-side
 clipping protects against whoever sees the *global* adapter (sites, the exported adapter), not
 against the coordinator, which sees every site's individual (record-level DP) update.

@@ -1,4 +1,9 @@
-"""Privacy accounting for DP-SGD: numbers in, numbers out.
+"""Record-level privacy accounting for DP-SGD: numbers in, numbers out.
+
+Holds :class:`DPEvent` (one release), the composed ε of a history (:func:`epsilon_for`), the σ
+that meets a target (:func:`noise_multiplier_for`), the steps that fit under a cap
+(:func:`max_steps_under_cap`), and the Opacus calls behind them. The site-level ε of central DP is
+in :mod:`fedllm.privacy.site_level`.
 
 Assumptions (every ε this module returns rests on all of them):
 
@@ -23,9 +28,9 @@ Assumptions (every ε this module returns rests on all of them):
   the RDP→(ε, δ) conversion of Balle et al. 2020 (Thm 21), over Opacus' default α grid widened to
   64…256, 512 and 1024 (P18). RDP is looser, especially for small ε (P11); use PRV for caps.
   Where PRV overflows (ε in the thousands) the RDP bound is returned instead.
-* **Cross-check.** :func:`epsilon_pld_dp_accounting` computes the same ε with Google's
-  ``dp_accounting`` PLD accountant, an implementation independent of Opacus. It is reported by
-  ``fedllm audit`` and tested against PRV; it is never used for caps.
+* **Cross-check.** :func:`fedllm.privacy.pld_crosscheck.epsilon_pld_dp_accounting` computes the
+  same ε with Google's ``dp_accounting`` PLD accountant, an implementation independent of Opacus.
+  It is reported by ``fedllm audit`` and tested against PRV; it is never used for caps.
 
 Events with ``steps == 0`` or ``sample_rate == 0`` touch no record and are ignored. A release
 with ``noise_multiplier == 0`` and ``steps > 0`` has no DP guarantee: ε = ``math.inf``.
@@ -116,55 +121,6 @@ def prv_eps_error(events: Sequence[DPEvent], *, target_delta: float) -> float:
         return 0.0
     return _prv_errors(history, target_delta)[0]
 
-
-PLD_DISCRETIZATION = (1e-5, 1e-3)  # finest and coarsest value_discretization_interval used
-
-
-def epsilon_pld_dp_accounting(events: Sequence[DPEvent], *, target_delta: float) -> float:
-    """Composed ε of a history under Google's ``dp_accounting`` PLD accountant: an independent
-    implementation to cross-check the enforced accountant, never used for caps.
-
-    Each event is ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` self-composed ``steps`` times;
-    the events are composed with each other (add/remove-one relation, the library's pessimistic
-    estimate, so the result is an upper bound up to discretisation). The discretisation interval
-    is chosen in two passes: a coarse one (1e-3) to learn the size of ε, then
-    ``clip(ε·1e-4, 1e-5, 1e-3)``, so the error stays below ≈0.1% of ε and one call takes well
-    under a second for histories of thousands of steps (at a fixed 1e-3 the error reached 1.4%
-    for 10,000 steps; at a fixed 1e-4 a call took up to 9 s for ε in the thousands).
-    Same conventions as :func:`epsilon_for`: 0.0 for an empty history, ``math.inf`` if a release
-    with steps > 0 had no noise.
-    """
-    _check_delta(target_delta)
-    history = _history(events)
-    if history is None:
-        return math.inf
-    if not history:
-        return 0.0
-    try:
-        import dp_accounting
-        from dp_accounting.pld import PLDAccountant
-    except ImportError as exc:
-        raise ImportError(
-            "the independent PLD cross-check needs Google's dp-accounting; install it with "
-            "`pip install absl-py dm-tree && pip install --no-deps dp-accounting` "
-            f"(--no-deps: its attrs pin would downgrade attrs under Flower, docs/notes/dp-lora.md P1). ({exc})"
-        ) from exc
-    event = dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in history
-    ])
-
-    def epsilon_at(interval: float) -> float:
-        pld = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                            value_discretization_interval=interval)
-        pld.compose(event)
-        return float(pld.get_epsilon(target_delta))
-
-    finest, coarsest = PLD_DISCRETIZATION
-    coarse = epsilon_at(coarsest)
-    interval = min(coarsest, max(finest, coarse * 1e-4))
-    return coarse if interval == coarsest else epsilon_at(interval)
 
 
 def _history(events: Sequence[DPEvent]) -> list[tuple[float, float, int]] | None:
@@ -292,50 +248,6 @@ def max_steps_under_cap(
     return lo
 
 
-SITE_SAMPLING = ("all", "fixed-subset")
-
-
-def site_level_epsilon(
-    *,
-    noise_multiplier: float,
-    sites_per_round: int,
-    total_sites: int,
-    rounds: int,
-    target_delta: float,
-    accountant: str = "prv",
-    sampling: str = "fixed-subset",
-) -> float:
-    """Site-level ε of central DP (DP-FedAvg) after ``rounds`` noisy aggregates (docs/notes/dp-lora.md §3.1).
-
-    Unit of privacy: one *site* (all its records). Each round the server clips every sampled
-    site's update to S, averages the m = ``sites_per_round`` clipped updates and adds Gaussian
-    noise of standard deviation ``noise_multiplier`` · S / m: a Gaussian mechanism with noise
-    multiplier z under the zero-out relation (one site's contribution replaced by none; m public).
-    Flower samples a *fixed number* of sites (``random.sample``), not Poisson, so there is no
-    subsampling amplification: every round is accounted with q = 1, whatever
-    ``total_sites`` is (``sampling="fixed-subset"``). That is exact when all sites take part
-    every round (``sampling="all"``) and an upper bound otherwise. Adaptive clipping is covered
-    when z is its *total* noise multiplier (update and clipped-count noise together, §3.2).
-    ``math.inf`` if ``noise_multiplier == 0`` and ``rounds > 0``; 0.0 for no rounds.
-    """
-    if sampling not in SITE_SAMPLING:
-        raise PrivacyParameterError(f"sampling must be one of {', '.join(SITE_SAMPLING)}; got {sampling!r}")
-    for name, value, low in (("sites_per_round", sites_per_round, 1), ("total_sites", total_sites, 1),
-                             ("rounds", rounds, 0)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-            raise PrivacyParameterError(f"{name} must be an integer >= {low}, got {value!r}")
-    if sites_per_round > total_sites:
-        raise PrivacyParameterError(f"sites_per_round ({sites_per_round}) exceeds total_sites ({total_sites})")
-    if sampling == "all" and sites_per_round != total_sites:
-        raise PrivacyParameterError(
-            f"sampling='all' needs sites_per_round == total_sites (got {sites_per_round} of {total_sites})"
-        )
-    event = DPEvent(noise_multiplier, 1.0, int(rounds))  # q = 1: no amplification (validates σ)
-    with warnings.catch_warnings():  # Opacus' PRV takes log(1 - q) = log(0) = -inf, as intended, at q = 1
-        warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
-        return epsilon_for([event], target_delta=target_delta, accountant=accountant)
-
-
 # --------------------------------------------------------------------------------------------
 # Opacus calls
 
@@ -438,9 +350,10 @@ def _check_real(
 ) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
         raise PrivacyParameterError(f"{name} must be a number, got {value!r}")
-    if finite and math.isinf(value):
+    number = float(value)  # as math.isnan above reads it; numbers.Real declares no ordering to compare with
+    if finite and math.isinf(number):
         raise PrivacyParameterError(f"{name} must be finite, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
+    if low is not None and (number <= low if low_open else number < low):
         raise PrivacyParameterError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
+    if high is not None and (number >= high if high_open else number > high):
         raise PrivacyParameterError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value!r}")

@@ -17,7 +17,8 @@ accountant, the number of examples and the cumulative ε after it.
 * A ledger that cannot be read, or whose hash chain is broken, is an error, never a fresh start:
   a fresh ledger would forget the spend.
 
-Integrity (format version 2; the checks are in :mod:`fedllm.privacy.ledger_chain`):
+Integrity (format version 2; the chain is :mod:`fedllm.privacy.ledger_chain`, the checks
+:mod:`fedllm.privacy.ledger_verification`):
 
 * **Dataset-bound.** The header and every entry carry the fingerprint of the site's data
   (:func:`fedllm.data.fingerprint.dataset_fingerprint`). Opening the ledger with another
@@ -39,18 +40,7 @@ its whole chain; an unsigned chain stops only naive or accidental edits, since a
 recompute SHA-256. Restoring an older copy of the whole file (a rollback) is not detectable from
 the file alone. See docs/privacy.md, "Ledger integrity".
 
-Format::
-
-    {"format": "fedllm-privacy-ledger", "version": 2, "site": "cardiology",
-     "dataset-fingerprint": "sha256:…", "public-key": "<base64>" (signed ledgers only),
-     "head": {"entries": 2, "entry-hash": "…"}, "head-signature": "…" (signed only),
-     "entries": [{"run_id": …, …, "epsilon": …, "dataset-fingerprint": "sha256:…",
-                  "prev-hash": "…", "entry-hash": "…", "signature": "…" (signed only)}, …]}
-
-with ε = ∞ stored as the string ``"inf"`` (JSON has no infinity). Version-1 ledgers (the same
-without the integrity fields) still load; the first release recorded converts the file to
-version 2, chaining the old entries (each marked ``"migrated": true``, the header keeps a
-``"migrated"`` note with the time) and binding it to the data of the site that records.
+The file format (JSON, version 2; version-1 files still load) is in :mod:`fedllm.privacy.ledger_file`.
 """
 
 from __future__ import annotations
@@ -72,25 +62,27 @@ from fedllm.errors import BudgetExceededError, LedgerError
 from fedllm.files import write_text_atomic
 from fedllm.privacy.accounting import DPEvent, PrivacyParameterError, epsilon_for
 from fedllm.privacy.ledger_chain import (
-    EPSILON_RTOL,
     LEDGER_FORMAT,
     LEDGER_VERSION,
-    READABLE_VERSIONS,
     FieldError,
     LedgerEntry,
-    LedgerVerification,
-    chain_entry,
-    genesis_hash,
-    head_message,
-    inspect_document,
     parse_entry,
+)
+from fedllm.privacy.ledger_file import (
+    RESTORE_ADVICE,
+    RESTORE_CHAIN_ADVICE,
+    ledger_document,
+    read_document,
+)
+from fedllm.privacy.ledger_verification import (
+    EPSILON_RTOL,
+    LedgerVerification,
+    inspect_document,
+    verify_ledger,
 )
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "EPSILON_RTOL",
@@ -103,48 +95,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_RESTORE = (
-    "The file is corrupt or was edited by hand: restore it from a backup. Do not delete it: "
-    "a fresh ledger would forget this site's privacy spend."
-)
-_RESTORE_CHAIN = (
-    "The ledger's hash chain is broken: it was edited after it was written. Restore it from a backup; "
-    "do not delete it (a fresh ledger would forget this site's privacy spend). "
-    "'fedllm ledger verify FILE' lists every problem."
-)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON value {name}")
-
-
-def _read_document(path: Path) -> tuple[dict[str, Any], str]:
-    """The ledger file's JSON object and its SHA-256; LedgerError if it is no readable ledger."""
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-        data = json.loads(text, parse_constant=_reject_constant)
-    except OSError as exc:
-        raise LedgerError(f"Privacy ledger {path} cannot be read: {exc}.") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise LedgerError(f"Privacy ledger {path} is not valid JSON ({exc}); it may be truncated. {_RESTORE}") from exc
-    if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
-        raise LedgerError(
-            f"{path} is not a fedllm privacy ledger (expected a JSON object with \"format\": \"{LEDGER_FORMAT}\"). "
-            "Check the site's ledger path."
-        )
-    if data.get("version") not in READABLE_VERSIONS or isinstance(data.get("version"), bool):
-        raise LedgerError(
-            f"Privacy ledger {path} has version {data.get('version')!r}; this fedllm reads versions "
-            f"{' and '.join(map(str, READABLE_VERSIONS))}. Use the fedllm version that wrote it."
-        )
-    if not isinstance(data.get("site"), str) or not data["site"]:
-        raise LedgerError(f"Privacy ledger {path}: header field \"site\" must be a non-empty string, "
-                          f"got {data.get('site')!r}. {_RESTORE}")
-    if not isinstance(data.get("entries"), list):
-        raise LedgerError(f"Privacy ledger {path}: \"entries\" must be a list, got {data.get('entries')!r}. {_RESTORE}")
-    return data, hashlib.sha256(raw).hexdigest()
 
 
 @contextlib.contextmanager
@@ -228,7 +178,7 @@ class PrivacyLedger:
         return ledger
 
     def _load(self, dataset_fingerprint: str | None) -> None:
-        data, digest = _read_document(self.path)
+        data, digest = read_document(self.path)
         if data["site"] != self.site:
             raise LedgerError(
                 f"Privacy ledger {self.path} belongs to site {data['site']!r}, not '{self.site}'. "
@@ -236,8 +186,8 @@ class PrivacyLedger:
             )
         inspection = inspect_document(data, recompute_epsilon=False)
         if inspection.problems:
-            index, text = inspection.problems[0]
-            hint = _RESTORE if inspection.field_problem else _RESTORE_CHAIN
+            _, text = inspection.problems[0]
+            hint = RESTORE_ADVICE if inspection.field_problem else RESTORE_CHAIN_ADVICE
             raise LedgerError(f"Privacy ledger {self.path}: {text}. {hint}")
         self._entries = tuple(inspection.entries)  # type: ignore[arg-type] # all parsed: no problems
         self._version_read = data["version"]
@@ -352,7 +302,10 @@ class PrivacyLedger:
         except FieldError as exc:
             raise PrivacyParameterError(f"cannot record a release for site '{self.site}': {exc}") from None
         entries = (*self._entries, entry)
-        document = self._document(entries)
+        document = ledger_document(
+            entries, site=self.site, dataset_fingerprint=self._fingerprint, stored=self._stored,
+            to_migrate=self._to_migrate, migrated=self._migrated, public_key=self._public_key,
+            signing_key=self._signing_key)
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _folder_lock(self.path.parent):
@@ -382,42 +335,6 @@ class PrivacyLedger:
                 f"Privacy ledger {self.path} changed on disk since it was opened (another process recording "
                 "for the same site?). Reopen the ledger; never run two trainings on one ledger at once."
             )
-
-    def _document(self, entries: Sequence[LedgerEntry]) -> dict[str, Any]:
-        """The version-2 file for ``entries``: stored entries kept as they are, new ones chained (and signed)."""
-        key = self._signing_key
-        public_key = self._public_key
-        if key is not None and public_key is None:
-            from fedllm.privacy.signing import public_key_text
-
-            public_key = public_key_text(key)
-        migrated = self._migrated
-        if self._to_migrate and migrated is None:
-            migrated = {"from-version": 1, "entries": self._to_migrate,
-                        "time": datetime.now(UTC).isoformat(timespec="seconds")}
-        prev = genesis_hash(site=self.site, dataset_fingerprint=self._fingerprint)
-        stored: list[dict[str, Any]] = []
-        for index, entry in enumerate(entries):
-            if index < len(self._stored):
-                raw = self._stored[index]
-            else:
-                raw = chain_entry(entry, prev_hash=prev, dataset_fingerprint=self._fingerprint,
-                                  migrated=index < self._to_migrate, signing_key=key)
-            stored.append(raw)
-            prev = raw["entry-hash"]
-        document: dict[str, Any] = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "site": self.site,
-                                    "dataset-fingerprint": self._fingerprint}
-        if public_key is not None:
-            document["public-key"] = public_key
-        if migrated is not None:
-            document["migrated"] = migrated
-        document["head"] = {"entries": len(stored), "entry-hash": prev}
-        if key is not None:
-            from fedllm.privacy.signing import sign
-
-            document["head-signature"] = sign(key, head_message(self.site, len(stored), prev))
-        document["entries"] = stored
-        return document
 
     # -- showing ---------------------------------------------------------------------------------
 
@@ -457,35 +374,3 @@ class PrivacyLedger:
         else:
             lines.append(f"cumulative ε = {total:.2f} (δ={last.target_delta:g}, {last.accountant})")
         return lines
-
-
-def verify_ledger(
-    path: Path | str, *, public_key: Ed25519PublicKey | Path | str | None = None,
-    dataset_fingerprint: str | None = None,
-) -> LedgerVerification:
-    """Check a ledger file completely; the result says what is wrong, naming the first bad entry (1-based).
-
-    Checks: every entry's fields; the hash chain (an edited, deleted, inserted or reordered entry,
-    an edited header); the head (entries deleted from the end); that every entry and the header
-    carry the same dataset fingerprint, and that it equals ``dataset_fingerprint`` when given; the
-    signatures (against ``public_key`` when given: an Ed25519 public key or the path of its PEM
-    file; else against the key in the header, which only shows consistency); and every cumulative
-    ε, recomputed from the recorded parameters of all entries up to it (relative tolerance
-    ``EPSILON_RTOL``).
-
-    Raises ``LedgerError`` when the file is no readable ledger (missing, not JSON, another format
-    or version) and ``ConfigError`` for an unreadable public key; every other finding is in the
-    result (``ok`` False).
-    """
-    path = Path(path)
-    if public_key is not None and not hasattr(public_key, "verify"):
-        from fedllm.privacy.signing import load_public_key
-
-        public_key = load_public_key(public_key)  # type: ignore[arg-type]
-    if dataset_fingerprint is not None and not is_fingerprint(dataset_fingerprint):
-        raise PrivacyParameterError(
-            f"dataset_fingerprint must be 'sha256:<64 hex digits>', got {dataset_fingerprint!r}")
-    data, _ = _read_document(path)
-    inspection = inspect_document(data, recompute_epsilon=True, public_key=public_key,
-                                  dataset_fingerprint=dataset_fingerprint)
-    return inspection.verification(str(path))

@@ -1,5 +1,5 @@
 """The canary audit's report (``canary-audit.md``) and its console summary: pure functions of the
-report dictionary that :func:`fedllm.audit.canaries.run_canary_audit` builds (golden-tested).
+report dictionary that :func:`fedllm.audit.canary_run.run_canary_audit` builds (golden-tested).
 
 Every privacy statement here says what was measured, under which mechanism, and what the
 measurement can and cannot show; numbers carry their confidence and sample sizes.

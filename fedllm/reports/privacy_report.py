@@ -146,9 +146,9 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
     from fedllm.privacy.accounting import (
         DPEvent,
         epsilon_for,
-        epsilon_pld_dp_accounting,
         prv_eps_error,
     )
+    from fedllm.privacy.pld_crosscheck import epsilon_pld_dp_accounting
 
     run_id = str(history.get("run-id", ""))
     problems: list[str] = []

@@ -146,7 +146,7 @@ def test_central_dp_records_the_site_level_guarantee_every_round(tmp_path):
     assert {k: block[k] for k in block if k != "epsilon"} == {
         "enabled": True, "clipping": "adaptive", "noise-multiplier": 0.7, "clipping-norm": 0.1,
         "sites-per-round": 3, "total-sites": 3, "rounds": 2, "sampling": "all", "delta": 1e-05, "accountant": "prv"}
-    from fedllm.privacy.accounting import site_level_epsilon
+    from fedllm.privacy.site_level import site_level_epsilon
     per_round = [r["central-dp"] for r in history["rounds"] if r["round"] > 0]
     assert [r["sites"] for r in per_round] == [3, 3]
     assert per_round[0]["clipping-norm"] == 0.1 and per_round[1]["clipping-norm"] != 0.1  # adapted

@@ -26,9 +26,9 @@ import pytest
 from fedllm.privacy.accounting import (
     DPEvent,
     epsilon_for,
-    epsilon_pld_dp_accounting,
     prv_eps_error,
 )
+from fedllm.privacy.pld_crosscheck import epsilon_pld_dp_accounting
 
 TOLERANCE = 0.02
 PLD_SLACK = 1e-3  # PLD's own (pessimistic) discretisation error, relative; see epsilon_pld_dp_accounting

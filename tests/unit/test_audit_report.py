@@ -25,8 +25,9 @@ from fedllm import wire
 from fedllm.cli import main as cli
 from fedllm.config import RunConfig, SiteConfig, to_toml
 from fedllm.errors import RunFailedError
-from fedllm.privacy.accounting import DPEvent, epsilon_for, epsilon_pld_dp_accounting
+from fedllm.privacy.accounting import DPEvent, epsilon_for
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.privacy.pld_crosscheck import epsilon_pld_dp_accounting
 from fedllm.privacy.signing import generate_signing_key, load_private_key
 from fedllm.reports.epsilon_plot import write_epsilon_plot
 from fedllm.reports.model_card import render_model_card, write_model_card

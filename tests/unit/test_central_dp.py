@@ -40,7 +40,8 @@ from fedllm.flower.strategies import (
     site_level_warning,
     with_central_dp,
 )
-from fedllm.privacy.accounting import PrivacyParameterError, site_level_epsilon
+from fedllm.privacy.accounting import PrivacyParameterError
+from fedllm.privacy.site_level import site_level_epsilon
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
