@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
 from fedllm.fastpath.layers import choose_attention, keep_freed_memory  # noqa: E402
-from fedllm.model.loading import apply_lora, load_model_and_tokenizer  # noqa: E402
+from fedllm.model.loading import load_model_and_tokenizer  # noqa: E402
+from fedllm.model.lora import apply_lora  # noqa: E402
 from fedllm.site.training import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8
@@ -253,7 +254,7 @@ def bench_quality(steps: int, site: str, seeds: list[int]) -> dict:
     learned beyond run-to-run noise (the spread over seeds)?"""
     from fedllm.config import SiteConfig
     from fedllm.data.pubmedqa import pubmedqa_site_records
-    from fedllm.model.loading import get_adapter_state, set_adapter_state
+    from fedllm.model.lora import get_adapter_state, set_adapter_state
     from fedllm.privacy.accounting import noise_multiplier_for
     from fedllm.site.runtime import load_site_examples
     from fedllm.site.training import evaluate_loss

@@ -326,7 +326,8 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.formatting import tokenize_record, tokenize_records
     from fedllm.data.loading import load_records
-    from fedllm.model.loading import apply_lora, is_quantized, load_model_and_tokenizer
+    from fedllm.model.loading import is_quantized, load_model_and_tokenizer
+    from fedllm.model.lora import apply_lora
     from fedllm.privacy.accounting import DPEvent, epsilon_for
     from fedllm.privacy.ledger import PrivacyLedger
     from fedllm.site.runtime import load_site_examples

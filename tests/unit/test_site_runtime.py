@@ -11,7 +11,7 @@ import torch
 
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import BudgetExceededError
-from fedllm.model.loading import get_adapter_state
+from fedllm.model.lora import get_adapter_state
 from fedllm.site.runtime import SiteRuntime
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(12)]

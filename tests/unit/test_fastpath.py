@@ -1,6 +1,7 @@
-"""fedllm.fastpath.layers's pieces that are not per-family forms of a model's modules (those are tested in
-test_model_families.py): the base's product in row chunks, the fused output head and loss, and
-the allocator setting."""
+"""fedllm.fastpath's pieces that are not per-family forms of a model's modules (those are tested in
+test_model_families.py): the base's product in row chunks, the fused output head and loss, the
+allocator setting, the rotary function and Llama's lean attention; and the switch itself
+(``train.fast-path``): off, none of the fast path runs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import platform
 import pytest
 import torch
 
-from fedllm.fastpath import layers as speed
+from fedllm.fastpath import allocator, attention, head, products
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -20,23 +21,23 @@ def test_accumulate_product_adds_the_same_product_every_way(monkeypatch, dtype, 
     w = torch.randn(41, 48, generator=g).to(dtype)  # an odd width: column halves of 21 and 20
     start = torch.randn(1100, 41, generator=g).to(dtype)
     expected = start.clone().addmm_(a, w.t())
-    monkeypatch.setattr(speed, "_product_way", {})
-    first = speed.accumulate_product(start.clone(), a, w.t())  # times every way, then computes once
-    assert len(speed._product_way) == 1 and next(iter(speed._product_way.values())) in speed.PRODUCT_WAYS
-    key = next(iter(speed._product_way))
-    speed._product_way[key] = way
-    again = speed.accumulate_product(start.clone(), a, w.t())
+    monkeypatch.setattr(products, "_product_way", {})
+    first = products.accumulate_product(start.clone(), a, w.t())  # times every way, then computes once
+    assert len(products._product_way) == 1 and next(iter(products._product_way.values())) in products.PRODUCT_WAYS
+    key = next(iter(products._product_way))
+    products._product_way[key] = way
+    again = products.accumulate_product(start.clone(), a, w.t())
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(first, expected, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(again, expected, rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(speed.PRODUCT_WAYS[way](start.clone(), a, w.t()), expected, rtol=tolerance,
+    torch.testing.assert_close(products.PRODUCT_WAYS[way](start.clone(), a, w.t()), expected, rtol=tolerance,
                                atol=tolerance)
 
 
 def test_small_products_are_one_multiply(monkeypatch):
-    monkeypatch.setattr(speed, "_product_way", {})
-    out = speed.accumulate_product(torch.zeros(speed.ROW_CHUNK, 3), torch.ones(speed.ROW_CHUNK, 2), torch.ones(2, 3))
-    assert speed._product_way == {} and bool((out == 2).all())
+    monkeypatch.setattr(products, "_product_way", {})
+    out = products.accumulate_product(torch.zeros(products.ROW_CHUNK, 3), torch.ones(products.ROW_CHUNK, 2), torch.ones(2, 3))
+    assert products._product_way == {} and bool((out == 2).all())
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -49,9 +50,9 @@ def test_fused_head_loss_gives_the_unfused_values_and_gradients_in_every_chunk(m
     weight = (torch.randn(50, 16, generator=g) / 4).to(dtype)
     targets = torch.randint(0, 50, (21,), generator=g)
     weights = torch.rand(21, generator=g) + 0.5
-    monkeypatch.setattr(speed, "HEAD_CHUNK_ELEMENTS", 8 * 50)  # chunks of 8 rows: 8, 8, 5
+    monkeypatch.setattr(head, "HEAD_CHUNK_ELEMENTS", 8 * 50)  # chunks of 8 rows: 8, 8, 5
     fused_h = hidden.clone().requires_grad_(True)
-    fused = speed.head_nll(fused_h, weight, targets)
+    fused = head.head_nll(fused_h, weight, targets)
     (fused * weights).sum().backward()
     plain_h = hidden.clone().requires_grad_(True)
     plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(plain_h, weight).float(), targets,
@@ -62,15 +63,15 @@ def test_fused_head_loss_gives_the_unfused_values_and_gradients_in_every_chunk(m
     torch.testing.assert_close(fused_h.grad.float(), plain_h.grad.float(), rtol=tolerance, atol=tolerance)
     assert fused_h.grad.abs().sum() > 0
     with torch.no_grad():
-        torch.testing.assert_close(speed.head_nll(hidden, weight, targets), plain.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(head.head_nll(hidden, weight, targets), plain.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_training_keeps_freed_memory_for_reuse_on_glibc():
     """keep_freed_memory: on Linux with glibc the allocator setting takes effect (mallopt accepts
     both thresholds), once per process; elsewhere it reports that it did not."""
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert speed.keep_freed_memory() is expected
-    assert speed.keep_freed_memory() is expected
+    assert allocator.keep_freed_memory() is expected
+    assert allocator.keep_freed_memory() is expected
 
 
 def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it_natively(monkeypatch):
@@ -99,12 +100,12 @@ def test_rotary_function_matches_llamas_rotary_embedding_and_its_gradient():
     x.requires_grad_(True)
     cos, sin = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
     expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
-    torch.testing.assert_close(speed.Rotary.apply(x, cos, sin), expected)
-    assert torch.autograd.gradcheck(lambda t: speed.Rotary.apply(t, cos, sin), (x,))
+    torch.testing.assert_close(attention.Rotary.apply(x, cos, sin), expected)
+    assert torch.autograd.gradcheck(lambda t: attention.Rotary.apply(t, cos, sin), (x,))
 
 
 def test_lean_llama_attention_gives_the_model_s_own_values_and_leaves_generation_alone():
-    """apply_lora gives Llama's attention the lean forward (Rotary): logits and per-example
+    """apply_lora (fast path on) gives Llama's attention the lean forward (Rotary): logits and per-example
     gradients equal the original forward's (fp32; bf16 to its precision); with a cache, as in
     generation, the original forward runs."""
     from tests.unit.test_model_families import (
@@ -118,7 +119,7 @@ def test_lean_llama_attention_gives_the_model_s_own_values_and_leaves_generation
     ids, mask = _batch_with_padding()
     for dtype, tolerance in DTYPE_TOLERANCES:
         model = _random_lora("llama", dtype)
-        lean = [m for m in model.modules() if getattr(m.forward, "__func__", None) is speed.lean_llama_attention_forward]
+        lean = [m for m in model.modules() if getattr(m.forward, "__func__", None) is attention.lean_llama_attention_forward]
         assert len(lean) == 2
         with torch.no_grad():
             cached = model(input_ids=ids, attention_mask=mask, use_cache=True).logits.float()
