@@ -129,3 +129,61 @@ def test_lean_llama_attention_gives_the_model_s_own_values_and_leaves_generation
         own = _outputs(model, ids, mask)
         _assert_same_outputs(lean_outputs, own, tolerance)
         torch.testing.assert_close(cached, own[0], rtol=tolerance, atol=tolerance)
+
+
+class _FastPathRan(AssertionError):
+    pass
+
+
+def _fail(name: str):
+    def fail(*args, **kwargs):
+        raise _FastPathRan(f"{name} ran with train.fast-path = false")
+    return fail
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_with_the_fast_path_off_none_of_it_runs(tmp_path, monkeypatch, fast_path):
+    """``train.fast-path = false``: a site's DP round and its evaluation run the plain reference. No
+    layer of the model has a forward from ``fedllm.fastpath``, no B factor a per-example rule, the
+    attention is the model's own, and neither ``enable`` nor the allocator setting, the fused head,
+    the timed products or the attention choice is ever called (each replaced by a function that
+    fails). With ``train.fast-path = true`` the same site does call them: the check can fail."""
+    import json
+
+    import fedllm.fastpath as fastpath
+    from fedllm.config import RunConfig, SiteConfig
+    from fedllm.fastpath import lora, norms
+    from fedllm.model.loading import build_tiny_model
+    from fedllm.model.lora import get_adapter_state
+    from fedllm.site.runtime import SiteRuntime
+
+    for module, name in ((fastpath, "enable"), (fastpath, "use_lean_lora"), (fastpath, "use_lean_norms"),
+                         (fastpath, "use_lean_attention"), (fastpath, "choose_attention"), (lora, "use_lean_lora"),
+                         (norms, "use_lean_norms"), (attention, "use_lean_attention"),
+                         (attention, "choose_attention"), (allocator, "keep_freed_memory"), (head, "head_nll"),
+                         (products, "accumulate_product")):
+        monkeypatch.setattr(module, name, _fail(f"{module.__name__}.{name}"))
+    config = RunConfig.from_flat({"model.name": "tiny-random-llama", "lora.r": 2, "data.max-length": 48,
+                                  "train.local-steps": 1, "train.batch-size": 4, "privacy.noise-multiplier": 1.0,
+                                  "train.fast-path": fast_path})
+    data = tmp_path / "site.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(16)))
+    if fast_path:
+        with pytest.raises(_FastPathRan):
+            SiteRuntime(config, SiteConfig(name="s", data_path=str(data)), ledger_path=tmp_path / "l.json",
+                        simulated=False)
+        return
+    site = SiteRuntime(config, SiteConfig(name="s", data_path=str(data)), ledger_path=tmp_path / "l.json",
+                       simulated=False)
+    start = get_adapter_state(site.model, trainable_only=True)
+    outcome = site.train_round(run_id="r", server_round=1, adapter=start)
+    assert any(not torch.equal(outcome.adapter[k], start[k]) for k in start)
+    site.evaluate(outcome.adapter)
+    model = site.model
+    assert not fastpath.is_enabled(model)
+    assert not [m for m in model.modules()
+                if getattr(getattr(m.__dict__.get("forward"), "__func__", None), "__module__", "").startswith("fedllm.")]
+    factors = [m.lora_B["default"] for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    assert factors and all(getattr(f, "per_example_rule", None) is None for f in factors)
+    own = build_tiny_model("llama").config._attn_implementation
+    assert model.get_base_model().config._attn_implementation == own != attention.GROUPED_ATTENTION

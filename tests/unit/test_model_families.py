@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fedllm import fastpath
+from fedllm import fastpath, wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.fastpath.lora import uses_lean_lora_forward
 from fedllm.model.loading import TINY_CONFIGS, build_tiny_model
@@ -26,10 +26,10 @@ FAMILIES = sorted(TINY_CONFIGS)
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
 
-def _config(family: str) -> RunConfig:
+def _config(family: str, **overrides) -> RunConfig:
     return RunConfig.from_flat({"model.name": f"tiny-random-{family}", "lora.r": 2, "lora.alpha": 4,
                                 "data.max-length": 48, "train.local-steps": 2, "train.batch-size": 4,
-                                "privacy.noise-multiplier": 1.0, "lora.seed": 1})
+                                "privacy.noise-multiplier": 1.0, "lora.seed": 1, **overrides})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -39,7 +39,6 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
     from flwr.app.metadata import Metadata
     from peft import PeftModel
 
-    from fedllm import wire
     from fedllm.flower.strategies import build_strategy
     from fedllm.model.lora import shared_model
 
@@ -316,3 +315,53 @@ def test_family_lean_rms_norm_gives_the_model_s_own_values(family):
         for m in norms:
             del m.forward  # the class's own forward again
         _assert_same_outputs(lean, _outputs(model, ids, mask), tolerance)
+
+
+def _dp_step_at_a_site(family: str, tmp_path, *, fast_path: bool, start: dict | None = None):
+    """One DP round of one step at a site (SiteRuntime, as a real site runs it) with
+    ``train.fast-path = fast_path``, from ``start`` (default: a random B); returns (start, update, site)."""
+    config = _config(family, **{"train.local-steps": 1, "train.optimizer": "sgd", "train.learning-rate": 1.0,
+                                "privacy.noise-multiplier": 0.5, "privacy.max-grad-norm": 0.05,
+                                "train.fast-path": fast_path})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "site.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data)), ledger_path=tmp_path / "ledger.json",
+                       simulated=False)
+    if start is None:
+        g = torch.Generator().manual_seed(5)
+        start = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in
+                 get_adapter_state(site.model, trainable_only=True).items()}
+    outcome = site.train_round(run_id="r", server_round=1, adapter=start)
+    assert outcome.metrics[wire.EXAMPLES_SEEN] > 0
+    return start, {k: outcome.adapter[k] - start[k] for k in start}, site
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_dp_step_is_the_same_with_the_fast_path_on_and_off(family, tmp_path, monkeypatch):
+    """``train.fast-path`` changes no value: one DP-SGD step at a site from the same adapter (a
+    random B, FFA-LoRA), on the same Poisson batch with the same noise draw (the sampling and noise
+    generators seeded), gives the same LoRA update with the fast path on (fused layers and their
+    per-example gradients, response-only logits and the fused head, fedllm's attention kernel, the
+    allocator setting) and off (peft's layers, Opacus' GradSampleModule, full logits, the model's
+    own attention).
+
+    Tolerance (fp32): the two paths compute the same sums in other orders (fused products, the
+    per-example product uᵀg against Opacus' einsum, a summed loss against Opacus' rescaled mean,
+    logsumexp over chunks), so they agree to fp32 rounding, about 1e-7 relative per operation
+    compounded over two layers; rtol = 1e-5 and atol = 1e-5 x (C / expected batch), the size of one
+    clipped example's contribution, leave room for that and nothing else: a step without one
+    example's gradient, or with a gradient off by 0.1%, fails. The update is SGD with lr 1 (linear in
+    the gradient, unlike Adam's first step, which would magnify rounding near zero)."""
+    import fedllm.site.training as training
+
+    monkeypatch.setattr(training, "fresh_generator", lambda: torch.Generator().manual_seed(7))
+    start, fast, fast_site = _dp_step_at_a_site(family, tmp_path / "on", fast_path=True)
+    assert fastpath.is_enabled(fast_site.model)
+    _, plain, plain_site = _dp_step_at_a_site(family, tmp_path / "off", fast_path=False, start=start)
+    assert not fastpath.is_enabled(plain_site.model) and plain_site.model is not fast_site.model
+    assert fast.keys() == plain.keys() and fast
+    scale = 0.05 / 4  # C / expected batch size: one clipped example's share of the step
+    assert all(float(u.abs().max()) > 0 for u in plain.values())
+    for key in plain:
+        torch.testing.assert_close(fast[key], plain[key], rtol=1e-5, atol=1e-5 * scale, msg=key)
