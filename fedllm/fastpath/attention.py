@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+
 def lean_llama_attention_forward(self: Any, hidden_states: torch.Tensor,
                                  position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                                  attention_mask: torch.Tensor | None = None, cache: Any = None,

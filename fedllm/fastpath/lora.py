@@ -23,6 +23,7 @@ import torch
 
 from fedllm.fastpath import products
 
+
 def uses_lean_lora_forward(module: Any) -> bool:
     """True for a peft LoRA layer that ``apply_lora`` gave fedllm's lean forward."""
     return getattr(module.forward, "__func__", None) is lean_lora_forward

@@ -16,6 +16,7 @@ Nothing here knows about training or adapters: LoRA and the adapter state are in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -72,10 +73,8 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
+        with contextlib.suppress(OSError):  # another process converted it first
             tmp.rename(target)
-        except OSError:  # another process converted it first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -22,6 +22,7 @@ from fedllm.config import LoraConfig
 from fedllm.errors import ModelError
 from fedllm.model.loading import load_model_and_tokenizer
 
+
 def target_modules(lora: LoraConfig, model: Any = None) -> str | list[str]:
     """``all-linear`` (every Linear of the attention and MLP blocks, never lm_head) or a list.
 
