@@ -187,3 +187,27 @@ def test_with_the_fast_path_off_none_of_it_runs(tmp_path, monkeypatch, fast_path
     assert factors and all(getattr(f, "per_example_rule", None) is None for f in factors)
     own = build_tiny_model("llama").config._attn_implementation
     assert model.get_base_model().config._attn_implementation == own != attention.GROUPED_ATTENTION
+
+
+def test_a_model_with_the_fast_path_is_refused_by_a_plain_reference_run():
+    """``fast_path=False`` must mean the plain reference: a model built with the fast path's layers
+    is refused (build it with ``apply_lora(..., fast_path=False)``), one built without runs."""
+    import fedllm.fastpath as fastpath
+    from fedllm.config import LoraConfig
+    from fedllm.data.formatting import TokenizedExample
+    from fedllm.model.loading import build_tiny_model
+    from fedllm.model.lora import apply_lora
+    from fedllm.site.training import DPSettings, evaluate_loss, train_local
+
+    examples = [TokenizedExample(tuple(range(1, 12)), (-100,) * 6 + tuple(range(7, 12)))] * 4
+    kw = {"steps": 1, "batch_size": 2, "learning_rate": 0.1, "pad_id": 0, "dp": DPSettings(1.0, 1.0)}
+    fast = apply_lora(build_tiny_model("llama"), LoraConfig(r=2))
+    assert fastpath.is_enabled(fast)
+    with pytest.raises(ValueError, match="fast-path = false"):
+        train_local(fast, examples, fast_path=False, **kw)
+    with pytest.raises(ValueError, match="fast-path = false"):
+        evaluate_loss(fast, examples, batch_size=2, pad_id=0, fast_path=False)
+    plain = apply_lora(build_tiny_model("llama"), LoraConfig(r=2), fast_path=False)
+    assert not fastpath.is_enabled(plain)
+    assert train_local(plain, examples, fast_path=False, **kw).steps == 1
+    assert not fastpath.is_enabled(plain)
