@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedllm.config import RunConfig, SiteConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
-from fedllm.model.loading import apply_lora, get_adapter_state, load_model_and_tokenizer  # noqa: E402
+from fedllm.model.loading import load_model_and_tokenizer  # noqa: E402
+from fedllm.model.lora import apply_lora, get_adapter_state  # noqa: E402
 from fedllm.site.training import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8
@@ -97,7 +98,7 @@ def bench_round_vs_plain_loop(round_steps: int, threads: int) -> dict:
         site = {k: rounds[k]["train"]["sites"]["bench"] for k in rounds}
         # the same steps in a plain loop: same data, same sampling rate, same σ, no Flower, model loaded
         torch.set_num_threads(threads)
-        from fedllm.model.loading import shared_model
+        from fedllm.model.lora import shared_model
         from fedllm.site.runtime import load_site_examples
 
         model, tok2 = shared_model(run)
@@ -130,7 +131,7 @@ def _plain_loop_cold(run: RunConfig, data: Path, steps: int, sigma: float, threa
 import json, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
 from fedllm.config import RunConfig, SiteConfig
-from fedllm.model.loading import shared_model
+from fedllm.model.lora import shared_model
 from fedllm.site.runtime import load_site_examples
 from fedllm.site.training import DPSettings, train_local
 torch.set_num_threads({threads})

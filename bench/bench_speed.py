@@ -12,6 +12,10 @@ Setup as in the issue: SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, ba
   vocabulary logits on response tokens only, the lean LoRA forward, and the base in
   ``model.dtype`` (bf16 and fp32 both measured); with and without DP. Every step trains exactly the
   same 8 x 128 tokens (the site holds 8 records and the batch size is 8, so q = 1).
+* **fedllm, fast path off** (``fedllm-bf16-dp-no-fast-path``): the same ``train_local`` DP step with
+  ``train.fast-path = false``: peft's LoRA layers, Opacus' ``GradSampleModule`` (hooks mode), the
+  loss from the full logits, the model's own attention, glibc's default allocator; it computes
+  the same update as the fast path (tests/unit/test_model_families.py).
 
 Step times: each variant runs in a fresh process of its own (one model, as a site process), the
 variants taking turns over ``--rounds`` rounds; the median over all its ``--steps`` x rounds steps.
@@ -43,15 +47,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedllm import fastpath  # noqa: E402
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.data.formatting import TokenizedExample  # noqa: E402
-from fedllm.fastpath.layers import choose_attention, keep_freed_memory  # noqa: E402
-from fedllm.model.loading import apply_lora, load_model_and_tokenizer  # noqa: E402
+from fedllm.fastpath.allocator import keep_freed_memory  # noqa: E402
+from fedllm.model.loading import load_model_and_tokenizer  # noqa: E402
+from fedllm.model.lora import apply_lora  # noqa: E402
 from fedllm.site.training import DPSettings, train_local  # noqa: E402
 
 SEQ, BATCH = 128, 8
 TOKENS_PER_STEP = SEQ * BATCH
-VARIANTS = ("plain-dp", "plain-no-dp", "fedllm-bf16-dp", "fedllm-bf16-no-dp", "fedllm-fp32-dp", "fedllm-fp32-no-dp")
+VARIANTS = ("plain-dp", "plain-no-dp", "fedllm-bf16-dp", "fedllm-bf16-no-dp", "fedllm-fp32-dp", "fedllm-fp32-no-dp",
+            "fedllm-bf16-dp-no-fast-path")
 TIMED = (*VARIANTS, "plain-dp-tuned-allocator")
 
 
@@ -91,39 +98,44 @@ class PlainRecipe:
 
 
 class Fedllm:
-    """``train_local`` on 8 records with batch size 8: one step = the same 8 x 128 tokens."""
+    """``train_local`` on 8 records with batch size 8: one step = the same 8 x 128 tokens;
+    ``fast_path``: ``train.fast-path``."""
 
-    def __init__(self, dtype: str, dp: bool) -> None:
-        config = RunConfig.from_flat({"model.dtype": dtype})
+    def __init__(self, dtype: str, dp: bool, fast_path: bool = True) -> None:
+        config = RunConfig.from_flat({"model.dtype": dtype, "train.fast-path": fast_path})
         base, tok = load_model_and_tokenizer(config.model)
         for p in base.parameters():
             p.requires_grad_(False)
-        self.model = apply_lora(base, config.lora)
-        choose_attention(self.model, device="cpu", max_length=SEQ)  # as SiteRuntime does
+        self.model = apply_lora(base, config.lora, fast_path=fast_path)
+        if fast_path:  # as SiteRuntime does
+            fastpath.enable(self.model, device="cpu", max_length=SEQ)
+        self.fast_path = fast_path
         ids, labels = _batch(tok.vocab_size)
         self.examples = [TokenizedExample(tuple(i.tolist()), tuple(lab.tolist())) for i, lab in zip(ids, labels)]
         self.dp = DPSettings(1.0, 1.0) if dp else None
         self.pad = tok.pad_token_id
 
     def step(self) -> None:
-        train_local(self.model, self.examples, steps=1, batch_size=BATCH, learning_rate=1e-3, pad_id=self.pad, dp=self.dp)
+        train_local(self.model, self.examples, steps=1, batch_size=BATCH, learning_rate=1e-3, pad_id=self.pad, dp=self.dp,
+                    fast_path=self.fast_path)
 
 
 def build(variant: str):
     if variant == "plain-dp-tuned-allocator":
         keep_freed_memory()
         return PlainRecipe(True)
-    dp = variant.endswith("-dp") and not variant.endswith("no-dp")
+    dp = "-dp" in variant and not variant.endswith("no-dp")
     if variant.startswith("plain"):
         return PlainRecipe(dp)
-    return Fedllm("bfloat16" if "bf16" in variant else "float32", dp)
+    return Fedllm("bfloat16" if "bf16" in variant else "float32", dp, fast_path=not variant.endswith("-no-fast-path"))
 
 
 def bench_steps(steps: int, threads: int, rounds: int) -> dict:
     """Step times of every variant, each in a fresh process of its own (as a site process runs
     one model), the variants taking turns over ``rounds`` rounds in rotating order, so that the
     machine's drifts spread over all of them; the median over all their steps. fedllm's variants
-    set fedllm's allocator (``fedllm.fastpath.layers.keep_freed_memory``, done by ``train_local``); the plain
+    set fedllm's allocator (``fedllm.fastpath.allocator.keep_freed_memory``, done by ``train_local`` on the
+    fast path; not by ``fedllm-bf16-dp-no-fast-path``); the plain
     recipe runs as a user runs it, with glibc's default allocator, and once more with fedllm's
     setting (``plain-dp-tuned-allocator``), for the conservative ratio."""
     times: dict[str, list[float]] = {v: [] for v in TIMED}
@@ -141,6 +153,8 @@ def bench_steps(steps: int, threads: int, rounds: int) -> dict:
         "throughput-fedllm-bf16-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-bf16-dp"], 2),
         "throughput-fedllm-bf16-dp-vs-plain-dp-tuned-allocator": round(med["plain-dp-tuned-allocator"] / med["fedllm-bf16-dp"], 2),
         "throughput-fedllm-fp32-dp-vs-plain-dp": round(med["plain-dp"] / med["fedllm-fp32-dp"], 2),
+        "throughput-fedllm-bf16-dp-vs-no-fast-path": round(med["fedllm-bf16-dp-no-fast-path"] / med["fedllm-bf16-dp"], 2),
+        "throughput-fedllm-bf16-dp-no-fast-path-vs-plain-dp": round(med["plain-dp"] / med["fedllm-bf16-dp-no-fast-path"], 2),
         "dp-overhead-fedllm-bf16": round(med["fedllm-bf16-dp"] / med["fedllm-bf16-no-dp"], 3),
         "dp-overhead-fedllm-fp32": round(med["fedllm-fp32-dp"] / med["fedllm-fp32-no-dp"], 3),
         "dp-overhead-plain": round(med["plain-dp"] / med["plain-no-dp"], 3),
@@ -193,16 +207,18 @@ def bench_memory(steps: int, threads: int) -> dict:
         "dp-memory-overhead-fedllm-fp32": round(add["fedllm-fp32-dp"] / add["fedllm-fp32-no-dp"], 3),
         "dp-memory-overhead-plain": round(add["plain-dp"] / add["plain-no-dp"], 3),
         "peak-fedllm-bf16-dp-vs-plain-dp": round(out["fedllm-bf16-dp"]["peak-mb"] / out["plain-dp"]["peak-mb"], 3),
+        "peak-fedllm-bf16-dp-vs-no-fast-path": round(out["fedllm-bf16-dp"]["peak-mb"]
+                                                     / out["fedllm-bf16-dp-no-fast-path"]["peak-mb"], 3),
     }
     return out
 
 
 def bench_gemm() -> dict:
     """TFLOP/s of the default model's base products (bf16, ``out += a @ b`` as ``FrozenBaseLoRA``
-    runs them: ``x Wᵀ`` forward, ``g W`` backward) every way ``fedllm.fastpath.layers.accumulate_product``
+    runs them: ``x Wᵀ`` forward, ``g W`` backward) every way ``fedllm.fastpath.products.accumulate_product``
     chooses between (whole, in row chunks of ``ROW_CHUNK``, in two column halves), for several row
     counts (batch x tokens), each weight cold (one of 40 distinct copies, as 30 layers are)."""
-    from fedllm.fastpath.layers import PRODUCT_WAYS
+    from fedllm.fastpath.products import PRODUCT_WAYS
 
     def best(fn, weights, repeats=3):
         for w in weights[:4]:
@@ -253,7 +269,7 @@ def bench_quality(steps: int, site: str, seeds: list[int]) -> dict:
     learned beyond run-to-run noise (the spread over seeds)?"""
     from fedllm.config import SiteConfig
     from fedllm.data.pubmedqa import pubmedqa_site_records
-    from fedllm.model.loading import get_adapter_state, set_adapter_state
+    from fedllm.model.lora import get_adapter_state, set_adapter_state
     from fedllm.privacy.accounting import noise_multiplier_for
     from fedllm.site.runtime import load_site_examples
     from fedllm.site.training import evaluate_loss
@@ -267,7 +283,7 @@ def bench_quality(steps: int, site: str, seeds: list[int]) -> dict:
         for p in base.parameters():
             p.requires_grad_(False)
         model = apply_lora(base, config.lora)
-        choose_attention(model, device="cpu", max_length=config.data.max_length)
+        fastpath.enable(model, device="cpu", max_length=config.data.max_length)
         start = get_adapter_state(model)
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "site.jsonl"

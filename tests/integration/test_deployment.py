@@ -246,7 +246,8 @@ def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_t
 
     from peft import PeftModel
 
-    from fedllm.model.loading import build_tiny_model, get_adapter_state
+    from fedllm.model.loading import build_tiny_model
+    from fedllm.model.lora import get_adapter_state
 
     loaded = get_adapter_state(PeftModel.from_pretrained(build_tiny_model("llama"), fed.tmp / "run" / "adapter"))
     assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in loaded.items())

@@ -79,7 +79,8 @@ def test_smoke_federation_produces_a_loadable_adapter_history_and_ledgers(tmp_pa
     from peft import PeftModel
 
     from fedllm.config import RunConfig
-    from fedllm.model.loading import apply_lora, build_tiny_model, get_adapter_state
+    from fedllm.model.loading import build_tiny_model
+    from fedllm.model.lora import apply_lora, get_adapter_state
 
     run_cfg = RunConfig.from_flat({"model.name": "tiny-random-llama", "lora.r": 4, "lora.alpha": 8})
     initial = get_adapter_state(apply_lora(build_tiny_model("llama"), run_cfg.lora))

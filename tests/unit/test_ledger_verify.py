@@ -295,7 +295,7 @@ def test_the_site_refuses_a_ledger_written_for_other_data(tmp_path, data_file, f
 
     runtime = SiteRuntime(config, site, ledger_path=tmp_path / "right.json")
     assert runtime.dataset_fingerprint == fingerprint
-    from fedllm.model.loading import get_adapter_state
+    from fedllm.model.lora import get_adapter_state
 
     runtime.train_round(run_id="r", server_round=1, adapter=get_adapter_state(runtime.model, trainable_only=True))
     result = verify_ledger(tmp_path / "right.json", public_key=public, dataset_fingerprint=fingerprint)

@@ -11,15 +11,11 @@ import math
 import pytest
 import torch
 
+from fedllm import fastpath, wire
 from fedllm.config import RunConfig, SiteConfig
-from fedllm.fastpath.layers import uses_lean_lora_forward
-from fedllm.model.loading import (
-    TINY_CONFIGS,
-    build_tiny_model,
-    get_adapter_state,
-    save_adapter,
-    target_modules,
-)
+from fedllm.fastpath.lora import uses_lean_lora_forward
+from fedllm.model.loading import TINY_CONFIGS, build_tiny_model
+from fedllm.model.lora import get_adapter_state, save_adapter, target_modules
 from fedllm.site.runtime import SiteRuntime
 from fedllm.site.training import DPSettings, train_local
 
@@ -30,10 +26,10 @@ FAMILIES = sorted(TINY_CONFIGS)
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
 
-def _config(family: str) -> RunConfig:
+def _config(family: str, **overrides) -> RunConfig:
     return RunConfig.from_flat({"model.name": f"tiny-random-{family}", "lora.r": 2, "lora.alpha": 4,
                                 "data.max-length": 48, "train.local-steps": 2, "train.batch-size": 4,
-                                "privacy.noise-multiplier": 1.0, "lora.seed": 1})
+                                "privacy.noise-multiplier": 1.0, "lora.seed": 1, **overrides})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -43,9 +39,8 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
     from flwr.app.metadata import Metadata
     from peft import PeftModel
 
-    from fedllm import wire
     from fedllm.flower.strategies import build_strategy
-    from fedllm.model.loading import shared_model
+    from fedllm.model.lora import shared_model
 
     config = _config(family)
     replies, metrics = [], []
@@ -79,7 +74,8 @@ def test_family_clips_every_example_to_c(family):
     batch, so its norm is at most C · (examples in the batch) / (expected batch size)."""
     from fedllm.data.formatting import tokenize_records
     from fedllm.data.loading import normalise_record
-    from fedllm.model.loading import apply_lora, build_byte_tokenizer
+    from fedllm.model.loading import build_byte_tokenizer
+    from fedllm.model.lora import apply_lora
 
     config = _config(family)
     model = apply_lora(build_tiny_model(family), config.lora)
@@ -111,7 +107,7 @@ def test_mixture_of_experts_trains_attention_only_and_keeps_experts_and_router_f
 def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool = False, alpha: int = 4):
     """A tiny model of ``family`` with a trainable, random LoRA (A and B), so every factor has a gradient."""
     from fedllm.config import LoraConfig
-    from fedllm.model.loading import apply_lora
+    from fedllm.model.lora import apply_lora
 
     model = build_tiny_model(family, dtype=dtype)
     for p in model.parameters():
@@ -167,7 +163,7 @@ DTYPE_TOLERANCES = ((torch.float32, 1e-4), (torch.bfloat16, 3e-2))
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_gradient_checkpointing_gives_the_same_per_example_gradients(family):
-    from fedllm.model.loading import set_gradient_checkpointing
+    from fedllm.model.lora import set_gradient_checkpointing
 
     ids, mask = _batch_with_padding()
     plain = _per_example_gradients(_random_lora(family), ids, mask)
@@ -224,7 +220,8 @@ def test_family_response_only_logits_and_lean_lora_give_peft_and_the_full_forwar
         model = _random_lora(family, freeze_a=freeze_a)
         with torch.no_grad():
             full = per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
-            assert torch.allclose(sequence_losses(model, ids, mask, labels), full, rtol=1e-5, atol=1e-6)
+            fast = sequence_losses(model, ids, mask, labels, fast=fastpath.enable(model))
+            assert torch.allclose(fast, full, rtol=1e-5, atol=1e-6)
         lean = _per_example_gradients(model, ids, mask)
         lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
         assert lora_layers and all(uses_lean_lora_forward(m) for m in lora_layers)
@@ -241,8 +238,8 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
     """With A frozen (FFA-LoRA, the default) every LoRA layer runs as one ``FrozenBaseLoRA``: its
     outputs and B's summed gradients equal peft's own forward's, and the per-example gradients it
     stores for DP equal Opacus' GradSampleModule's on peft's forward (scaling 1.5: not a power of two)."""
-    from fedllm.fastpath.layers import fused_lora_factors
-    from fedllm.site.training import _own_per_example_gradients
+    from fedllm.fastpath.lora import fused_lora_factors
+    from fedllm.site.per_example import use_fused_per_example_gradients
 
     ids, mask = _batch_with_padding()
 
@@ -258,13 +255,13 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
     fused_loss.backward()
     fused_grads = {n: p.grad.clone() for n, p in trained.items()}
     model.zero_grad(set_to_none=True)
-    assert _own_per_example_gradients(model, True)
+    assert use_fused_per_example_gradients(model, True)
     try:
         loss_of(model).backward()
         own = {n: p.grad_sample.clone() for n, p in trained.items()}
         assert all(p.grad is None for p in trained.values())
     finally:
-        _own_per_example_gradients(model, False)
+        use_fused_per_example_gradients(model, False)
         for p in trained.values():
             p.grad_sample = None
     for m in layers:
@@ -287,7 +284,7 @@ def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attent
     the families whose attention is transformers' generic one (not for the others): the
     logits and the per-example gradients equal those of eager attention, with padding in the
     batch; on a bf16 base they agree to bf16 precision."""
-    from fedllm.fastpath.layers import GROUPED_ATTENTION, choose_attention
+    from fedllm.fastpath.attention import GROUPED_ATTENTION, choose_attention
 
     ids, mask = _batch_with_padding()
     for dtype, tolerance in DTYPE_TOLERANCES:
@@ -305,7 +302,7 @@ def test_family_lean_rms_norm_gives_the_model_s_own_values(family):
     """Llama-style RMSNorms run as ``FrozenRMSNorm`` after ``apply_lora``: logits and per-example
     gradients equal those of the model's own norm forward (fp32), and agree to bf16 precision on a
     bf16 base; other families keep their own norms."""
-    from fedllm.fastpath.layers import lean_rms_norm_forward
+    from fedllm.fastpath.norms import lean_rms_norm_forward
 
     ids, mask = _batch_with_padding()
     for dtype, tolerance in DTYPE_TOLERANCES:
@@ -318,3 +315,54 @@ def test_family_lean_rms_norm_gives_the_model_s_own_values(family):
         for m in norms:
             del m.forward  # the class's own forward again
         _assert_same_outputs(lean, _outputs(model, ids, mask), tolerance)
+
+
+def _dp_step_at_a_site(family: str, tmp_path, *, fast_path: bool, start: dict | None = None):
+    """One DP round of one step at a site (SiteRuntime, as a real site runs it) with
+    ``train.fast-path = fast_path``, from ``start`` (default: a random B); returns (start, update, site)."""
+    config = _config(family, **{"train.local-steps": 1, "train.optimizer": "sgd", "train.learning-rate": 1.0,
+                                "privacy.noise-multiplier": 0.5, "privacy.max-grad-norm": 1.0,
+                                "train.fast-path": fast_path})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "site.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data)), ledger_path=tmp_path / "ledger.json",
+                       simulated=False)
+    if start is None:
+        g = torch.Generator().manual_seed(5)
+        start = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in
+                 get_adapter_state(site.model, trainable_only=True).items()}
+    outcome = site.train_round(run_id="r", server_round=1, adapter=start)
+    assert outcome.metrics[wire.EXAMPLES_SEEN] > 0
+    return start, {k: outcome.adapter[k] - start[k] for k in start}, site
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_dp_step_is_the_same_with_the_fast_path_on_and_off(family, tmp_path, monkeypatch):
+    """``train.fast-path`` changes no value: one DP-SGD step at a site from the same adapter (a
+    random B, FFA-LoRA), on the same Poisson batch with the same noise draw (the sampling and noise
+    generators seeded), gives the same LoRA update with the fast path on (fused layers and their
+    per-example gradients, response-only logits and the fused head, fedllm's attention kernel, the
+    allocator setting) and off (peft's layers, Opacus' GradSampleModule, full logits, the model's
+    own attention).
+
+    Tolerance (fp32), absolute: atol = 5e-7, rtol = 0. The two paths compute the same sums in other
+    orders (fused products, the per-example product against Opacus' einsum, a summed loss against
+    Opacus' rescaled mean, logsumexp over chunks). The update is SGD with lr 1 (linear in the
+    gradient, unlike Adam's first step, which would magnify rounding near zero) of (clipped sum +
+    noise) / 4 with C = 1, σ = 0.5: entries up to about 0.5, where one fp32 step (ulp) is 3e-8; the
+    measured differences are at most one ulp, and 5e-7 is about 16. The noise dominates every entry,
+    so a relative tolerance would say nothing about the gradients. Measured on the tiny models: a
+    fused per-example gradient off by 0.1% changes the update by 3e-6 to 1e-4, and fails. C = 1
+    leaves most examples unclipped (clipping is scale-invariant) and clips some (gemma2)."""
+    import fedllm.site.training as training
+
+    monkeypatch.setattr(training, "fresh_generator", lambda: torch.Generator().manual_seed(7))
+    start, fast, fast_site = _dp_step_at_a_site(family, tmp_path / "on", fast_path=True)
+    assert fastpath.is_enabled(fast_site.model)
+    _, plain, plain_site = _dp_step_at_a_site(family, tmp_path / "off", fast_path=False, start=start)
+    assert not fastpath.is_enabled(plain_site.model) and plain_site.model is not fast_site.model
+    assert fast.keys() == plain.keys() and fast
+    assert all(float(u.abs().max()) > 0 for u in plain.values())
+    for key in plain:
+        torch.testing.assert_close(fast[key], plain[key], rtol=0, atol=5e-7, msg=key)

@@ -82,7 +82,7 @@ def _dp_round_on_a_quantized_base(tmp_path, bits: str, device: str) -> None:
     adapter (every example clipped), and the adapter has exactly the keys and shapes of the
     coordinator's unquantized model, so the global adapter fits both."""
     from fedllm import wire
-    from fedllm.model.loading import get_adapter_state, shared_model
+    from fedllm.model.lora import get_adapter_state, shared_model
     from fedllm.site.runtime import SiteRuntime
     from fedllm.site.training import DPSettings, train_local
 

@@ -11,7 +11,7 @@ import torch
 
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import BudgetExceededError
-from fedllm.model.loading import get_adapter_state
+from fedllm.model.lora import get_adapter_state
 from fedllm.site.runtime import SiteRuntime
 from tests.helpers import write_jsonl
 

@@ -9,12 +9,8 @@ import torch
 
 from fedllm.config import LoraConfig, ModelConfig
 from fedllm.data.formatting import tokenize_records
-from fedllm.model.loading import (
-    apply_lora,
-    get_adapter_state,
-    load_model_and_tokenizer,
-    set_adapter_state,
-)
+from fedllm.model.loading import load_model_and_tokenizer
+from fedllm.model.lora import apply_lora, get_adapter_state, set_adapter_state
 from fedllm.site.training import (
     DPSettings,
     _poisson_batch,
@@ -136,23 +132,26 @@ def ffa():
 def test_ffa_lora_uses_fedllms_own_per_example_gradients_equal_to_opacus(ffa):
     from opacus.grad_sample import GradSampleModule
 
-    from fedllm.site.training import _own_per_example_gradients, sequence_losses
+    from fedllm import fastpath
+    from fedllm.site.per_example import use_fused_per_example_gradients
+    from fedllm.site.training import sequence_losses
 
     model, tok, examples = ffa
+    fast = fastpath.enable(model)
     ids, mask, labels = collate(examples[:5], tok.pad_token_id)
     model.train()
     net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    sequence_losses(model, ids, mask, labels, net).sum().backward()
+    sequence_losses(model, ids, mask, labels, net, fast=fast).sum().backward()
     opacus = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
     net._close()
     model.zero_grad(set_to_none=True)
-    assert _own_per_example_gradients(model, True)
+    assert use_fused_per_example_gradients(model, True)
     try:
-        sequence_losses(model, ids, mask, labels).sum().backward()
+        sequence_losses(model, ids, mask, labels, fast=fast).sum().backward()
         own = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
         assert all(p.grad is None for p in model.parameters())  # only per-example gradients, no sum
     finally:
-        _own_per_example_gradients(model, False)
+        use_fused_per_example_gradients(model, False)
         for p in model.parameters():
             p.grad_sample = None
         model.eval()
