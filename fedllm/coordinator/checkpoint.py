@@ -4,17 +4,10 @@ continues exactly where the run stopped.
 What is saved (after a round has fully completed: adapter checkpoint and history written):
 
 * the global adapter after that round (the arrays the next round sends), in its key order;
-* the strategy's state carried from round to round, read from the installed Flower 1.42 source:
-  FedAdam/FedAdagrad/FedYogi (``FedOpt``): ``m_t``, ``v_t`` and ``current_arrays`` (the arrays
-  sent last; ``configure_train`` overwrites it, it is kept for exactness). There is no step
-  counter: Adam's bias correction uses ``server_round``. FedAvg and FedProx carry nothing.
-  fedllm's central-DP wrappers (``SiteLevelFixedClipping``, ``SiteLevelAdaptiveClipping``):
-  ``current_arrays``, ``num_sampled_clients``, ``round_clipping_norm``, ``round_sites`` and,
-  adaptive only, ``clipping_norm`` (C moves every round). The wrappers' noise is drawn after a
-  fresh 256-bit reseed every round, so there is no generator state to keep. Flower's privacy
-  accountant (unused by fedllm) is refused. Hyperparameters (``eta``, ``beta_1``, noise
-  multiplier, ...) are saved too and must be equal when restoring: the state only means
-  something for the same maths;
+* the strategy's state carried from round to round, as the strategy describes it
+  (``Strategy.state()`` of ``coordinator.protocol``: a JSON description naming its classes,
+  and tensors; for Flower's strategies see ``fedllm.flower.strategy_state``). It is restored into
+  a strategy freshly built from the run's configuration, which refuses a state that does not fit;
 * the round counter, every run id that worked on the run, the node-id → site-name map, and the
   caller's central-DP block (JSON-serialisable, stored as given).
 
@@ -31,7 +24,7 @@ which files are current; files it no longer names are deleted afterwards. A cras
 leaves the old state or the new one, never a mix. Loading checks the JSON's checksum and every
 file's sha256; anything wrong raises ``ConfigError`` ("RUN_DIR/state: ... cannot resume; ...").
 
-Flower glue (``ArrayRecord``, strategy classes); numpy + safetensors for tensors.
+numpy + safetensors for tensors; no Flower types (the strategy describes its own state).
 """
 
 from __future__ import annotations
@@ -40,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -49,13 +41,11 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
-from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 from safetensors import SafetensorError
 
+from fedllm.coordinator.protocol import Arrays, Strategy
 from fedllm.errors import ConfigError
 from fedllm.files import write_bytes_atomic, write_json_atomic
-from fedllm.flower.strategies import SiteLevelAdaptiveClipping, SiteLevelFixedClipping
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +56,20 @@ FORMAT = 1
 _OWNED = re.compile(r"(global-adapter|strategy)\.r\d+\.[0-9a-f]{16}\.safetensors")
 _OWNED_TMP = re.compile(r"\.(global-adapter|strategy|server-state)\..*\.tmp")
 
-# Per strategy class (exact type): hyperparameters that must match, scalar state, array state.
-_SPEC: dict[type, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    FedAvg: ((), (), ()),
-    FedProx: (("proximal_mu",), (), ()),
-    FedAdam: (("eta", "eta_l", "beta_1", "beta_2", "tau"), (), ("current_arrays", "m_t", "v_t")),
-    FedAdagrad: (("eta", "eta_l", "beta_1", "beta_2", "tau"), (), ("current_arrays", "m_t", "v_t")),
-    FedYogi: (("eta", "eta_l", "beta_1", "beta_2", "tau"), (), ("current_arrays", "m_t", "v_t")),
-    SiteLevelFixedClipping: (("noise_multiplier", "clipping_norm"),
-                             ("num_sampled_clients", "round_clipping_norm", "round_sites"), ("current_arrays",)),
-    SiteLevelAdaptiveClipping: (("noise_multiplier", "clipped_count_stddev", "target_clipped_quantile", "clip_norm_lr"),
-                                ("clipping_norm", "num_sampled_clients", "round_clipping_norm", "round_sites"),
-                                ("current_arrays",)),
-}
-_WRAPPERS = (SiteLevelFixedClipping, SiteLevelAdaptiveClipping)
-
 
 @dataclass(frozen=True)
 class ServerState:
     """A verified saved state. ``arrays`` is the global adapter after ``server_round`` (send it in
     round ``server_round + 1``); ``run_ids`` lists every run that worked on it, the first being
-    the original; ``strategy_state`` is what :func:`restore_strategy` puts back."""
+    the original; ``strategy_state`` (``"description"``, ``"tensors"``) is what
+    :func:`restore_strategy` puts back."""
 
     server_round: int
     run_id: str
     run_ids: tuple[str, ...]
     names: dict[int, str]
     central: dict | None
-    arrays: ArrayRecord
+    arrays: Arrays
     strategy_class: str
     saved: str
     state_dir: Path
@@ -103,17 +79,18 @@ class ServerState:
 # ------------------------------------------------------------------------------------- save
 
 
-def save_server_state(run_dir: Path, *, server_round: int, arrays: ArrayRecord, strategy: Any,
+def save_server_state(run_dir: Path, *, server_round: int, arrays: Arrays, strategy: Strategy,
                       names: dict[int, str], central: dict | None, run_id: str) -> None:
     """Save the state after ``server_round`` (>= 1) completed; call it after the round's adapter
     checkpoint and ``history.save()``. ``arrays`` is the new global adapter, ``central`` a
     JSON-serialisable dict (or None without central DP). Crash-safe (module docstring).
-    Raises ``ValueError`` for a strategy whose state this module does not know."""
+    Raises ``ValueError`` for a strategy whose state cannot be saved (``Strategy.state``)."""
     if not isinstance(server_round, int) or server_round < 1:
         raise ValueError(f"server_round must be an int >= 1, not {server_round!r}")
     json.dumps(central, allow_nan=False)  # TypeError/ValueError now, before anything is written
     state_dir = Path(run_dir) / STATE_DIR
-    layers, tensors = _describe_strategy(strategy)
+    description, tensors = strategy.state()
+    json.dumps(description, allow_nan=False)
     state_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_json_quietly(state_dir / STATE_FILE)
     run_ids = [run_id]
@@ -125,7 +102,7 @@ def save_server_state(run_dir: Path, *, server_round: int, arrays: ArrayRecord, 
     adapter_keys = list(arrays.keys())
     files: dict[str, dict] = {}
     files["global-adapter"] = _write_tensors(
-        state_dir, "global-adapter", server_round, {k: arrays[k].numpy() for k in adapter_keys})
+        state_dir, "global-adapter", server_round, {k: arrays[k] for k in adapter_keys})
     files["global-adapter"]["keys"] = adapter_keys
     if tensors:
         files["strategy"] = _write_tensors(state_dir, "strategy", server_round, tensors)
@@ -138,7 +115,7 @@ def save_server_state(run_dir: Path, *, server_round: int, arrays: ArrayRecord, 
         "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "names": {str(node): name for node, name in sorted(names.items())},
         "central-dp": central,
-        "strategy": {"class": _class_label(strategy), "layers": layers},
+        "strategy": description,
         "files": files,
     }
     data["checksum"] = _checksum(data)
@@ -172,60 +149,6 @@ def _remove_obsolete(state_dir: Path, keep: set[str]) -> None:
             path.unlink()
         except OSError as exc:  # an old file left behind is harmless: the JSON does not name it
             log.warning("could not remove obsolete state file %s: %s", path, exc)
-
-
-def _layers(strategy: Any) -> list[Any]:
-    layers = [strategy]
-    while isinstance(layers[-1], _WRAPPERS):
-        layers.append(layers[-1].strategy)
-    return layers
-
-
-def _class_label(strategy: Any) -> str:
-    names = [type(layer).__name__ for layer in _layers(strategy)]
-    return "".join(f"{n}(" for n in names[:-1]) + names[-1] + ")" * (len(names) - 1)
-
-
-def _describe_strategy(strategy: Any) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """(JSON description of each layer, the tensors under unique names)."""
-    layers, tensors = [], {}
-    for index, layer in enumerate(_layers(strategy)):
-        spec = _SPEC.get(type(layer))
-        if spec is None:
-            raise ValueError(f"cannot save the state of a {type(layer).__name__} strategy (known: "
-                             f"{', '.join(sorted(t.__name__ for t in _SPEC))})")
-        if getattr(layer, "accountant", None) is not None or getattr(layer, "_pending_events", None):
-            raise ValueError("cannot save the state of Flower's privacy accountant (fedllm does not use it)")
-        settings_names, scalar_names, array_names = spec
-        groups: dict[str, dict] = {}
-        for group in array_names:
-            value = getattr(layer, group)
-            if value is None:
-                groups[group] = {"kind": "none", "keys": []}
-                continue
-            kind = "arrayrecord" if isinstance(value, ArrayRecord) else "ndarrays"
-            keys = list(value.keys())
-            for key in keys:
-                tensors[f"{index}.{group}/{key}"] = value[key].numpy() if kind == "arrayrecord" else np.asarray(value[key])
-            groups[group] = {"kind": kind, "keys": keys}
-        layers.append({
-            "class": type(layer).__name__,
-            "settings": {name: _scalar(getattr(layer, name)) for name in settings_names},
-            "scalars": {name: _scalar(getattr(layer, name)) for name in scalar_names},
-            "arrays": groups,
-        })
-    return layers, tensors
-
-
-def _scalar(value: Any) -> int | float:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"unexpected bool strategy attribute {value!r}")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"cannot save a non-finite strategy attribute ({value})")
-    return value
 
 
 def _checksum(data: dict) -> str:
@@ -276,23 +199,20 @@ def load_server_state(run_dir: Path) -> ServerState | None:
         strategy_tensors = {}
         if "strategy" in files:
             strategy_tensors = safetensors.numpy.load(_read_verified(state_dir, files["strategy"], fail))
-        layers = data["strategy"]["layers"]
-        for index, layer in enumerate(layers):
-            for group, spec in layer["arrays"].items():
-                missing = [k for k in spec["keys"] if f"{index}.{group}/{k}" not in strategy_tensors]
-                if missing:
-                    raise fail(f"the strategy file lacks {group} tensor {missing[0]!r}")
+        description = data["strategy"]
+        if not isinstance(description, dict) or not isinstance(description["class"], str):
+            raise fail(f"{STATE_FILE} has no strategy description")
         return ServerState(
             server_round=int(data["round"]),
             run_id=str(data["run-id"]),
             run_ids=tuple(str(r) for r in data["run-ids"]),
             names={int(node): str(name) for node, name in data["names"].items()},
             central=data["central-dp"],
-            arrays=ArrayRecord({k: Array(np.array(adapter[k])) for k in adapter_keys}),
-            strategy_class=str(data["strategy"]["class"]),
+            arrays={k: np.array(adapter[k]) for k in adapter_keys},
+            strategy_class=description["class"],
             saved=str(data["saved"]),
             state_dir=state_dir,
-            strategy_state={"layers": layers, "tensors": strategy_tensors},
+            strategy_state={"description": description, "tensors": strategy_tensors},
         )
     except SafetensorError as exc:
         raise fail(f"a tensor file is unreadable ({exc})") from None
@@ -316,32 +236,13 @@ def _read_verified(state_dir: Path, entry: dict, fail: Any) -> bytes:
 # ---------------------------------------------------------------------------------- restore
 
 
-def restore_strategy(strategy: Any, state: ServerState) -> None:
-    """Put the saved strategy state into ``strategy``, freshly built from the run's configuration
-    (``build_strategy``, then ``with_central_dp`` when enabled). The strategy must be of the same
-    classes with the same hyperparameters, else ``ConfigError``."""
-    layers = _layers(strategy)
-    saved = state.strategy_state["layers"]
-    built = [type(layer).__name__ for layer in layers]
-    if built != [entry["class"] for entry in saved]:
-        raise ConfigError(f"{state.state_dir}: the state was saved by a {state.strategy_class} strategy, this run "
-                          f"builds {_class_label(strategy)}; cannot resume; resume with the run's own configuration "
-                          "(strategy.name and central-dp.* as in RUN_DIR/config.toml)")
-    tensors = state.strategy_state["tensors"]
-    for index, (layer, entry) in enumerate(zip(layers, saved, strict=True)):
-        settings_names, _, _ = _SPEC[type(layer)]
-        differ = [f"{name} {entry['settings'][name]!r} (now {_scalar(getattr(layer, name))!r})"
-                  for name in settings_names if entry["settings"][name] != _scalar(getattr(layer, name))]
-        if differ:
-            raise ConfigError(f"{state.state_dir}: {entry['class']} was run with {'; '.join(differ)}; cannot resume; "
-                              "resume with the run's own configuration (RUN_DIR/config.toml)")
-        for name, value in entry["scalars"].items():
-            setattr(layer, name, value)
-        for group, spec in entry["arrays"].items():
-            values = {k: np.array(tensors[f"{index}.{group}/{k}"]) for k in spec["keys"]}
-            if spec["kind"] == "none":
-                setattr(layer, group, None)
-            elif spec["kind"] == "arrayrecord":
-                setattr(layer, group, ArrayRecord({k: Array(v) for k, v in values.items()}))
-            else:
-                setattr(layer, group, values)
+def restore_strategy(strategy: Strategy, state: ServerState) -> None:
+    """Put the saved strategy state into ``strategy``, freshly built from the run's configuration.
+    A state that does not fit (other strategy classes or hyperparameters, missing tensors) raises
+    ``ConfigError`` naming the state folder (``Strategy.restore``'s reason)."""
+    try:
+        strategy.restore(state.strategy_state["description"], state.strategy_state["tensors"])
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{state.state_dir}: {exc}") from None

@@ -7,10 +7,15 @@ budget is recorded and the round goes on with the others; a site failure (a cras
 beyond ``federation.tolerated-failures`` fails the run. If every site refuses, nothing more can be
 trained and the run ends early as completed.
 
-With ``central-dp.enabled`` the strategy is wrapped for site-level DP (``strategy.py``). Before
-round 0 the loop waits for the sites, checks δ < 1/N, and warns when the planned site-level ε
-is too large to mean anything; every round that releases a noisy aggregate adds to the site-level
+With ``central-dp.enabled`` the strategy is built for site-level DP. Before round 0 the loop
+waits for the sites, checks δ < 1/N, and warns when the planned site-level ε is too large to mean
+anything (``central_dp.py``); every round that releases a noisy aggregate adds to the site-level
 ε recorded in ``history.json`` (top-level and per round ``"central-dp"``).
+
+The loop speaks only the plain protocol of ``protocol.py``: a ``Federation`` (the sites and the
+transport: ``fedllm.flower.grid`` over Flower's Grid, or a fake in unit tests) and a ``Strategy``
+built by the caller's factory (``fedllm.flower.coordinator_strategy.make_strategy``: Flower's own
+strategies). It imports nothing from Flower.
 """
 
 from __future__ import annotations
@@ -19,16 +24,13 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
-from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
 
 from fedllm import wire
-from fedllm.config import CentralDPConfig, RunConfig, SiteConfig, to_toml
+from fedllm.config import RunConfig, SiteConfig, to_toml
+from fedllm.coordinator.central_dp import CentralDP, start_central_dp
 from fedllm.coordinator.checkpoint import (
     clear_server_state,
     load_server_state,
@@ -36,12 +38,11 @@ from fedllm.coordinator.checkpoint import (
     save_server_state,
 )
 from fedllm.coordinator.history import RunHistory
-from fedllm.coordinator.screening import triage_replies
-from fedllm.errors import ConfigError, RunFailedError
+from fedllm.coordinator.protocol import Arrays, Federation, Reply, Strategy, StrategyFactory, Task
+from fedllm.coordinator.screening import Triage, triage_replies
+from fedllm.errors import RunFailedError
 from fedllm.files import write_text_atomic
-from fedllm.flower.strategies import build_strategy, site_level_warning, with_central_dp
 from fedllm.model.lora import get_adapter_state, save_adapter, shared_model
-from fedllm.privacy.site_level import site_level_epsilon
 from fedllm.reports.model_card import write_model_card
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,14 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
+def run_federation(federation: Federation, make_strategy: StrategyFactory, config: RunConfig, *,
+                   run_id: str) -> RunHistory:
     """Run ``config.num_server_rounds`` rounds; outputs go to ``config.output_dir``.
 
-    With ``federation.resume`` the run continues from the last round completed in ``output-dir``
-    (``server_state``): global adapter, strategy and server-optimizer state, central-DP state,
-    round counter and history."""
+    ``make_strategy(config, sites_per_round=m)`` builds the strategy once the sites are connected
+    (m is given with central DP). With ``federation.resume`` the run continues from the last round
+    completed in ``output-dir`` (``checkpoint``): global adapter, strategy state, central-DP
+    state, round counter and history."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     fed = config.federation
@@ -84,53 +87,54 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
             history.data["flower-run-id"] = run_id
     history.data["num-server-rounds"] = config.num_server_rounds
     peft_model, _ = shared_model(config)
-    arrays = state.arrays if state is not None else ArrayRecord(get_adapter_state(peft_model, trainable_only=True))
-    strategy = build_strategy(config.strategy)
+    arrays: Arrays = state.arrays if state is not None else {
+        k: v.numpy() for k, v in get_adapter_state(peft_model, trainable_only=True).items()}
     timeout = fed.round_timeout
     names: dict[int, str] = dict(state.names) if state is not None else {}
     rounds = config.num_server_rounds
     first_round = state.server_round + 1 if state is not None else 1
     central: CentralDP | None = None
     try:
-        _wait_for_sites(grid, config)
+        _wait_for_sites(federation, config)
         if config.central_dp.enabled:
-            central = _start_central_dp(grid, config, history, saved=state.central if state is not None else None)
-            strategy = with_central_dp(strategy, config.central_dp, sites_per_round=central.sites_per_round)
+            central = start_central_dp(config, history, connected=len(federation.node_ids()),
+                                       saved=state.central if state is not None else None)
+        strategy: Strategy = make_strategy(config, sites_per_round=central.sites_per_round if central else None)
         if state is not None:
             restore_strategy(strategy, state)
             log.info("resuming run %s at round %d/%d (rounds 1-%d completed before)", fed.run_id or run_id,
                      first_round, rounds, state.server_round)
         else:
-            replies, node_of = _send(grid, strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout)
-            _evaluate(history, 0, replies, names, config, node_of)
+            eval_tasks = strategy.configure_evaluate(0, arrays, federation)
+            _evaluate(history, 0, _send(federation, eval_tasks, timeout), names, config)
         for server_round in range(first_round, rounds + 1):
             start = time.perf_counter()
-            train_config = ConfigRecord({wire.RUN_ID: history.data["run-id"]})
-            messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-            replies, node_of = _send(grid, messages, timeout)
-            triage = triage_replies(replies, reference=arrays, names=names, node_of=node_of,
-                                    require_change=central is not None, max_update_norm=fed.max_update_norm)
-            _check_round(triage, config, server_round, asked=len(messages))
+            train_tasks = strategy.configure_train(server_round, arrays, {wire.RUN_ID: history.data["run-id"]},
+                                                   federation)
+            replies = _send(federation, train_tasks, timeout)
+            triage = triage_replies(replies, reference=arrays, names=names, require_change=central is not None,
+                                    max_update_norm=fed.max_update_norm)
+            _check_round(triage, config, server_round, asked=len(train_tasks))
             released = False
             if triage.accepted:
-                new_arrays, _ = strategy.aggregate_train(server_round, triage.accepted)
+                new_arrays = strategy.aggregate_train(server_round, triage.accepted)
                 released = new_arrays is not None
                 arrays = _same_dtypes(new_arrays, arrays) if new_arrays is not None else arrays
             if central is not None:
-                central.record_round(history, server_round, strategy, asked=len(messages),
-                                     connected=len(list(grid.get_node_ids())), released=released)
+                clipping_norm, sites = strategy.central_dp_round(released=released)
+                central.record_round(history, server_round, asked=len(train_tasks), connected=len(federation.node_ids()),
+                                     released=released, clipping_norm=clipping_norm, sites=sites)
             agg = history.record_train(server_round, sites=triage.metrics, refused=triage.refused,
                                        rejected=triage.rejected, failed=triage.failed,
                                        seconds=time.perf_counter() - start)
-            save_adapter(peft_model, arrays.to_torch_state_dict(), out / "checkpoints" / f"round-{server_round}")
-            eval_replies, node_of = _send(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                          timeout)
-            eval_agg = _evaluate(history, server_round, eval_replies, names, config, node_of)
+            save_adapter(peft_model, _torch_state(arrays), out / "checkpoints" / f"round-{server_round}")
+            eval_tasks = strategy.configure_evaluate(server_round, arrays, federation)
+            eval_agg = _evaluate(history, server_round, _send(federation, eval_tasks, timeout), names, config)
             history.save()
             save_server_state(out, server_round=server_round, arrays=arrays, strategy=strategy, names=names,
                               central=central.block() if central is not None else None, run_id=run_id)
             log.info("[round %d/%d] %d/%d sites trained%s%s | train loss %s | eval loss %s | ppl %s | max ε %s / %g%s",
-                     server_round, rounds, len(triage.metrics), len(messages),
+                     server_round, rounds, len(triage.metrics), len(train_tasks),
                      f" ({len(triage.refused)} refused)" if triage.refused else "",
                      f" ({len(triage.failed)} failed, {len(triage.rejected)} rejected)"
                      if triage.failed or triage.rejected else "",
@@ -142,7 +146,7 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
                 history.data["stopped-early"] = f"all sites refused round {server_round} (privacy budget)"
                 break
         # export: the final global adapter (PEFT format) in OUTPUT/adapter
-        save_adapter(peft_model, arrays.to_torch_state_dict(), out / "adapter")
+        save_adapter(peft_model, _torch_state(arrays), out / "adapter")
         write_model_card(out / "adapter", config=config, history=history.data, sites=_site_configs(config))
     except BaseException as exc:
         history.finish("failed", error=f"{exc.__class__.__name__}: {exc}")
@@ -152,29 +156,25 @@ def run_federation(grid: Grid, config: RunConfig, *, run_id: str) -> RunHistory:
     return history
 
 
-def _same_dtypes(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+def _same_dtypes(new: Arrays, old: Arrays) -> Arrays:
     """The aggregate in the global adapter's dtypes and key order: FedAdam's server step computes
     in float64, and the sites' float32 replies would then be rejected as the wrong dtype."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(new[k].numpy().astype(old[k].numpy().dtype, copy=False)))
-                        for k in old})
+    return {k: np.ascontiguousarray(np.asarray(new[k]).astype(old[k].dtype, copy=False)) for k in old}
 
 
-def _send(grid: Grid, messages, timeout: float) -> tuple[list[Message], dict[str, int]]:
-    """Send and wait; the replies, and which node each sent message went to (by message id), so a
-    reply the SuperLink writes for an unreachable node is charged to that node."""
-    messages = list(messages)
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    answered = {r.metadata.reply_to_message_id for r in replies}
-    for msg in messages:  # no reply at all within round-timeout: the SuperLink gave up on it too
-        if msg.metadata.message_id not in answered:
-            replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
-                                         reason=f"no reply within federation.round-timeout = {timeout:g}s"),
-                                   reply_to=msg))
-    return replies, node_of
+def _torch_state(arrays: Arrays) -> dict:
+    """The adapter as torch tensors (copies), for ``save_adapter``."""
+    import torch
+
+    return {k: torch.tensor(v) for k, v in arrays.items()}
 
 
-def _check_round(triage, config: RunConfig, server_round: int, *, asked: int) -> None:
+def _send(federation: Federation, tasks: list[Task], timeout: float) -> list[Reply]:
+    """Send and wait: one reply per task (the federation charges a missing one to its node)."""
+    return list(federation.send_and_receive(list(tasks), timeout=timeout)) if tasks else []
+
+
+def _check_round(triage: Triage, config: RunConfig, server_round: int, *, asked: int) -> None:
     """Fail the run when a round lost more sites than it may (``federation.*``)."""
     fed = config.federation
     if fed.tolerated_failures >= 0 and len(triage.failed) > fed.tolerated_failures:
@@ -191,14 +191,14 @@ def _check_round(triage, config: RunConfig, server_round: int, *, asked: int) ->
             "The last completed round is saved: continue with fedllm run --resume RUN_DIR")
 
 
-def _wait_for_sites(grid: Grid, config: RunConfig) -> None:
+def _wait_for_sites(federation: Federation, config: RunConfig) -> None:
     """Before the first round: wait until ``strategy.min-available-sites`` sites are connected
     (at most ``federation.connect-timeout`` seconds), saying who is missing."""
     minimum = max(config.strategy.min_available_sites, config.strategy.min_train_sites)
     limit = config.federation.connect_timeout
     start = time.monotonic()
     last = -math.inf
-    while len(nodes := list(grid.get_node_ids())) < minimum:
+    while len(nodes := federation.node_ids()) < minimum:
         waited = time.monotonic() - start
         if limit and waited > limit:
             raise RunFailedError(
@@ -211,9 +211,9 @@ def _wait_for_sites(grid: Grid, config: RunConfig) -> None:
         time.sleep(1)
 
 
-def _evaluate(history: RunHistory, server_round: int, replies: list, names: dict[int, str], config: RunConfig,
-              node_of: dict[str, int]) -> dict:
-    triage = triage_replies(replies, reference=None, names=names, node_of=node_of)
+def _evaluate(history: RunHistory, server_round: int, replies: list[Reply], names: dict[int, str],
+              config: RunConfig) -> dict:
+    triage = triage_replies(replies, reference=None, names=names)
     if 0 <= config.federation.tolerated_failures < len(triage.failed):
         first = triage.failed[0]
         raise RunFailedError(f"evaluation round {server_round}: site {first['site']} failed: {first['reason']}")
@@ -223,79 +223,3 @@ def _evaluate(history: RunHistory, server_round: int, replies: list, names: dict
                  config.num_server_rounds, name, metrics[wire.EVAL_LOSS], metrics[wire.PERPLEXITY],
                  int(metrics[wire.NUM_EXAMPLES]))
     return agg
-
-
-# --------------------------------------------------------------------------------------------
-# central (site-level) DP
-
-
-@dataclass
-class CentralDP:
-    """The run's site-level DP bookkeeping: the plan, then what every round released."""
-
-    config: CentralDPConfig
-    sites_per_round: int  # m: Flower's sample size (the largest asked in a round so far)
-    total_sites: int  # N: connected sites (the most seen so far)
-    sampling: str  # "all" while every round asked every connected site, else "fixed-subset"
-    rounds: int = 0  # noisy aggregates released
-    epsilon: float = 0.0
-
-    def epsilon_after(self, rounds: int) -> float:
-        return site_level_epsilon(noise_multiplier=self.config.noise_multiplier, sites_per_round=self.sites_per_round,
-                                  total_sites=self.total_sites, rounds=rounds, target_delta=self.config.target_delta,
-                                  accountant="prv", sampling=self.sampling)
-
-    def block(self) -> dict:
-        """The top-level ``"central-dp"`` entry of history.json."""
-        return {"enabled": True, "clipping": self.config.clipping, "noise-multiplier": self.config.noise_multiplier,
-                "clipping-norm": self.config.clipping_norm, "sites-per-round": self.sites_per_round,
-                "total-sites": self.total_sites, "rounds": self.rounds, "sampling": self.sampling,
-                "epsilon": self.epsilon, "delta": self.config.target_delta, "accountant": "prv"}
-
-    def record_round(self, history: RunHistory, server_round: int, strategy, *, asked: int, connected: int,
-                     released: bool) -> None:
-        """Account one round (ε grows only when a noisy aggregate was released) and record it."""
-        self.total_sites = max(self.total_sites, connected, asked)
-        self.sites_per_round = max(self.sites_per_round, asked)
-        if asked < connected:
-            self.sampling = "fixed-subset"
-        if self.sampling == "all" and self.sites_per_round != self.total_sites:
-            self.sampling = "fixed-subset"
-        if released:
-            self.rounds += 1
-            self.epsilon = self.epsilon_after(self.rounds)
-        history.record_central_dp(server_round, epsilon=self.epsilon,
-                                  clipping_norm=strategy.round_clipping_norm if released else strategy.clipping_norm,
-                                  sites=strategy.round_sites if released else 0)
-        history.set_central_dp(self.block())
-
-
-def _start_central_dp(grid: Grid, config: RunConfig, history: RunHistory, *, saved: dict | None = None) -> CentralDP:
-    """Plan m and N from the connected sites, check δ < 1/N, and warn when the planned ε is too
-    large; on resume, continue from the saved accounting (``saved``: ``CentralDP.block()``)."""
-    cdp, strat = config.central_dp, config.strategy
-    if saved is not None:
-        central = CentralDP(cdp, int(saved["sites-per-round"]), int(saved["total-sites"]), str(saved["sampling"]),
-                            rounds=int(saved["rounds"]), epsilon=float(saved["epsilon"]))
-        history.set_central_dp(central.block())
-        return central
-    nodes = list(grid.get_node_ids())
-    sites_per_round = max(int(len(nodes) * strat.fraction_train), strat.min_train_sites)
-    total = max(len(nodes), sites_per_round)
-    if cdp.target_delta >= 1 / total:
-        raise ConfigError(
-            f"central-dp.target-delta = {cdp.target_delta:g} is not below 1/N = {1 / total:g} for N = {total} sites: "
-            "at δ ≥ 1/N, publishing one whole site's update would satisfy the definition. "
-            "Use a δ much smaller than 1/N (the default is 1e-05)."
-        )
-    central = CentralDP(cdp, sites_per_round, total, "all" if sites_per_round == total else "fixed-subset")
-    planned = central.epsilon_after(config.num_server_rounds)
-    warning = site_level_warning(epsilon=planned, rounds=config.num_server_rounds, total_sites=total,
-                                 noise_multiplier=cdp.noise_multiplier)
-    if warning:
-        log.warning("WARNING: %s", warning)
-    log.info("central DP (%s clipping, S=%g, z=%g): %d of %d sites per round; planned site-level ε = %.2f "
-             "after %d rounds (δ=%g, prv)", cdp.clipping, cdp.clipping_norm, cdp.noise_multiplier, sites_per_round,
-             total, planned, config.num_server_rounds, cdp.target_delta)
-    history.set_central_dp(central.block())
-    return central

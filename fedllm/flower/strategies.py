@@ -2,7 +2,10 @@
 
 Strategies are Flower's own (``flwr.serverapp.strategy``): FedAvg weighted by each site's number
 of training examples, FedProx (the site adds the proximal term), FedAdam (server optimiser on the
-adapter's pseudo-gradient). Replies are screened first (``fedllm.coordinator.screening``).
+adapter's pseudo-gradient). Replies are screened first (``fedllm.coordinator.screening``); the
+round loop reaches these strategies through ``fedllm.flower.coordinator_strategy``, their state is
+saved for ``--resume`` by ``fedllm.flower.strategy_state``, and the site-level ε is accounted in
+``fedllm.coordinator.central_dp``.
 
 Central (site-level) DP, optional (``central-dp.enabled``; docs/notes/dp-lora.md §3.1–3.2): the strategy is
 wrapped in Flower's own ``DifferentialPrivacyServerSideFixedClipping`` or
@@ -46,7 +49,6 @@ not a cryptographically secure generator, like the sites' noise).
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import numpy as np
@@ -69,7 +71,7 @@ log = logging.getLogger(__name__)
 def build_strategy(config: StrategyConfig) -> FedAvg:
     """The configured Flower strategy; minimums of 1 so a 1-site federation never hangs.
 
-    ``strategy.min-available-sites`` is waited for once, before round 0 (``server._wait_for_sites``);
+    ``strategy.min-available-sites`` is waited for once, before round 0 (``rounds._wait_for_sites``);
     Flower's own ``min_available_nodes`` (checked every round, forever) is only ``min-train-sites``,
     so a site that crashed does not block the next round until it comes back."""
     common = dict(
@@ -88,8 +90,6 @@ def build_strategy(config: StrategyConfig) -> FedAvg:
         return FedAdam(eta=config.server_learning_rate, beta_1=config.beta_1, beta_2=config.beta_2,
                        tau=config.tau, **common)
     return FedAvg(**common)
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,18 +202,3 @@ class SiteLevelAdaptiveClipping(_SiteLevelDP, DifferentialPrivacyServerSideAdapt
             return super()._add_noise_to_aggregated_arrays(aggregated)
         finally:
             self.clipping_norm = next_norm
-
-
-def site_level_warning(*, epsilon: float, rounds: int, total_sites: int, noise_multiplier: float,
-                       threshold: float = 10.0) -> str | None:
-    """The plain warning logged at run start when the planned site-level ε exceeds ``threshold``."""
-    if epsilon <= threshold:
-        return None
-    shown = "∞" if math.isinf(epsilon) else f"{epsilon:.1f}"
-    return (
-        f"site-level ε would be {shown} after {rounds} rounds with {total_sites} sites at noise "
-        f"{noise_multiplier:g}: too large to mean anything; central DP only protects a site when "
-        "hundreds of sites take part per round. Raise central-dp.noise-multiplier (at a heavy cost in "
-        "accuracy), run fewer rounds, or rely on the record-level guarantee of each site (privacy.*); "
-        "see docs/privacy.md"
-    )

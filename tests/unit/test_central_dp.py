@@ -32,12 +32,13 @@ from fedllm.config import (
     defaults_flat,
     to_toml,
 )
+from fedllm.coordinator.central_dp import site_level_warning, start_central_dp
 from fedllm.coordinator.screening import triage_replies, validate_update
 from fedllm.errors import ConfigError, InvalidUpdateError
+from fedllm.flower.grid import reply_from_message
 from fedllm.flower.strategies import (
     build_strategy,
     clipped_count_stddev,
-    site_level_warning,
     with_central_dp,
 )
 from fedllm.privacy.accounting import PrivacyParameterError
@@ -149,7 +150,7 @@ def _round(dp, global_values, deltas, *, examples=None, orders=None):
                       examples=(examples or [10] * len(deltas))[i])
                for i, d in enumerate(deltas)]
     arrays, _ = dp.aggregate_train(1, replies)
-    return {k: arrays[k].numpy() for k in arrays.keys()}, arrays
+    return {k: arrays[k].numpy() for k in arrays}, arrays
 
 
 def _clip(delta, s):
@@ -266,10 +267,12 @@ def test_fedadam_cannot_be_wrapped():
 def test_an_update_identical_to_the_global_adapter_is_rejected_under_central_dp():
     """Flower's clipping divides by the update's norm: a zero update would crash the round."""
     current = _record({k: np.ones(s) for k, s in SHAPES.items()})
-    validate_update(current, current)  # fine without central DP
+    plain = {k: v.numpy() for k, v in current.items()}
+    validate_update(plain, plain)  # fine without central DP
     with pytest.raises(InvalidUpdateError, match="identical to the global adapter"):
-        validate_update(current, current, require_change=True)
-    triage = triage_replies([_reply(1, current)], reference=current, names={}, require_change=True)
+        validate_update(plain, plain, require_change=True)
+    reply = reply_from_message(_reply(1, current), kind="train", node_id=1)
+    triage = triage_replies([reply], reference=plain, names={}, require_change=True)
     assert list(triage.rejected) == ["site1"] and not triage.accepted
 
 
@@ -283,26 +286,24 @@ def _run_config(**central):
 
 def test_run_start_refuses_a_delta_that_is_not_below_one_over_the_number_of_sites(tmp_path):
     from fedllm.coordinator.history import RunHistory
-    from fedllm.coordinator.rounds import _start_central_dp
 
     history = RunHistory(tmp_path / "history.json", run_id="r", num_rounds=20)
     with pytest.raises(ConfigError, match=r"central-dp.target-delta = 0.25 is not below 1/N = 0.2 for N = 5 sites"):
-        _start_central_dp(_FakeGrid(range(5)), _run_config(**{"target-delta": 0.25}), history)
+        start_central_dp(_run_config(**{"target-delta": 0.25}), history, connected=5)
 
 
 def test_run_start_warns_plainly_and_rounds_record_the_guarantee(tmp_path, caplog):
     from fedllm.coordinator.history import RunHistory
-    from fedllm.coordinator.rounds import _start_central_dp
 
     history = RunHistory(tmp_path / "history.json", run_id="r", num_rounds=20)
     assert history.data["central-dp"] == {"enabled": False}
     import logging
 
-    server_log = logging.getLogger("fedllm.coordinator.rounds")  # the app's handler may stop propagation to root
+    server_log = logging.getLogger("fedllm.coordinator.central_dp")  # the app's handler may stop propagation
     server_log.addHandler(caplog.handler)
     try:
-        with caplog.at_level("INFO", logger="fedllm.coordinator.rounds"):
-            central = _start_central_dp(_FakeGrid(range(5)), _run_config(), history)
+        with caplog.at_level("INFO", logger="fedllm.coordinator.central_dp"):
+            central = start_central_dp(_run_config(), history, connected=5)
     finally:
         server_log.removeHandler(caplog.handler)
     assert "site-level ε would be 28.4 after 20 rounds with 5 sites at noise 1: too large" in caplog.text
@@ -313,9 +314,11 @@ def test_run_start_warns_plainly_and_rounds_record_the_guarantee(tmp_path, caplo
     rng = np.random.default_rng(6)
     zeros = {k: np.zeros(s) for k, s in SHAPES.items()}
     _round(dp, zeros, [_update(rng, 2.0) for _ in range(4)])  # one site refused: 4 averaged
-    central.record_round(history, 1, dp, asked=5, connected=5, released=True)
-    central.record_round(history, 2, dp, asked=5, connected=5, released=False)  # every site refused
-    central.record_round(history, 3, dp, asked=3, connected=5, released=True)  # a subset was asked
+    released = dict(clipping_norm=dp.round_clipping_norm, sites=dp.round_sites)
+    central.record_round(history, 1, asked=5, connected=5, released=True, **released)
+    central.record_round(history, 2, asked=5, connected=5, released=False,  # every site refused
+                         clipping_norm=dp.clipping_norm, sites=0)
+    central.record_round(history, 3, asked=3, connected=5, released=True, **released)  # a subset was asked
     rounds = {r["round"]: r["central-dp"] for r in history.data["rounds"]}
     eps1 = site_level_epsilon(noise_multiplier=1.0, sites_per_round=5, total_sites=5, rounds=1, target_delta=1e-5)
     eps2 = site_level_epsilon(noise_multiplier=1.0, sites_per_round=5, total_sites=5, rounds=2, target_delta=1e-5)

@@ -5,20 +5,9 @@ verified, a crash while saving leaves the old or the new state, and the history 
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import FedAvgM
 
 from fedllm import wire
@@ -31,7 +20,9 @@ from fedllm.coordinator.checkpoint import (
     save_server_state,
 )
 from fedllm.coordinator.history import RunHistory
+from fedllm.coordinator.protocol import Reply
 from fedllm.errors import ConfigError
+from fedllm.flower.coordinator_strategy import FlowerStrategy
 from fedllm.flower.strategies import build_strategy, with_central_dp
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
@@ -41,42 +32,37 @@ SHAPES = {"model.q_proj.lora_B.weight": (6, 2), "model.v_proj.lora_B.weight": (4
 SITES = (1, 2, 3)
 
 
-class _FakeGrid:
+class _FakeFederation:
     def __init__(self, nodes):
         self.nodes = nodes
 
-    def get_node_ids(self):
+    def node_ids(self):
         return list(self.nodes)
 
 
-def _initial() -> ArrayRecord:
+def _initial() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return ArrayRecord({k: Array(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()})
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
 
 
-def _replies(server_round: int, current: ArrayRecord) -> list:
+def _replies(server_round: int, current: dict[str, np.ndarray]) -> list[Reply]:
     """Each site's reply for a round: the arrays it was sent plus a fixed, round-dependent step."""
     out = []
     for node in SITES:
         rng = np.random.default_rng(1000 * server_round + node)
-        arrays = ArrayRecord({k: Array(current[k].numpy() + (rng.standard_normal(current[k].numpy().shape) * node)
-                                       .astype(current[k].numpy().dtype)) for k in current})
-        meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                        group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
-        content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10 * node,
-                                                                              wire.TRAIN_LOSS: 1.0})})
-        out.append(make_message(meta, content=content))
+        arrays = {k: current[k] + (rng.standard_normal(current[k].shape) * node).astype(current[k].dtype)
+                  for k in current}
+        out.append(Reply(node, arrays=arrays, metrics={wire.NUM_EXAMPLES: 10 * node, wire.TRAIN_LOSS: 1.0}))
     return out
 
 
-def _run_round(strategy, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-    list(strategy.configure_train(server_round, arrays, ConfigRecord(), _FakeGrid(SITES)))
-    new, _ = strategy.aggregate_train(server_round, _replies(server_round, arrays))
-    return new
+def _run_round(strategy, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    strategy.configure_train(server_round, arrays, {}, _FakeFederation(SITES))
+    return strategy.aggregate_train(server_round, _replies(server_round, arrays))
 
 
 def _fedadam():
-    return build_strategy(StrategyConfig(name="fedadam", server_learning_rate=0.05))
+    return FlowerStrategy(build_strategy(StrategyConfig(name="fedadam", server_learning_rate=0.05)))
 
 
 def _adaptive():
@@ -84,17 +70,18 @@ def _adaptive():
                              clip_norm_lr=0.5)
     dp = with_central_dp(build_strategy(StrategyConfig(name="fedavg")), config, sites_per_round=len(SITES))
     dp.clipped_count_stddev = 0.0  # noise off (z = 0) and a noiseless clipped count: deterministic C
-    return dp
+    return FlowerStrategy(dp)
 
 
 def _fixed():
     config = CentralDPConfig(enabled=True, noise_multiplier=0.0, clipping="fixed", clipping_norm=2.0)
-    return with_central_dp(build_strategy(StrategyConfig(name="fedprox")), config, sites_per_round=len(SITES))
+    return FlowerStrategy(with_central_dp(build_strategy(StrategyConfig(name="fedprox")), config,
+                                          sites_per_round=len(SITES)))
 
 
-def _equal(a: ArrayRecord, b: ArrayRecord) -> bool:
+def _equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return list(a.keys()) == list(b.keys()) and all(
-        a[k].dtype == b[k].dtype and np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+        a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
 def _continuous_and_resumed(make, tmp_path, *, saved_after: int, rounds: int, restore: bool = True):
@@ -126,7 +113,7 @@ def test_fedadam_resumed_after_a_round_ends_bit_identical_to_an_uninterrupted_ru
     assert _equal(arrays, resumed)
     for moment in ("m_t", "v_t"):
         for k in SHAPES:
-            assert np.array_equal(getattr(straight, moment)[k], getattr(second, moment)[k])
+            assert np.array_equal(getattr(straight.strategy, moment)[k], getattr(second.strategy, moment)[k])
 
 
 def test_without_restoring_fedadams_moments_the_run_would_differ(tmp_path):
@@ -138,20 +125,26 @@ def test_without_restoring_fedadams_moments_the_run_would_differ(tmp_path):
 def test_adaptive_clipping_resumed_keeps_its_clipping_norm_and_ends_identical(tmp_path, saved_after, rounds):
     straight, arrays, second, resumed = _continuous_and_resumed(_adaptive, tmp_path, saved_after=saved_after,
                                                                 rounds=rounds)
+    straight, second = straight.strategy, second.strategy
     assert straight.clipping_norm != 0.5  # C moved
     assert second.clipping_norm == straight.clipping_norm
     assert (second.round_clipping_norm, second.round_sites) == (straight.round_clipping_norm, straight.round_sites)
     assert _equal(arrays, resumed)
     _, arrays, second, resumed = _continuous_and_resumed(_adaptive, tmp_path, saved_after=saved_after,
                                                          rounds=rounds, restore=False)
-    assert second.clipping_norm != straight.clipping_norm and not _equal(arrays, resumed)
+    assert second.strategy.clipping_norm != straight.clipping_norm and not _equal(arrays, resumed)
 
 
 def test_fixed_clipping_round_state_is_restored(tmp_path):
     straight, arrays, second, resumed = _continuous_and_resumed(_fixed, tmp_path, saved_after=2, rounds=2)
     assert _equal(arrays, resumed)
+    second, straight = second.strategy, straight.strategy
     assert (second.round_clipping_norm, second.round_sites, second.num_sampled_clients) == (2.0, 3, 3)
-    assert _equal(second.current_arrays, straight.current_arrays)
+    assert _equal(_plain(second.current_arrays), _plain(straight.current_arrays))
+
+
+def _plain(record) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
 
 
 # ------------------------------------------------------------------------------ the files
@@ -277,15 +270,15 @@ def test_restoring_into_another_strategy_or_other_settings_is_refused(tmp_path):
     _save(tmp_path, 1, strategy=_fedadam())
     state = load_server_state(tmp_path)
     with pytest.raises(ConfigError, match=r"saved by a FedAdam strategy, this run builds FedAvg; cannot resume"):
-        restore_strategy(build_strategy(StrategyConfig()), state)
+        restore_strategy(FlowerStrategy(build_strategy(StrategyConfig())), state)
     with pytest.raises(ConfigError, match=r"FedAdam was run with eta 0.05 \(now 0.1\); cannot resume"):
-        restore_strategy(build_strategy(StrategyConfig(name="fedadam", server_learning_rate=0.1)), state)
+        restore_strategy(FlowerStrategy(build_strategy(StrategyConfig(name="fedadam", server_learning_rate=0.1))), state)
     restore_strategy(_fedadam(), state)
 
 
 def test_a_strategy_with_unknown_state_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="cannot save the state of a FedAvgM strategy"):
-        _save(tmp_path, 1, strategy=FedAvgM())
+        _save(tmp_path, 1, strategy=FlowerStrategy(FedAvgM()))
     with pytest.raises(ValueError, match="server_round must be an int >= 1"):
         _save(tmp_path, 0)
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):

@@ -1,4 +1,5 @@
-"""Aggregation maths and update screening on hand-made adapter updates (no processes)."""
+"""Aggregation maths and update screening on hand-made adapter updates (no processes): Flower's
+strategies directly, and through the coordinator's strategy protocol (``FlowerStrategy``)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 from fedllm import wire
-from fedllm.config import StrategyConfig
+from fedllm.config import RunConfig, StrategyConfig
 from fedllm.coordinator.screening import triage_replies, validate_update
 from fedllm.errors import InvalidUpdateError
+from fedllm.flower.coordinator_strategy import FlowerStrategy, make_strategy
+from fedllm.flower.grid import reply_from_message
 from fedllm.flower.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
@@ -36,6 +39,10 @@ def _ar(arrays: dict) -> ArrayRecord:
 
 def _arrays(fill: float) -> ArrayRecord:
     return _ar({k: np.full(s, fill, dtype=np.float32) for k, s in SHAPES.items()})
+
+
+def _plain(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
 
 
 def _reply(node: int, *, arrays: ArrayRecord | None = None, examples: int = 10, name: str = "", error: Error | None = None):
@@ -82,6 +89,31 @@ def test_a_one_site_federation_is_sampled_without_waiting():
     assert [m.metadata.dst_node_id for m in messages] == [42]
 
 
+def test_the_protocol_strategy_samples_and_configures_like_flowers_own():
+    """Through ``FlowerStrategy`` the tasks are Flower's messages: its sampling, its config keys."""
+    run = RunConfig.from_flat({"strategy.name": "fedprox", "strategy.proximal-mu": 0.25,
+                               "strategy.fraction-train": 0.5, "strategy.fraction-evaluate": 0.25})
+    strategy = make_strategy(run, sites_per_round=None)
+    assert strategy.label == "FedProx"
+    arrays = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    tasks = strategy.configure_train(2, arrays, {wire.RUN_ID: "trial"}, _Federation(range(1, 9)))
+    assert len(tasks) == 4 and len({t.node_id for t in tasks}) == 4 and {t.node_id for t in tasks} <= set(range(1, 9))
+    assert all(t.kind == "train" and t.arrays is arrays for t in tasks)
+    assert tasks[0].config == {wire.RUN_ID: "trial", wire.SERVER_ROUND: 2, wire.PROXIMAL_MU: 0.25}
+    evaluate = strategy.configure_evaluate(2, arrays, _Federation(range(1, 9)))
+    assert len(evaluate) == 2 and all(t.kind == "evaluate" for t in evaluate)
+
+
+def test_the_protocol_strategy_aggregates_replies_like_flowers_own():
+    replies = [_reply(1, arrays=_arrays(1.0), examples=10), _reply(2, arrays=_arrays(4.0), examples=30)]
+    expected, _ = build_strategy(StrategyConfig()).aggregate_train(1, replies)
+    plain = [reply_from_message(m, kind="train", node_id=m.metadata.src_node_id) for m in replies]
+    arrays = FlowerStrategy(build_strategy(StrategyConfig())).aggregate_train(1, plain)
+    assert list(arrays) == list(SHAPES)
+    for key in SHAPES:
+        np.testing.assert_array_equal(arrays[key], expected[key].numpy())
+
+
 @pytest.mark.parametrize(
     "bad, reason",
     [
@@ -94,8 +126,8 @@ def test_a_one_site_federation_is_sampled_without_waiting():
 )
 def test_invalid_updates_are_rejected(bad, reason):
     with pytest.raises(InvalidUpdateError, match=reason):
-        validate_update(bad, _arrays(0.0))
-    validate_update(_arrays(2.0), _arrays(0.0))  # a well-formed update passes
+        validate_update(_plain(bad), _plain(_arrays(0.0)))
+    validate_update(_plain(_arrays(2.0)), _plain(_arrays(0.0)))  # a well-formed update passes
 
 
 def test_triage_separates_refusals_failures_and_bad_updates_and_aggregates_the_rest():
@@ -110,13 +142,14 @@ def test_triage_separates_refusals_failures_and_bad_updates_and_aggregates_the_r
         _reply(5, arrays=bad, name="poisoned"),
     ]
     names[3] = "capped"
-    triage = triage_replies(replies, reference=_arrays(0.0), names=names)
+    plain = [reply_from_message(m, kind="train", node_id=m.metadata.src_node_id) for m in replies]
+    triage = triage_replies(plain, reference=_plain(_arrays(0.0)), names=names)
     assert sorted(triage.metrics) == ["good-a", "good-b"]
     assert list(triage.refused) == ["capped"] and "privacy budget" in triage.refused["capped"]
     assert triage.failed == [{"site": "node-4", "code": 2, "reason": "boom"}]
     assert "NaN" in triage.rejected["poisoned"]
-    arrays, _ = build_strategy(StrategyConfig()).aggregate_train(1, triage.accepted)
-    np.testing.assert_allclose(arrays["layer.lora_B.weight"].numpy(), 2.0)
+    arrays = FlowerStrategy(build_strategy(StrategyConfig())).aggregate_train(1, triage.accepted)
+    np.testing.assert_allclose(arrays["layer.lora_B.weight"], 2.0)
 
 
 class _FakeGrid:
@@ -130,3 +163,13 @@ class _FakeGrid:
 
     def create_message(self, *a, **k):  # pragma: no cover - not used by the strategies here
         raise NotImplementedError
+
+
+class _Federation:
+    """Just enough of the coordinator's ``Federation`` for sampling."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def node_ids(self):
+        return list(self.nodes)

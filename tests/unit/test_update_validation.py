@@ -1,5 +1,6 @@
 """Server-side screening of site replies: the update norm bound, the agreed metrics, the records a
-reply may hold and the site's name, on real Flower messages (no processes)."""
+reply may hold and the site's name, on real Flower messages (no processes) turned into the
+coordinator's ``Reply`` objects as the Flower Grid adapter does (``fedllm.flower.grid``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 import numpy as np
 import pytest
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Error,
@@ -24,6 +24,8 @@ from fedllm import wire
 from fedllm.config import StrategyConfig
 from fedllm.coordinator.screening import triage_replies, update_norm, validate_update
 from fedllm.errors import InvalidUpdateError
+from fedllm.flower.coordinator_strategy import FlowerStrategy
+from fedllm.flower.grid import record_from_arrays, reply_from_message
 from fedllm.flower.strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
@@ -32,11 +34,11 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conft
 SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2)}
 
 
-def _ar(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
+def _ar(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in values.items()}
 
 
-def _filled(fill: float) -> ArrayRecord:
+def _filled(fill: float) -> dict[str, np.ndarray]:
     return _ar({k: np.full(s, fill, dtype=np.float32) for k, s in SHAPES.items()})
 
 
@@ -62,11 +64,11 @@ def _message(node: int, content: RecordDict | None = None, *, error: Error | Non
     return make_message(meta, error=error) if error is not None else make_message(meta, content=content)
 
 
-def _train(node: int, arrays: ArrayRecord | None = None, *, metrics: dict | None = None, name: str | None = None,
+def _train(node: int, arrays: dict | None = None, *, metrics: dict | None = None, name: str | None = None,
            extra: dict | None = None):
     content = RecordDict({wire.METRICS: MetricRecord(_train_metrics() if metrics is None else metrics)})
     if arrays is not None:
-        content[wire.ARRAYS] = arrays
+        content[wire.ARRAYS] = record_from_arrays(arrays)
     if name != "":
         content[wire.SITE] = ConfigRecord({wire.SITE_NAME: name or f"site{node}"})
     for key, record in (extra or {}).items():
@@ -82,8 +84,17 @@ def _evaluate(node: int, *, metrics: dict | None = None, name: str | None = None
     return _message(node, content, kind=MessageType.EVALUATE)
 
 
+def _replies(messages) -> list:
+    """Flower replies as the coordinator receives them (each charged to its source node)."""
+    return [reply_from_message(m, kind=m.metadata.message_type, node_id=m.metadata.src_node_id) for m in messages]
+
+
 def _triage_one(reply, **kwargs):
-    return triage_replies([reply], reference=_filled(0.0), names={}, **kwargs)
+    return triage_replies(_replies([reply]), reference=_filled(0.0), names={}, **kwargs)
+
+
+def _aggregate(accepted) -> dict[str, np.ndarray]:
+    return FlowerStrategy(build_strategy(StrategyConfig())).aggregate_train(1, accepted)
 
 
 # ----------------------------------------------------------------------------- norm bound
@@ -99,7 +110,7 @@ def _norm_five() -> ArrayRecord:
 def test_update_norm_is_the_l2_distance_from_the_global_adapter_over_all_tensors():
     assert update_norm(_norm_five(), _filled(0.0)) == 5.0
     reference = _filled(1.0)
-    shifted = _ar({k: reference[k].numpy() + _norm_five()[k].numpy() for k in SHAPES})
+    shifted = _ar({k: reference[k] + _norm_five()[k] for k in SHAPES})
     assert update_norm(shifted, reference) == pytest.approx(5.0, rel=1e-7)  # relative to the reference, not 0
 
 
@@ -129,13 +140,13 @@ def test_the_norm_is_computed_in_float64():
 def test_triage_rejects_an_update_above_the_bound_and_aggregates_the_others():
     small = _filled(1.0)  # norm sqrt(12) = 3.46
     replies = [_train(1, small, name="near"), _train(2, _filled(3.0), name="far"), _train(3, _norm_five(), name="edge")]
-    triage = triage_replies(replies, reference=_filled(0.0), names={}, max_update_norm=5.0)
+    triage = triage_replies(_replies(replies), reference=_filled(0.0), names={}, max_update_norm=5.0)
     assert sorted(triage.metrics) == ["edge", "near"]
     assert list(triage.rejected) == ["far"]
     assert "update norm 10.3923" in triage.rejected["far"] and "federation.max-update-norm" in triage.rejected["far"]
-    arrays, _ = build_strategy(StrategyConfig()).aggregate_train(1, triage.accepted)
-    expected_a = (np.full((2, 3), 1.0) + _norm_five()["layer.lora_A.weight"].numpy()) / 2
-    np.testing.assert_allclose(arrays["layer.lora_A.weight"].numpy(), expected_a, rtol=1e-6)
+    arrays = _aggregate(triage.accepted)
+    expected_a = (np.full((2, 3), 1.0) + _norm_five()["layer.lora_A.weight"]) / 2
+    np.testing.assert_allclose(arrays["layer.lora_A.weight"], expected_a, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -177,16 +188,16 @@ def test_undefined_metrics_sent_as_minus_one_are_accepted():
 )
 def test_evaluate_replies_are_validated_and_rejected_ones_are_kept(metrics, reason):
     replies = [_evaluate(1, name="good"), _evaluate(2, metrics=metrics, name="bad")]
-    triage = triage_replies(replies, reference=None, names={})  # kind inferred: evaluate
-    assert list(triage.metrics) == ["good"] and [m.metadata.src_node_id for m in triage.accepted] == [1]
+    triage = triage_replies(_replies(replies), reference=None, names={})  # kind inferred: evaluate
+    assert list(triage.metrics) == ["good"] and [r.node_id for r in triage.accepted] == [1]
     assert reason in triage.rejected["bad"]
-    explicit = triage_replies(replies, reference=None, names={}, kind="evaluate")
+    explicit = triage_replies(_replies(replies), reference=None, names={}, kind="evaluate")
     assert explicit.rejected == triage.rejected
 
 
 def test_a_site_without_held_out_data_evaluates_zero_examples():
     metrics = _eval_metrics(**{wire.NUM_EXAMPLES: 0, wire.EVAL_LOSS: -1.0, wire.PERPLEXITY: -1.0, wire.EVAL_TOKENS: 0})
-    triage = triage_replies([_evaluate(1, metrics=metrics)], reference=None, names={})
+    triage = triage_replies(_replies([_evaluate(1, metrics=metrics)]), reference=None, names={})
     assert triage.metrics == {"site1": metrics}
 
 
@@ -203,7 +214,7 @@ def test_an_unknown_kind_is_a_programming_error():
     [
         ({"notes": ConfigRecord({"text": "patient 12 ..."})}, "unexpected record 'notes' in the train reply"),
         ({"metrics2": MetricRecord({"x": 1.0})}, "2 MetricRecords in the train reply (metrics, metrics2), expected 1"),
-        ({"arrays2": _filled(1.0)}, "2 ArrayRecords in the train reply (arrays, arrays2), expected 1"),
+        ({"arrays2": record_from_arrays(_filled(1.0))}, "2 ArrayRecords in the train reply (arrays, arrays2), expected 1"),
         ({wire.METRICS: ConfigRecord(_train_metrics())}, "record 'metrics' is a ConfigRecord, expected a MetricRecord"),
     ],
 )
@@ -215,12 +226,13 @@ def test_train_replies_with_records_a_site_does_not_send_are_rejected(extra, rea
 def test_a_train_reply_without_arrays_or_metrics_is_rejected():
     triage = _triage_one(_train(1, None))
     assert "no 'arrays' record in the train reply" in triage.rejected["site1"]
-    no_metrics = _message(2, RecordDict({wire.ARRAYS: _filled(1.0)}))
+    no_metrics = _message(2, RecordDict({wire.ARRAYS: record_from_arrays(_filled(1.0))}))
     assert "no 'metrics' record in the train reply" in _triage_one(no_metrics).rejected["node-2"]
 
 
 def test_an_evaluate_reply_carrying_tensors_is_rejected():
-    triage = triage_replies([_evaluate(1, extra={wire.ARRAYS: _filled(1.0)})], reference=None, names={})
+    triage = triage_replies(_replies([_evaluate(1, extra={wire.ARRAYS: record_from_arrays(_filled(1.0))})]),
+                            reference=None, names={})
     assert "1 ArrayRecords in the evaluate reply (arrays), expected none" in triage.rejected["site1"]
 
 
@@ -239,7 +251,7 @@ def test_an_evaluate_reply_carrying_tensors_is_rejected():
 def test_a_bad_site_record_is_rejected_under_the_node_id(site_record, reason):
     reply = _train(5, _filled(1.0), name="", extra={wire.SITE: site_record})
     names = {5: "known-before"}
-    triage = triage_replies([reply], reference=_filled(0.0), names=names)
+    triage = triage_replies(_replies([reply]), reference=_filled(0.0), names=names)
     assert list(triage.rejected) == ["node-5"] and reason in triage.rejected["node-5"]
     assert names == {5: "known-before"}  # the bad name is not remembered
 
@@ -248,7 +260,7 @@ def test_safe_names_are_remembered_and_a_second_claim_of_a_name_is_rejected():
     names: dict[int, str] = {}
     replies = [_train(1, _filled(1.0), name="cardio.v2_A-1"), _train(2, _filled(2.0), name="cardio.v2_A-1"),
                _train(3, _filled(2.0), name="x" * 64)]
-    triage = triage_replies(replies, reference=_filled(0.0), names=names)
+    triage = triage_replies(_replies(replies), reference=_filled(0.0), names=names)
     assert sorted(triage.metrics) == ["cardio.v2_A-1", "x" * 64]
     assert triage.rejected == {"node-2": "site name 'cardio.v2_A-1' was already used by another reply in this round"}
     assert names == {1: "cardio.v2_A-1", 3: "x" * 64}
@@ -265,28 +277,17 @@ def test_refusals_failures_and_every_rejection_are_sorted_and_the_rest_aggregate
         _train(6, _filled(1.0), name="chatty", metrics=_train_metrics(secret=1.0)),
         _train(7, _filled(1.0), name="leaky", extra={"text": ConfigRecord({"t": "x"})}),
     ]
-    triage = triage_replies(replies, reference=_filled(0.0), names=names, max_update_norm=50.0)
+    triage = triage_replies(_replies(replies), reference=_filled(0.0), names=names, max_update_norm=50.0)
     assert sorted(triage.metrics) == ["good-a", "good-b"]
     assert list(triage.refused) == ["capped"]
     assert triage.failed == [{"site": "node-4", "code": 2, "reason": "boom"}]
     assert sorted(triage.rejected) == ["chatty", "huge", "leaky"]
-    arrays, _ = build_strategy(StrategyConfig()).aggregate_train(1, triage.accepted)
-    np.testing.assert_allclose(arrays["layer.lora_B.weight"].numpy(), (1 * 10 + 4 * 30) / 40)
+    arrays = _aggregate(triage.accepted)
+    np.testing.assert_allclose(arrays["layer.lora_B.weight"], (1 * 10 + 4 * 30) / 40)
 
 
 def test_train_replies_without_a_reference_are_not_validated():
     """Backward compatible: only the reference (the arrays sent) makes a train triage validate."""
     reply = _train(1, _filled(1.0), metrics={wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 1.0})
-    triage = triage_replies([reply], reference=None, names={}, kind="train")
+    triage = triage_replies(_replies([reply]), reference=None, names={}, kind="train")
     assert list(triage.metrics) == ["site1"] and not triage.rejected
-
-
-def test_a_reply_is_charged_to_the_node_its_message_was_sent_to():
-    """An error the SuperLink writes for an unreachable node may not carry that node as source."""
-    meta = Metadata(run_id=1, message_id="r1", src_node_id=0, dst_node_id=0, reply_to_message_id="sent-to-9",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
-    unreachable = make_message(meta, error=Error(code=3, reason="node unavailable"))
-    triage = triage_replies([unreachable, _train(1, _filled(1.0))], reference=_filled(0.0), names={9: "radiology"},
-                            node_of={"sent-to-9": 9, "x": 1})
-    assert triage.failed == [{"site": "radiology", "code": 3, "reason": "node unavailable"}]
-    assert list(triage.metrics) == ["site1"]
