@@ -5,7 +5,6 @@ section, and the human-readable warning (golden)."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -13,12 +12,9 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -43,6 +39,7 @@ from fedllm.flower.strategies import (
 )
 from fedllm.privacy.accounting import PrivacyParameterError
 from fedllm.privacy.site_level import site_level_epsilon
+from tests.helpers import FakeGrid, reply_message
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
@@ -121,20 +118,10 @@ def _update(rng: np.random.Generator, norm: float, shapes=SHAPES) -> dict[str, n
 
 
 def _reply(node: int, arrays: ArrayRecord, *, examples: int = 10):
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
     content = RecordDict({wire.ARRAYS: arrays,
                           wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples, wire.TRAIN_LOSS: 1.0}),
                           wire.SITE: ConfigRecord({wire.SITE_NAME: f"site{node}"})})
-    return make_message(meta, content=content)
-
-
-class _FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+    return reply_message(node, content)
 
 
 def _wrapped(*, clipping="fixed", z=0.0, s=1.0, m=4, strategy="fedavg", **kw):
@@ -145,7 +132,7 @@ def _wrapped(*, clipping="fixed", z=0.0, s=1.0, m=4, strategy="fedavg", **kw):
 def _round(dp, global_values, deltas, *, examples=None, orders=None):
     """Configure a round from ``global_values``, send back global + delta per site, aggregate."""
     current = _record(global_values)
-    list(dp.configure_train(1, current, ConfigRecord(), _FakeGrid(range(1, len(deltas) + 1))))
+    list(dp.configure_train(1, current, ConfigRecord(), FakeGrid(range(1, len(deltas) + 1))))
     replies = [_reply(i + 1, _record({k: global_values[k] + d[k] for k in d}, order=(orders or [None] * len(deltas))[i]),
                       examples=(examples or [10] * len(deltas))[i])
                for i, d in enumerate(deltas)]

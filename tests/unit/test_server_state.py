@@ -24,20 +24,13 @@ from fedllm.coordinator.protocol import Reply
 from fedllm.errors import ConfigError
 from fedllm.flower.coordinator_strategy import FlowerStrategy
 from fedllm.flower.strategies import build_strategy, with_central_dp
+from tests.helpers import FakeNodes
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
 
 SHAPES = {"model.q_proj.lora_B.weight": (6, 2), "model.v_proj.lora_B.weight": (4, 2)}
 SITES = (1, 2, 3)
-
-
-class _FakeFederation:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def node_ids(self):
-        return list(self.nodes)
 
 
 def _initial() -> dict[str, np.ndarray]:
@@ -57,7 +50,7 @@ def _replies(server_round: int, current: dict[str, np.ndarray]) -> list[Reply]:
 
 
 def _run_round(strategy, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    strategy.configure_train(server_round, arrays, {}, _FakeFederation(SITES))
+    strategy.configure_train(server_round, arrays, {}, FakeNodes(SITES))
     return strategy.aggregate_train(server_round, _replies(server_round, arrays))
 
 

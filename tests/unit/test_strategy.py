@@ -3,8 +3,6 @@ strategies directly, and through the coordinator's strategy protocol (``FlowerSt
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from flwr.app import (
@@ -12,12 +10,9 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Error,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from fedllm import wire
 from fedllm.config import RunConfig, StrategyConfig
@@ -26,11 +21,9 @@ from fedllm.errors import InvalidUpdateError
 from fedllm.flower.coordinator_strategy import FlowerStrategy, make_strategy
 from fedllm.flower.grid import reply_from_message
 from fedllm.flower.strategies import build_strategy
+from tests.helpers import SMALL_ADAPTER, FakeGrid, FakeNodes, filled_adapter, reply_message
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
-
-
-SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2)}
 
 
 def _ar(arrays: dict) -> ArrayRecord:
@@ -38,7 +31,7 @@ def _ar(arrays: dict) -> ArrayRecord:
 
 
 def _arrays(fill: float) -> ArrayRecord:
-    return _ar({k: np.full(s, fill, dtype=np.float32) for k, s in SHAPES.items()})
+    return _ar(filled_adapter(fill))
 
 
 def _plain(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -46,31 +39,29 @@ def _plain(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _reply(node: int, *, arrays: ArrayRecord | None = None, examples: int = 10, name: str = "", error: Error | None = None):
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
     if error is not None:
-        return make_message(meta, error=error)
+        return reply_message(node, error=error)
     metrics = dict.fromkeys(wire.TRAIN_METRIC_KEYS, 1.0) | {wire.NUM_EXAMPLES: examples, wire.TRAIN_LOSS: 1.0 * node}
     content = RecordDict({wire.METRICS: MetricRecord(metrics),
                           wire.SITE: ConfigRecord({wire.SITE_NAME: name or f"site{node}"})})
     if arrays is not None:
         content[wire.ARRAYS] = arrays
-    return make_message(meta, content=content)
+    return reply_message(node, content)
 
 
 def test_fedavg_weights_updates_by_examples():
     strategy = build_strategy(StrategyConfig(name="fedavg"))
     replies = [_reply(1, arrays=_arrays(1.0), examples=10), _reply(2, arrays=_arrays(4.0), examples=30)]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    for key in SHAPES:
-        np.testing.assert_allclose(arrays[key].numpy(), np.full(SHAPES[key], (1 * 10 + 4 * 30) / 40))
+    for key in SMALL_ADAPTER:
+        np.testing.assert_allclose(arrays[key].numpy(), np.full(SMALL_ADAPTER[key], (1 * 10 + 4 * 30) / 40))
     assert metrics[wire.TRAIN_LOSS] == pytest.approx((1 * 10 + 2 * 30) / 40)
 
 
 def test_fedadam_moves_the_global_adapter_towards_the_average():
     strategy = build_strategy(StrategyConfig(name="fedadam", server_learning_rate=0.1))
     current = _arrays(0.0)
-    list(strategy.configure_train(1, current, ConfigRecord(), _FakeGrid([1, 2])))
+    list(strategy.configure_train(1, current, ConfigRecord(), FakeGrid([1, 2])))
     arrays, _ = strategy.aggregate_train(1, [_reply(1, arrays=_arrays(1.0)), _reply(2, arrays=_arrays(1.0))])
     values = arrays["layer.lora_A.weight"].numpy()
     assert np.all(values > 0) and np.all(values <= 1.0)  # an Adam step of size ~eta towards +1
@@ -78,14 +69,14 @@ def test_fedadam_moves_the_global_adapter_towards_the_average():
 
 def test_fedprox_sends_the_proximal_term():
     strategy = build_strategy(StrategyConfig(name="fedprox", proximal_mu=0.25))
-    messages = list(strategy.configure_train(3, _arrays(0.0), ConfigRecord(), _FakeGrid([7])))
+    messages = list(strategy.configure_train(3, _arrays(0.0), ConfigRecord(), FakeGrid([7])))
     assert messages[0].content[wire.CONFIG][wire.PROXIMAL_MU] == 0.25
     assert messages[0].content[wire.CONFIG][wire.SERVER_ROUND] == 3
 
 
 def test_a_one_site_federation_is_sampled_without_waiting():
     strategy = build_strategy(StrategyConfig())
-    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), _FakeGrid([42])))
+    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), FakeGrid([42])))
     assert [m.metadata.dst_node_id for m in messages] == [42]
 
 
@@ -95,12 +86,12 @@ def test_the_protocol_strategy_samples_and_configures_like_flowers_own():
                                "strategy.fraction-train": 0.5, "strategy.fraction-evaluate": 0.25})
     strategy = make_strategy(run, sites_per_round=None)
     assert strategy.label == "FedProx"
-    arrays = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    tasks = strategy.configure_train(2, arrays, {wire.RUN_ID: "trial"}, _Federation(range(1, 9)))
+    arrays = {k: np.zeros(s, np.float32) for k, s in SMALL_ADAPTER.items()}
+    tasks = strategy.configure_train(2, arrays, {wire.RUN_ID: "trial"}, FakeNodes(range(1, 9)))
     assert len(tasks) == 4 and len({t.node_id for t in tasks}) == 4 and {t.node_id for t in tasks} <= set(range(1, 9))
     assert all(t.kind == "train" and t.arrays is arrays for t in tasks)
     assert tasks[0].config == {wire.RUN_ID: "trial", wire.SERVER_ROUND: 2, wire.PROXIMAL_MU: 0.25}
-    evaluate = strategy.configure_evaluate(2, arrays, _Federation(range(1, 9)))
+    evaluate = strategy.configure_evaluate(2, arrays, FakeNodes(range(1, 9)))
     assert len(evaluate) == 2 and all(t.kind == "evaluate" for t in evaluate)
 
 
@@ -109,8 +100,8 @@ def test_the_protocol_strategy_aggregates_replies_like_flowers_own():
     expected, _ = build_strategy(StrategyConfig()).aggregate_train(1, replies)
     plain = [reply_from_message(m, kind="train", node_id=m.metadata.src_node_id) for m in replies]
     arrays = FlowerStrategy(build_strategy(StrategyConfig())).aggregate_train(1, plain)
-    assert list(arrays) == list(SHAPES)
-    for key in SHAPES:
+    assert list(arrays) == list(SMALL_ADAPTER)
+    for key in SMALL_ADAPTER:
         np.testing.assert_array_equal(arrays[key], expected[key].numpy())
 
 
@@ -150,26 +141,3 @@ def test_triage_separates_refusals_failures_and_bad_updates_and_aggregates_the_r
     assert "NaN" in triage.rejected["poisoned"]
     arrays = FlowerStrategy(build_strategy(StrategyConfig())).aggregate_train(1, triage.accepted)
     np.testing.assert_allclose(arrays["layer.lora_B.weight"], 2.0)
-
-
-class _FakeGrid:
-    """Just enough of a Grid for a strategy's sampling."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def create_message(self, *a, **k):  # pragma: no cover - not used by the strategies here
-        raise NotImplementedError
-
-
-class _Federation:
-    """Just enough of the coordinator's ``Federation`` for sampling."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def node_ids(self):
-        return list(self.nodes)

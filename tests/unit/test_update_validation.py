@@ -5,7 +5,6 @@ coordinator's ``Reply`` objects as the Flower Grid adapter does (``fedllm.flower
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from fedllm import wire
 from fedllm.config import StrategyConfig
@@ -27,19 +24,13 @@ from fedllm.errors import InvalidUpdateError
 from fedllm.flower.coordinator_strategy import FlowerStrategy
 from fedllm.flower.grid import record_from_arrays, reply_from_message
 from fedllm.flower.strategies import build_strategy
+from tests.helpers import SMALL_ADAPTER, filled_adapter, reply_message
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
 
-SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2)}
-
-
 def _ar(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in values.items()}
-
-
-def _filled(fill: float) -> dict[str, np.ndarray]:
-    return _ar({k: np.full(s, fill, dtype=np.float32) for k, s in SHAPES.items()})
 
 
 def _train_metrics(**overrides) -> dict:
@@ -58,12 +49,6 @@ def _eval_metrics(**overrides) -> dict:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def _message(node: int, content: RecordDict | None = None, *, error: Error | None = None, kind=MessageType.TRAIN):
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type=kind)
-    return make_message(meta, error=error) if error is not None else make_message(meta, content=content)
-
-
 def _train(node: int, arrays: dict | None = None, *, metrics: dict | None = None, name: str | None = None,
            extra: dict | None = None):
     content = RecordDict({wire.METRICS: MetricRecord(_train_metrics() if metrics is None else metrics)})
@@ -73,7 +58,7 @@ def _train(node: int, arrays: dict | None = None, *, metrics: dict | None = None
         content[wire.SITE] = ConfigRecord({wire.SITE_NAME: name or f"site{node}"})
     for key, record in (extra or {}).items():
         content[key] = record
-    return _message(node, content)
+    return reply_message(node, content)
 
 
 def _evaluate(node: int, *, metrics: dict | None = None, name: str | None = None, extra: dict | None = None):
@@ -81,7 +66,7 @@ def _evaluate(node: int, *, metrics: dict | None = None, name: str | None = None
                           wire.SITE: ConfigRecord({wire.SITE_NAME: name or f"site{node}"})})
     for key, record in (extra or {}).items():
         content[key] = record
-    return _message(node, content, kind=MessageType.EVALUATE)
+    return reply_message(node, content, kind=MessageType.EVALUATE)
 
 
 def _replies(messages) -> list:
@@ -90,7 +75,7 @@ def _replies(messages) -> list:
 
 
 def _triage_one(reply, **kwargs):
-    return triage_replies(_replies([reply]), reference=_filled(0.0), names={}, **kwargs)
+    return triage_replies(_replies([reply]), reference=filled_adapter(0.0), names={}, **kwargs)
 
 
 def _aggregate(accepted) -> dict[str, np.ndarray]:
@@ -108,14 +93,14 @@ def _norm_five() -> ArrayRecord:
 
 
 def test_update_norm_is_the_l2_distance_from_the_global_adapter_over_all_tensors():
-    assert update_norm(_norm_five(), _filled(0.0)) == 5.0
-    reference = _filled(1.0)
-    shifted = _ar({k: reference[k] + _norm_five()[k] for k in SHAPES})
+    assert update_norm(_norm_five(), filled_adapter(0.0)) == 5.0
+    reference = filled_adapter(1.0)
+    shifted = _ar({k: reference[k] + _norm_five()[k] for k in SMALL_ADAPTER})
     assert update_norm(shifted, reference) == pytest.approx(5.0, rel=1e-7)  # relative to the reference, not 0
 
 
 def test_a_norm_exactly_at_the_bound_is_accepted_and_just_above_is_rejected():
-    update, zeros = _norm_five(), _filled(0.0)
+    update, zeros = _norm_five(), filled_adapter(0.0)
     validate_update(update, zeros, max_update_norm=5.0)
     validate_update(update, zeros, max_update_norm=0.0)  # 0: no bound
     just_below = float(np.nextafter(5.0, 0.0))
@@ -138,9 +123,9 @@ def test_the_norm_is_computed_in_float64():
 
 
 def test_triage_rejects_an_update_above_the_bound_and_aggregates_the_others():
-    small = _filled(1.0)  # norm sqrt(12) = 3.46
-    replies = [_train(1, small, name="near"), _train(2, _filled(3.0), name="far"), _train(3, _norm_five(), name="edge")]
-    triage = triage_replies(_replies(replies), reference=_filled(0.0), names={}, max_update_norm=5.0)
+    small = filled_adapter(1.0)  # norm sqrt(12) = 3.46
+    replies = [_train(1, small, name="near"), _train(2, filled_adapter(3.0), name="far"), _train(3, _norm_five(), name="edge")]
+    triage = triage_replies(_replies(replies), reference=filled_adapter(0.0), names={}, max_update_norm=5.0)
     assert sorted(triage.metrics) == ["edge", "near"]
     assert list(triage.rejected) == ["far"]
     assert "update norm 10.3923" in triage.rejected["far"] and "federation.max-update-norm" in triage.rejected["far"]
@@ -166,14 +151,14 @@ def test_triage_rejects_an_update_above_the_bound_and_aggregates_the_others():
     ],
 )
 def test_train_replies_with_other_than_the_agreed_metrics_are_rejected_naming_the_key(metrics, reason):
-    triage = _triage_one(_train(1, _filled(1.0), metrics=metrics))
+    triage = _triage_one(_train(1, filled_adapter(1.0), metrics=metrics))
     assert not triage.accepted and not triage.metrics
     assert reason in triage.rejected["site1"]
 
 
 def test_undefined_metrics_sent_as_minus_one_are_accepted():
     metrics = _train_metrics(**{wire.TRAIN_LOSS: -1.0, wire.EPSILON: -1.0})
-    triage = _triage_one(_train(1, _filled(1.0), metrics=metrics))
+    triage = _triage_one(_train(1, filled_adapter(1.0), metrics=metrics))
     assert triage.metrics["site1"] == metrics and not triage.rejected
 
 
@@ -214,24 +199,24 @@ def test_an_unknown_kind_is_a_programming_error():
     [
         ({"notes": ConfigRecord({"text": "patient 12 ..."})}, "unexpected record 'notes' in the train reply"),
         ({"metrics2": MetricRecord({"x": 1.0})}, "2 MetricRecords in the train reply (metrics, metrics2), expected 1"),
-        ({"arrays2": record_from_arrays(_filled(1.0))}, "2 ArrayRecords in the train reply (arrays, arrays2), expected 1"),
+        ({"arrays2": record_from_arrays(filled_adapter(1.0))}, "2 ArrayRecords in the train reply (arrays, arrays2), expected 1"),
         ({wire.METRICS: ConfigRecord(_train_metrics())}, "record 'metrics' is a ConfigRecord, expected a MetricRecord"),
     ],
 )
 def test_train_replies_with_records_a_site_does_not_send_are_rejected(extra, reason):
-    triage = _triage_one(_train(1, _filled(1.0), extra=extra))
+    triage = _triage_one(_train(1, filled_adapter(1.0), extra=extra))
     assert reason in triage.rejected["site1"] and not triage.accepted
 
 
 def test_a_train_reply_without_arrays_or_metrics_is_rejected():
     triage = _triage_one(_train(1, None))
     assert "no 'arrays' record in the train reply" in triage.rejected["site1"]
-    no_metrics = _message(2, RecordDict({wire.ARRAYS: record_from_arrays(_filled(1.0))}))
+    no_metrics = reply_message(2, RecordDict({wire.ARRAYS: record_from_arrays(filled_adapter(1.0))}))
     assert "no 'metrics' record in the train reply" in _triage_one(no_metrics).rejected["node-2"]
 
 
 def test_an_evaluate_reply_carrying_tensors_is_rejected():
-    triage = triage_replies(_replies([_evaluate(1, extra={wire.ARRAYS: record_from_arrays(_filled(1.0))})]),
+    triage = triage_replies(_replies([_evaluate(1, extra={wire.ARRAYS: record_from_arrays(filled_adapter(1.0))})]),
                             reference=None, names={})
     assert "1 ArrayRecords in the evaluate reply (arrays), expected none" in triage.rejected["site1"]
 
@@ -249,18 +234,18 @@ def test_an_evaluate_reply_carrying_tensors_is_rejected():
     ],
 )
 def test_a_bad_site_record_is_rejected_under_the_node_id(site_record, reason):
-    reply = _train(5, _filled(1.0), name="", extra={wire.SITE: site_record})
+    reply = _train(5, filled_adapter(1.0), name="", extra={wire.SITE: site_record})
     names = {5: "known-before"}
-    triage = triage_replies(_replies([reply]), reference=_filled(0.0), names=names)
+    triage = triage_replies(_replies([reply]), reference=filled_adapter(0.0), names=names)
     assert list(triage.rejected) == ["node-5"] and reason in triage.rejected["node-5"]
     assert names == {5: "known-before"}  # the bad name is not remembered
 
 
 def test_safe_names_are_remembered_and_a_second_claim_of_a_name_is_rejected():
     names: dict[int, str] = {}
-    replies = [_train(1, _filled(1.0), name="cardio.v2_A-1"), _train(2, _filled(2.0), name="cardio.v2_A-1"),
-               _train(3, _filled(2.0), name="x" * 64)]
-    triage = triage_replies(_replies(replies), reference=_filled(0.0), names=names)
+    replies = [_train(1, filled_adapter(1.0), name="cardio.v2_A-1"), _train(2, filled_adapter(2.0), name="cardio.v2_A-1"),
+               _train(3, filled_adapter(2.0), name="x" * 64)]
+    triage = triage_replies(_replies(replies), reference=filled_adapter(0.0), names=names)
     assert sorted(triage.metrics) == ["cardio.v2_A-1", "x" * 64]
     assert triage.rejected == {"node-2": "site name 'cardio.v2_A-1' was already used by another reply in this round"}
     assert names == {1: "cardio.v2_A-1", 3: "x" * 64}
@@ -269,15 +254,15 @@ def test_safe_names_are_remembered_and_a_second_claim_of_a_name_is_rejected():
 def test_refusals_failures_and_every_rejection_are_sorted_and_the_rest_aggregated():
     names = {3: "capped"}
     replies = [
-        _train(1, _filled(1.0), name="good-a", metrics=_train_metrics(**{wire.NUM_EXAMPLES: 10})),
-        _train(2, _filled(4.0), name="good-b", metrics=_train_metrics(**{wire.NUM_EXAMPLES: 30})),
-        _message(3, error=Error(code=wire.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
-        _message(4, error=Error(code=2, reason="boom")),
-        _train(5, _filled(100.0), name="huge"),
-        _train(6, _filled(1.0), name="chatty", metrics=_train_metrics(secret=1.0)),
-        _train(7, _filled(1.0), name="leaky", extra={"text": ConfigRecord({"t": "x"})}),
+        _train(1, filled_adapter(1.0), name="good-a", metrics=_train_metrics(**{wire.NUM_EXAMPLES: 10})),
+        _train(2, filled_adapter(4.0), name="good-b", metrics=_train_metrics(**{wire.NUM_EXAMPLES: 30})),
+        reply_message(3, error=Error(code=wire.BUDGET_REFUSED, reason="Site 'capped' would exceed its privacy budget")),
+        reply_message(4, error=Error(code=2, reason="boom")),
+        _train(5, filled_adapter(100.0), name="huge"),
+        _train(6, filled_adapter(1.0), name="chatty", metrics=_train_metrics(secret=1.0)),
+        _train(7, filled_adapter(1.0), name="leaky", extra={"text": ConfigRecord({"t": "x"})}),
     ]
-    triage = triage_replies(_replies(replies), reference=_filled(0.0), names=names, max_update_norm=50.0)
+    triage = triage_replies(_replies(replies), reference=filled_adapter(0.0), names=names, max_update_norm=50.0)
     assert sorted(triage.metrics) == ["good-a", "good-b"]
     assert list(triage.refused) == ["capped"]
     assert triage.failed == [{"site": "node-4", "code": 2, "reason": "boom"}]
@@ -288,6 +273,6 @@ def test_refusals_failures_and_every_rejection_are_sorted_and_the_rest_aggregate
 
 def test_train_replies_without_a_reference_are_not_validated():
     """Backward compatible: only the reference (the arrays sent) makes a train triage validate."""
-    reply = _train(1, _filled(1.0), metrics={wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 1.0})
+    reply = _train(1, filled_adapter(1.0), metrics={wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 1.0})
     triage = triage_replies(_replies([reply]), reference=None, names={}, kind="train")
     assert list(triage.metrics) == ["site1"] and not triage.rejected
