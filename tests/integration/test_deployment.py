@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SMOKE_DATA
 from tests.integration.test_simulation import _processes_with
 from tests.integration.wire import RecordingProxy, pushed_objects
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-SMOKE = ROOT / "simulations" / "smoke" / "data" / "smoke.jsonl"
 RUN_TOML = """\
 [model]
 name = "tiny-random-llama"
@@ -138,7 +137,7 @@ def _prepare(fed: Federation, sites: list[str], *, extra: str = "") -> Path:
     registered.mkdir()
     for name in sites:
         shutil.copy(fed.tmp / "certs" / "sites" / f"{name}.pub", registered)
-    lines = SMOKE.read_text().splitlines(keepends=True)
+    lines = SMOKE_DATA.read_text().splitlines(keepends=True)
     for i, name in enumerate([*sites, "rogue"]):
         folder = fed.tmp / f"site-{name}"
         folder.mkdir()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
 
 
 def _processes_with(marker: str) -> list[str]:
@@ -33,7 +33,7 @@ def _processes_with(marker: str) -> list[str]:
 def simulate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     marker = f"FEDLLM_TEST_RUN={uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEDLLM_TEST_RUN": marker.split("=", 1)[1]}
-    res = subprocess.run([sys.executable, "-m", "fedllm.cli.main", "simulate", *args], cwd=ROOT, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "fedllm.cli.main", "simulate", *args], cwd=REPO, capture_output=True,
                          text=True, timeout=timeout, env=env)
     leftover = _processes_with(marker)
     assert not leftover, f"processes left behind: {leftover}"

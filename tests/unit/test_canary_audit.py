@@ -36,9 +36,8 @@ from fedllm.reports.canary_report import (
     summary_lines,
     verdict_line,
 )
-from tests.helpers import save_random_llama
+from tests.helpers import SMOKE_DATA, save_random_llama
 
-SMOKE_DATA = Path(__file__).resolve().parents[2] / "simulations" / "smoke" / "data" / "smoke.jsonl"
 CANARIES = 40  # k = 5 guesses per side; the one-run alarm needs all 10 right
 
 

@@ -39,7 +39,7 @@ from fedllm.flower.strategies import (
 )
 from fedllm.privacy.accounting import PrivacyParameterError
 from fedllm.privacy.site_level import site_level_epsilon
-from tests.helpers import FakeGrid, reply_message
+from tests.helpers import REPO, FakeGrid, reply_message
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
@@ -367,10 +367,9 @@ def test_central_dp_typo_and_fedadam_are_refused():
 
 
 def test_every_central_dp_key_is_documented_with_its_default():
-    from pathlib import Path
-
     from fedllm.config import toml_value
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
+
+    doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     for key, value in defaults_flat().items():
         if key.startswith("central-dp."):
             assert f"| `{key}` |" in doc, key

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -22,15 +21,10 @@ from fedllm.config import (
 )
 from fedllm.errors import ConfigError
 from fedllm.simulation.scenario import load_scenario
+from tests.helpers import REPO, problem_lines
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_TOMLS = sorted((REPO / "simulations").glob("*/run.toml"))
 SITES_TOMLS = sorted((REPO / "simulations").glob("*/sites.toml"))
-
-
-def _problem_lines(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
-    """The '  - ...' lines of a ConfigError, one per problem."""
-    return [line.strip()[2:] for line in str(exc.value).splitlines() if line.strip().startswith("- ")]
 
 
 def _typed(flat: dict) -> dict:
@@ -83,7 +77,7 @@ def test_shipped_sites_toml_parses(path):
 def test_typo_gets_did_you_mean():
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"privacy.max-epsilom": 4.0})
-    (line,) = _problem_lines(exc)
+    (line,) = problem_lines(exc)
     assert line.startswith("privacy.max-epsilom")
     assert "did you mean 'privacy.max-epsilon'" in line
 
@@ -91,7 +85,7 @@ def test_typo_gets_did_you_mean():
 def test_unrelated_unknown_key_has_no_misleading_suggestion():
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"zzzz": 1})
-    (line,) = _problem_lines(exc)
+    (line,) = problem_lines(exc)
     assert line.startswith("zzzz: unknown key")
     assert "did you mean" not in line
 
@@ -117,7 +111,7 @@ def test_unrelated_unknown_key_has_no_misleading_suggestion():
 def test_bad_value_is_one_line_naming_key(key, value, expected):
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({key: value})
-    (line,) = _problem_lines(exc)  # exactly one problem: a bad type is not also reported as a bad range
+    (line,) = problem_lines(exc)  # exactly one problem: a bad type is not also reported as a bad range
     assert line.startswith(f"{key} = {value!r}")
     assert expected in line
 
@@ -132,7 +126,7 @@ def test_all_problems_reported_together():
     }
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat(bad)
-    lines = _problem_lines(exc)
+    lines = problem_lines(exc)
     assert len(lines) == len(bad)
     for key in bad:
         assert sum(line.startswith(key) for line in lines) == 1, key
@@ -275,7 +269,7 @@ def test_site_from_node_config():
 def test_site_from_node_config_requires_name_and_data(node, missing):
     with pytest.raises(ConfigError) as exc:
         SiteConfig.from_node_config(node)
-    lines = _problem_lines(exc)
+    lines = problem_lines(exc)
     assert [line.split(":")[0] for line in lines] == missing
 
 

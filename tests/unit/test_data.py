@@ -32,8 +32,7 @@ from fedllm.data.partition import (
 from fedllm.data.pubmedqa import SITES, pubmedqa_site_records, site_of
 from fedllm.errors import DataError
 from fedllm.model.loading import build_byte_tokenizer
-
-PUBMEDQA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "pubmedqa"
+from tests.helpers import PUBMEDQA_DIR, write_jsonl
 
 INSTRUCTION = {"instruction": "Summarise the note.", "input": "BP 120/80, no fever.", "output": "Vitals normal."}
 CHAT = {
@@ -53,11 +52,6 @@ EXPECTED = [
 
 
 # --------------------------------------------------------------------------------- file writers
-
-
-def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def _write_json(path: Path, rows: list) -> Path:
@@ -81,7 +75,7 @@ def _write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-WRITERS = {".jsonl": _write_jsonl, ".json": _write_json, ".csv": _write_csv, ".parquet": _write_parquet}
+WRITERS = {".jsonl": write_jsonl, ".json": _write_json, ".csv": _write_csv, ".parquet": _write_parquet}
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -103,7 +97,7 @@ def test_instruction_without_input_and_blank_jsonl_lines(tmp_path):
 
 
 def test_explicit_format_overrides_detection(tmp_path):
-    path = _write_jsonl(tmp_path / "site.jsonl", [{"text": "plain", "output": "ignored"}])
+    path = write_jsonl(tmp_path / "site.jsonl", [{"text": "plain", "output": "ignored"}])
     assert load_records(path, format="text") == [{"text": "plain"}]
     with pytest.raises(DataError, match="missing field 'instruction'"):
         load_records(path)  # auto: 'output' makes it an instruction record
@@ -164,7 +158,7 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 def test_unknown_format_is_rejected(tmp_path):
-    path = _write_jsonl(tmp_path / "site.jsonl", [TEXT])
+    path = write_jsonl(tmp_path / "site.jsonl", [TEXT])
     with pytest.raises(DataError, match="unknown data format 'xml'"):
         load_records(path, format="xml")
 
@@ -463,7 +457,7 @@ def test_sharegpt_conversations_become_chat_messages(tmp_path):
                                {"from": "gpt", "value": "Hello."}]},
             {"id": "x", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
                                           {"from": "human", "value": "and 3+3?"}, {"from": "gpt", "value": "6"}]}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     records = load_records(path)
     assert records[0] == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                                        {"role": "assistant", "content": "Hello."}]}
@@ -527,10 +521,10 @@ def test_a_column_mapping_reads_fedllms_fields_from_other_columns(tmp_path, suff
 
 
 def test_a_mapped_text_or_conversation_column(tmp_path):
-    path = _write_jsonl(tmp_path / "t.jsonl", [{"body": "Aspirin is an NSAID.", "text": "ignored"},
-                                               {"body": "Rest helps.", "text": "ignored"}])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"body": "Aspirin is an NSAID.", "text": "ignored"},
+                                              {"body": "Rest helps.", "text": "ignored"}])
     assert load_records(path, columns="text=body") == [{"text": "Aspirin is an NSAID."}, {"text": "Rest helps."}]
-    path = _write_jsonl(tmp_path / "c.jsonl", [{"dialog": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
+    path = write_jsonl(tmp_path / "c.jsonl", [{"dialog": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
     assert load_records(path, columns="conversations=dialog")[0]["messages"][1] == {"role": "assistant", "content": "Yo"}
 
 

@@ -11,6 +11,7 @@ import pytest
 from fedllm.cli.main import build_parser, main
 from fedllm.deploy.server_commands import _local_address, _run_overrides, _valid_address
 from fedllm.errors import ConfigError, FedLLMError
+from tests.helpers import write_jsonl
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -106,7 +107,7 @@ def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(t
     from fedllm.privacy.signing import generate_signing_key, load_private_key
 
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(4)))
+    write_jsonl(data, ({"text": f"record {i}"} for i in range(4)))
     mine, _ = generate_signing_key(tmp_path / "mine", site="a")
     other, _ = generate_signing_key(tmp_path / "other", site="a")
     ledger = PrivacyLedger.open(tmp_path / "ledger.json", site="a",

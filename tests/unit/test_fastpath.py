@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedllm.fastpath import allocator, attention, head, products
+from tests.helpers import write_jsonl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -148,8 +149,6 @@ def test_with_the_fast_path_off_none_of_it_runs(tmp_path, monkeypatch, fast_path
     attention is the model's own, and neither ``enable`` nor the allocator setting, the fused head,
     the timed products or the attention choice is ever called (each replaced by a function that
     fails). With ``train.fast-path = true`` the same site does call them: the check can fail."""
-    import json
-
     import fedllm.fastpath as fastpath
     from fedllm.config import RunConfig, SiteConfig
     from fedllm.fastpath import lora, norms
@@ -167,7 +166,7 @@ def test_with_the_fast_path_off_none_of_it_runs(tmp_path, monkeypatch, fast_path
                                   "train.local-steps": 1, "train.batch-size": 4, "privacy.noise-multiplier": 1.0,
                                   "train.fast-path": fast_path})
     data = tmp_path / "site.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(16)))
+    write_jsonl(data, ({"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(16)))
     if fast_path:
         with pytest.raises(_FastPathRan):
             SiteRuntime(config, SiteConfig(name="s", data_path=str(data)), ledger_path=tmp_path / "l.json",

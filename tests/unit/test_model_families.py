@@ -5,7 +5,6 @@ Tiny random models built from each family's transformers config (seconds, no dow
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from fedllm.model.loading import TINY_CONFIGS, build_tiny_model
 from fedllm.model.lora import get_adapter_state, save_adapter, target_modules
 from fedllm.site.runtime import SiteRuntime
 from fedllm.site.training import DPSettings, train_local
+from tests.helpers import with_random_lora, write_jsonl
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(16)]
 FAMILIES = sorted(TINY_CONFIGS)
@@ -46,7 +46,7 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
     replies, metrics = [], []
     for i, half in enumerate((RECORDS[:8], RECORDS[8:])):
         data = tmp_path / f"site{i}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in half))
+        write_jsonl(data, half)
         site = SiteRuntime(config, SiteConfig(name=f"site{i}", data_path=str(data)),
                            ledger_path=tmp_path / f"site{i}.json", simulated=False)
         start = get_adapter_state(site.model, trainable_only=True)
@@ -107,17 +107,8 @@ def test_mixture_of_experts_trains_attention_only_and_keeps_experts_and_router_f
 def _random_lora(family: str, dtype: torch.dtype = torch.float32, freeze_a: bool = False, alpha: int = 4):
     """A tiny model of ``family`` with a trainable, random LoRA (A and B), so every factor has a gradient."""
     from fedllm.config import LoraConfig
-    from fedllm.model.lora import apply_lora
 
-    model = build_tiny_model(family, dtype=dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = apply_lora(model, LoraConfig(r=2, alpha=alpha, freeze_a=freeze_a, seed=1))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return model
+    return with_random_lora(build_tiny_model(family, dtype=dtype), LoraConfig(r=2, alpha=alpha, freeze_a=freeze_a, seed=1))
 
 
 def _per_example_gradients(model, ids, mask) -> dict[str, torch.Tensor]:
@@ -325,7 +316,7 @@ def _dp_step_at_a_site(family: str, tmp_path, *, fast_path: bool, start: dict | 
                                 "train.fast-path": fast_path})
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "site.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    write_jsonl(data, RECORDS)
     site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data)), ledger_path=tmp_path / "ledger.json",
                        simulated=False)
     if start is None:

@@ -7,11 +7,10 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_the_wheel_holds_every_module_and_the_scenarios(tmp_path):

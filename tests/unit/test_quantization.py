@@ -6,7 +6,6 @@ round on a 4-bit base."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 
 import pytest
@@ -20,6 +19,7 @@ from fedllm.model.loading import (
     is_quantized,
     load_model_and_tokenizer,
 )
+from tests.helpers import save_random_llama, write_jsonl
 
 CUDA = torch.cuda.is_available()
 BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -55,26 +55,12 @@ def test_the_site_refuses_before_it_loads_anything_and_the_coordinator_loads_the
 
     config = RunConfig.from_flat({"model.name": "tiny-random-llama", "model.quantization": "4bit"})
     data = tmp_path / "a.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(4)))
+    write_jsonl(data, ({"text": f"record {i}"} for i in range(4)))
     with pytest.raises(ModelError, match="this site computes on 'cpu'"):
         SiteRuntime(config, SiteConfig(name="a", data_path=str(data)), ledger_path=tmp_path / "a.json")
     assert not (tmp_path / "a.json").exists()
     base, _ = load_model_and_tokenizer(config.model)  # device None: the coordinator
     assert not is_quantized(base) and {p.dtype for p in base.parameters()} == {torch.float32}
-
-
-def _small_llama(folder):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedllm.model.loading import build_byte_tokenizer
-
-    shape = AutoConfig.for_model("llama", vocab_size=259, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=258, eos_token_id=256)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(shape).save_pretrained(folder)
-    build_byte_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _dp_round_on_a_quantized_base(tmp_path, bits: str, device: str) -> None:
@@ -86,12 +72,13 @@ def _dp_round_on_a_quantized_base(tmp_path, bits: str, device: str) -> None:
     from fedllm.site.runtime import SiteRuntime
     from fedllm.site.training import DPSettings, train_local
 
-    folder = _small_llama(tmp_path / "llama")
+    folder = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=258)
     config = RunConfig.from_flat({"model.name": str(folder), "model.quantization": bits, "lora.r": 4,
                                   "train.local-steps": 2, "train.batch-size": 4, "privacy.noise-multiplier": 1.0,
                                   "data.max-length": 48})
     data = tmp_path / "a.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(16)))
+    write_jsonl(data, ({"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(16)))
     site = SiteRuntime(config, SiteConfig(name="a", data_path=str(data), device=device), ledger_path=tmp_path / "a.json",
                        simulated=False)
     assert is_quantized(site.model)

@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from fedllm.errors import RunFailedError
 from fedllm.flower.coordinator_strategy import make_strategy
 from fedllm.model import lora as model_lora
 from fedllm.privacy.site_level import site_level_epsilon
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
 
@@ -212,5 +212,5 @@ def test_the_coordinator_imports_no_flower():
     code = ("import sys, fedllm.coordinator.rounds, fedllm.coordinator.central_dp; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'ray'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                          env=os.environ | {"PYTHONPATH": str(REPO)})
     assert done.stdout.strip() == "[]"

@@ -19,8 +19,7 @@ from fedllm.simulation.scenario import (
     load_scenario,
     materialise_sites,
 )
-
-PUBMEDQA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "pubmedqa"
+from tests.helpers import PUBMEDQA_DIR, write_jsonl
 
 
 def _key(record: dict) -> str:
@@ -107,7 +106,7 @@ def _scenario(tmp_path: Path, sites_toml: str, *, run_toml: str | None = None) -
     folder = tmp_path / "scn"
     (folder / "data").mkdir(parents=True)
     rows = [{"instruction": f"Q{i}?", "output": f"A{i}.", "topic": "ab"[i % 2]} for i in range(12)]
-    (folder / "data" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(folder / "data" / "a.jsonl", rows)
     with open(folder / "data" / "a.csv", "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["instruction", "output", "topic"])
         writer.writeheader()

@@ -16,13 +16,10 @@ from fedllm.deploy.certs import create_dev_pki
 from fedllm.deploy.site_file import load_site_file, node_config_value
 from fedllm.errors import ConfigError
 from fedllm.simulation.scenario import load_scenario, materialise_sites
+from tests.helpers import problem_lines
 
 NAME_64 = "n" * 64
 NAME_65 = "n" * 65
-
-
-def _problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
-    return [line.strip()[2:] for line in str(exc.value).splitlines() if line.strip().startswith("- ")]
 
 
 def _toml(entry: dict) -> str:
@@ -126,7 +123,7 @@ def test_every_problem_of_every_scenario_entry_is_reported_at_once(folder: Path)
     text = str(exc.value)
     assert text.startswith(f"{folder / 'sites.toml'}: invalid [[site]] entries")
     assert "site 1 ('a'):" in text and "site 3 ('c/d'):" in text and "site 2" not in text
-    assert [line.split(":")[0].split(" = ")[0] for line in _problems(exc)] == [
+    assert [line.split(":")[0].split(" = ")[0] for line in problem_lines(exc)] == [
         "max-epsilon", "site-name", "data-path", "require-dp"]
 
 

@@ -34,15 +34,9 @@ from fedllm.deploy.site_check import (
 from fedllm.deploy.site_file import CONNECTION_KEYS, load_site_file
 from fedllm.errors import ConfigError, DataError
 from fedllm.privacy.ledger import PrivacyLedger
+from tests.helpers import REPO, write_jsonl
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = "tiny-random-llama"
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def _site(folder: Path, text: str, name: str = "site.toml") -> Path:
@@ -54,8 +48,8 @@ def _site(folder: Path, text: str, name: str = "site.toml") -> Path:
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    return _write_jsonl(tmp_path / "sites" / "data" / "train.jsonl",
-                        [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(20)])
+    return write_jsonl(tmp_path / "sites" / "data" / "train.jsonl",
+                       [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(20)])
 
 
 # ---------------------------------------------------------------------------------- the file
@@ -173,7 +167,7 @@ def test_node_config_survives_flowers_own_parser(tmp_path: Path, folder_name: st
     from flwr.common.config import parse_config_args
 
     folder = tmp_path / folder_name
-    data = _write_jsonl(folder / "my data's \"file\".jsonl", [{"text": "hello"}])
+    data = write_jsonl(folder / "my data's \"file\".jsonl", [{"text": "hello"}])
     key = folder / "k e y.pem"
     key.write_text("not checked here")
     path = _site(folder, f'''site-name = "x.y-z_1"
@@ -221,7 +215,7 @@ def test_example_site_file_is_valid_except_its_data_path(tmp_path: Path) -> None
         load_site_file(copy)
     problems = [line for line in str(err.value).splitlines() if line.startswith("  - ")]
     assert len(problems) == 1 and problems[0].startswith("  - data-path = '/srv/fedllm/example-hospital/train.jsonl'")
-    data = _write_jsonl(tmp_path / "train.jsonl", [{"text": "x"}])
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "x"}])
     copy.write_text(copy.read_text().replace("/srv/fedllm/example-hospital/train.jsonl", str(data)))
     site_file = load_site_file(copy)
     assert site_file.site.max_epsilon == 4.0 and site_file.connection.server == "coordinator.example.org:9092"
@@ -235,7 +229,7 @@ def _by_name(report) -> dict:
 
 
 def _text_site(tmp_path: Path, lengths: list[int], extra: str = "") -> Path:
-    _write_jsonl(tmp_path / "sites" / "text.jsonl", [{"text": "x" * n} for n in lengths])
+    write_jsonl(tmp_path / "sites" / "text.jsonl", [{"text": "x" * n} for n in lengths])
     return _site(tmp_path / "sites", f'site-name = "alpha"\ndata-path = "text.jsonl"\n{extra}')
 
 
@@ -272,7 +266,7 @@ def test_truncation_keeps_responses_and_a_record_without_response_tokens_fails(
     from fedllm.data import formatting
 
     records = [{"instruction": "q" * 200, "output": "a"}, *({"instruction": "q", "output": "a"} for _ in range(9))]
-    _write_jsonl(tmp_path / "sites" / "d.jsonl", records)
+    write_jsonl(tmp_path / "sites" / "d.jsonl", records)
     site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "d.jsonl"\n'))
     tokens = _by_name(check_site(site_file, model=TINY, max_length=64, sample=200))["tokens"]
     assert tokens.status == WARNING and tokens.values["truncated"] == 1 and tokens.values["no-response-tokens"] == []
@@ -312,7 +306,7 @@ def test_ledger_absent_verified_and_for_other_data(tmp_path: Path) -> None:
     ledger = _by_name(check_site(site_file, model=TINY, max_length=64, sample=5))["ledger"]
     assert ledger.status == OK and ledger.values["entries"] == 1 and ledger.values["cap"] == 3.0
     assert 0 < ledger.values["epsilon"] < 3
-    _write_jsonl(Path(site_file.site.data_path), [{"text": "other"}] * 12)  # the data changed under the ledger
+    write_jsonl(Path(site_file.site.data_path), [{"text": "other"}] * 12)  # the data changed under the ledger
     report = check_site(site_file, model=TINY, max_length=64, sample=5)
     assert _by_name(report)["ledger"].status == FAILED and not report.ok
 

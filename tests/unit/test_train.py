@@ -19,6 +19,7 @@ from fedllm.site.training import (
     per_sequence_loss,
     train_local,
 )
+from tests.helpers import with_random_lora
 
 RECORDS = [
     {"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
@@ -31,14 +32,7 @@ def _tiny_lora(freeze_a: bool):
     """A tiny Llama with LoRA r=4 and a random B (B = 0 at init would zero A's gradient and
     make every step start from the same point)."""
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, freeze_a=freeze_a))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return peft_model, tokenizer, tokenize_records(RECORDS, tokenizer, max_length=64)
+    return with_random_lora(model, LoraConfig(r=4, alpha=8, freeze_a=freeze_a)), tokenizer, tokenize_records(RECORDS, tokenizer, max_length=64)
 
 
 @pytest.fixture(scope="module")
