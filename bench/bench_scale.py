@@ -13,6 +13,7 @@ the RSS of that process and all its descendants (Ray, the workers), sampled ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -71,10 +72,8 @@ def _run(scenario: Path, output: Path) -> dict:
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         parent, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
-            try:
+            with contextlib.suppress(psutil.Error):
                 peak = max(peak, parent.memory_info().rss + sum(c.memory_info().rss for c in parent.children(recursive=True)))
-            except psutil.Error:
-                pass
             time.sleep(0.5)
     wall = time.perf_counter() - start
     if proc.returncode != 0:

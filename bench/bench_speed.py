@@ -243,17 +243,19 @@ def bench_gemm() -> dict:
             for direction, (acc, a, layout) in {"forward": (acc_out, x, lambda w: w.t()),
                                                 "backward": (acc_in, g, lambda w: w)}.items():
                 out[f"{rows}x{inner}->{outer} {direction}"] = {
-                    f"{way}-tflops": round(flop / best(lambda w: product(acc, a, layout(w)), weights) / 1e12, 2)
+                    f"{way}-tflops": round(flop / best(lambda w, product=product, acc=acc, a=a, layout=layout:
+                                                       product(acc, a, layout(w)), weights) / 1e12, 2)
                     for way, product in PRODUCT_WAYS.items()}
     return out
 
 
 def bench_startup() -> dict:
     """The default model's load time in a fresh process, after its first conversion (cached)."""
-    code = ("import time, sys; sys.path.insert(0, %r); t0 = time.perf_counter()\n"
+    root = str(ROOT)
+    code = (f"import time, sys; sys.path.insert(0, {root!r}); t0 = time.perf_counter()\n"
             "from fedllm.config import ModelConfig\nfrom fedllm.model.loading import load_model_and_tokenizer\n"
             "t1 = time.perf_counter(); load_model_and_tokenizer(ModelConfig()); t2 = time.perf_counter()\n"
-            "print(round(t1 - t0, 2), round(t2 - t1, 2))" % str(ROOT))
+            "print(round(t1 - t0, 2), round(t2 - t1, 2))")
     load_model_and_tokenizer(RunConfig().model)  # converts once if needed
     runs = []
     for _ in range(3):

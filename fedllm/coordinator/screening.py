@@ -161,7 +161,7 @@ def triage_replies(replies: list[Reply], *, reference: Arrays | None, names: dic
         used.add(name)
         if claimed:
             names[node] = name
-        if reply.has_error:
+        if reply.error_code is not None:  # reply.has_error, spelled out so the type narrows
             if reply.error_code == wire.BUDGET_REFUSED:
                 out.refused[name] = reply.error_reason
                 log.info("site %s refused the round: %s", name, reply.error_reason)
@@ -173,6 +173,8 @@ def triage_replies(replies: list[Reply], *, reference: Arrays | None, names: dic
             try:
                 _check_records(reply, kind=kind)
                 if kind == "train":
+                    # _check_records ensured the arrays; validating a train reply implies a reference
+                    assert reply.arrays is not None and reference is not None
                     validate_update(reply.arrays, reference, require_change=require_change,
                                     max_update_norm=max_update_norm)
                 validate_metrics(reply.metrics, kind=kind)

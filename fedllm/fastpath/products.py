@@ -39,7 +39,8 @@ def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     key = (rows // 128, a.shape[1], out.shape[1], a.dtype, b.stride())
     way = _product_way.get(key)
     if way is None:
-        trial, best = torch.empty_like(out), {}
+        trial = torch.empty_like(out)
+        best: dict[str, float] = {}
         for product in PRODUCT_WAYS.values():
             product(trial.copy_(out), a, b)  # untimed: builds each way's kernels
         for _ in range(TRIALS):
@@ -48,7 +49,7 @@ def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
                 start = time.perf_counter()
                 product(trial, a, b)
                 best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
-        way = _product_way[key] = min(best, key=best.get)
+        way = _product_way[key] = min(best, key=best.__getitem__)
     return PRODUCT_WAYS[way](out, a, b)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 from flwr.app import (
     ArrayRecord,
@@ -27,6 +28,7 @@ from fedllm.site.runtime import SiteRuntime
 log = logging.getLogger(__name__)
 app = ClientApp()
 _SITES: dict[tuple, SiteRuntime] = {}
+_Record = TypeVar("_Record", ArrayRecord, ConfigRecord)
 
 
 def site_runtime(context: Context) -> SiteRuntime:
@@ -67,17 +69,32 @@ def _announce(context: Context, server_round: int) -> None:
              context.run_config.get("num-server-rounds", "?"), context.node_config.get("site-name", "?"))
 
 
+def _record(msg: Message, name: str, kind: type[_Record]) -> _Record:
+    """The message's record ``name``, which the coordinator sends as a ``kind``."""
+    record = msg.content[name]
+    if not isinstance(record, kind):
+        raise TypeError(f"record {name!r} is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _scalar(value: object) -> int | float | str:
+    """A config value the coordinator sends as a number or a string."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"config value {value!r} is a {type(value).__name__}, expected a number or a string")
+    return value
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content[wire.CONFIG]
-    _announce(context, int(config[wire.SERVER_ROUND]))
+    config = _record(msg, wire.CONFIG, ConfigRecord)
+    _announce(context, int(_scalar(config[wire.SERVER_ROUND])))
     site = site_runtime(context)
     try:
         outcome = site.train_round(
             run_id=str(config.get(wire.RUN_ID, "") or context.run_id),  # stable across fedllm run --resume
-            server_round=int(config[wire.SERVER_ROUND]),
-            adapter=msg.content[wire.ARRAYS].to_torch_state_dict(),
-            proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+            server_round=int(_scalar(config[wire.SERVER_ROUND])),
+            adapter=_record(msg, wire.ARRAYS, ArrayRecord).to_torch_state_dict(),
+            proximal_mu=float(_scalar(config.get(wire.PROXIMAL_MU, 0.0))),
         )
     except BudgetExceededError as exc:
         return Message(Error(code=wire.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
@@ -87,4 +104,4 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_runtime(context)
-    return _reply(msg, site, site.evaluate(msg.content[wire.ARRAYS].to_torch_state_dict()))
+    return _reply(msg, site, site.evaluate(_record(msg, wire.ARRAYS, ArrayRecord).to_torch_state_dict()))

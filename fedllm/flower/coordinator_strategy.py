@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategyBase
 
 from fedllm import wire
@@ -44,6 +45,11 @@ class _NodeView:
         return list(self.federation.node_ids())
 
 
+def _as_grid(federation: Federation) -> Grid:
+    """The federation as the ``Grid`` Flower's sampling expects (it calls only ``get_node_ids``)."""
+    return _NodeView(federation)  # type: ignore[return-value]  # duck-typed: only get_node_ids is used
+
+
 class FlowerStrategy:
     """A Flower strategy (``self.strategy``) as the round loop's ``Strategy``."""
 
@@ -54,12 +60,12 @@ class FlowerStrategy:
     def configure_train(self, server_round: int, arrays: Arrays, config: dict[str, Any],
                         federation: Federation) -> list[Task]:
         messages = self.strategy.configure_train(server_round, record_from_arrays(arrays), ConfigRecord(dict(config)),
-                                                 _NodeView(federation))
+                                                 _as_grid(federation))
         return [task_from_message(m, arrays) for m in messages]
 
     def configure_evaluate(self, server_round: int, arrays: Arrays, federation: Federation) -> list[Task]:
         messages = self.strategy.configure_evaluate(server_round, record_from_arrays(arrays), ConfigRecord(),
-                                                    _NodeView(federation))
+                                                    _as_grid(federation))
         return [task_from_message(m, arrays) for m in messages]
 
     def aggregate_train(self, server_round: int, replies: list[Reply]) -> Arrays | None:
@@ -96,6 +102,6 @@ def make_strategy(config: RunConfig, *, sites_per_round: int | None) -> FlowerSt
     """The run's strategy (``StrategyFactory``): ``strategy.*``, wrapped for site-level DP with m =
     ``sites_per_round`` when that is given (``central-dp.enabled``)."""
     strategy = build_strategy(config.strategy)
-    if sites_per_round is not None:
-        strategy = with_central_dp(strategy, config.central_dp, sites_per_round=sites_per_round)
-    return FlowerStrategy(strategy)
+    if sites_per_round is None:
+        return FlowerStrategy(strategy)
+    return FlowerStrategy(with_central_dp(strategy, config.central_dp, sites_per_round=sites_per_round))

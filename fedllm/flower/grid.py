@@ -70,13 +70,14 @@ def record_problem(content: RecordDict, *, kind: str) -> str | None:
 def reply_from_message(msg: Message, *, kind: str, node_id: int) -> Reply:
     """The protocol's ``Reply`` for a Flower reply to a ``kind`` task sent to ``node_id``."""
     if msg.has_error():
-        return Reply(node_id, error_code=int(msg.error.code), error_reason=msg.error.reason)
+        return Reply(node_id, error_code=int(msg.error.code), error_reason=msg.error.reason or "")
     content = msg.content
     site = None
     if wire.SITE in content:  # "" when the name cannot be read: the reply is filed under node-<id>
         record = content[wire.SITE]
         readable = isinstance(record, ConfigRecord) and list(record.keys()) == [wire.SITE_NAME]
-        site = record[wire.SITE_NAME] if readable and isinstance(record[wire.SITE_NAME], str) else ""
+        name = record[wire.SITE_NAME] if readable else None
+        site = name if isinstance(name, str) else ""
     arrays = content.get(wire.ARRAYS)
     metrics = content.get(wire.METRICS)
     return Reply(node_id, site=site,

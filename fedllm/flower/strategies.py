@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -74,7 +76,7 @@ def build_strategy(config: StrategyConfig) -> FedAvg:
     ``strategy.min-available-sites`` is waited for once, before round 0 (``rounds._wait_for_sites``);
     Flower's own ``min_available_nodes`` (checked every round, forever) is only ``min-train-sites``,
     so a site that crashed does not block the next round until it comes back."""
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_sites,
@@ -136,16 +138,18 @@ class _SiteLevelDP:
         self.round_clipping_norm: float = self.clipping_norm  # S_t of the last aggregated round
         self.round_sites: int = 0  # m_t of the last aggregated round
 
-    def aggregate_train(self, server_round: int, replies):  # type: ignore[no-untyped-def]
-        replies = list(replies)
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        received = list(replies)
         order = list(self.current_arrays.keys())
-        for reply in replies:
+        for reply in received:
             _prepare_for_dp_mean(reply, order)
-        self.num_sampled_clients = max(1, len(replies))
+        self.num_sampled_clients = max(1, len(received))
         self.round_clipping_norm = self.clipping_norm
-        self.round_sites = len(replies)
+        self.round_sites = len(received)
         np.random.seed(os_entropy_seed())
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        # a mixin: the Flower DP wrapper after it in the MRO has aggregate_train, mypy cannot see it
+        return super().aggregate_train(server_round, received)  # type: ignore[misc]
 
     @property
     def noise_stddev(self) -> float:
@@ -165,7 +169,10 @@ def _prepare_for_dp_mean(reply: Message, order: list[str]) -> None:
         record = reply.content[wire.ARRAYS]
         reply.content[wire.ARRAYS] = ArrayRecord({k: record[k] for k in order})
     if wire.METRICS in reply.content:
-        metrics = dict(reply.content[wire.METRICS])
+        record = reply.content[wire.METRICS]
+        if not isinstance(record, MetricRecord):
+            raise TypeError(f"record {wire.METRICS!r} is a {type(record).__name__}, expected a MetricRecord")
+        metrics = dict(record)
         metrics[wire.NUM_EXAMPLES] = 1
         reply.content[wire.METRICS] = MetricRecord(metrics)
 

@@ -68,7 +68,8 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are dequantized now; let save_pretrained write them
+        # the weights are dequantized now; let save_pretrained write them
+        model.hf_quantizer = None  # type: ignore[assignment]  # set at load, undeclared in transformers
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -120,7 +121,7 @@ def load_model_and_tokenizer(config: ModelConfig, *, device: str | None = None) 
     do. ``None`` (the coordinator, which only writes adapters): the unquantized base in
     ``model.dtype``, which has the same LoRA layer names."""
     quantized = config.quantization != "none" and device is not None
-    if quantized:
+    if quantized and device is not None:  # (quantized implies a device; repeated so the type narrows)
         check_quantization(config, device)
     source = ensure_model_available(config)
     if source.startswith(TINY_PREFIX):

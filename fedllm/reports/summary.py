@@ -74,11 +74,11 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
         lines.append("Privacy: DISABLED (privacy.enabled = false). No differential-privacy guarantee holds for this run.")
     central = history.get("central-dp") or {}
     if central.get("enabled"):
-        eps = central.get("epsilon")
-        lines.append(f"Central DP: site-level ε = {format_metric(eps, '.2f')} (δ={central.get('delta', 0):g}) after "
+        site_eps = central.get("epsilon")
+        lines.append(f"Central DP: site-level ε = {format_metric(site_eps, '.2f')} (δ={central.get('delta', 0):g}) after "
                      f"{central.get('rounds', 0)} noisy rounds, noise {central.get('noise-multiplier')}, "
                      f"{central.get('clipping')} clipping" + ("  -- too large to mean anything"
-                        if isinstance(eps, (int, float)) and eps > MEANINGLESS_SITE_EPSILON else ""))
+                        if isinstance(site_eps, (int, float)) and site_eps > MEANINGLESS_SITE_EPSILON else ""))
     lines += [
         f"Adapter:  {output_dir / 'adapter'}  (PeftModel.from_pretrained(base, this folder))",
         f"History:  {output_dir / 'history.json'}",

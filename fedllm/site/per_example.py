@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def fused_lora_b_grad_sample(b: torch.Tensor, u: torch.Tensor, g: torch.Tensor, 
     per_example = torch.baddbmm(u.new_empty(rows, u.shape[-1], g.shape[-1]), u.transpose(1, 2), g,
                                 beta=0, alpha=scaling).to(b.dtype).transpose(1, 2)  # cast, then a view
     previous = getattr(b, "grad_sample", None)
-    b.grad_sample = per_example if previous is None else previous + per_example
+    b.grad_sample = per_example if previous is None else previous + per_example  # type: ignore[attr-defined]  # Opacus'
 
 
 def use_fused_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bool:
@@ -53,7 +54,7 @@ def use_fused_per_example_gradients(model: torch.nn.Module, enabled: bool) -> bo
     weight of such a B factor (FFA-LoRA, the default, on the fast path); otherwise (A trained,
     dropout, a quantized base, other trainable modules, or no fast path) Opacus' hooks do it.
     Returns whether it is on."""
-    layers = [m for m in model.modules() if uses_lean_lora_forward(m)]
+    layers: list[Any] = [m for m in model.modules() if uses_lean_lora_forward(m)]  # peft LoRA layers
     factors = [m.lora_B[name] for m in layers for name in m.lora_B]
     fused = {id(f) for m in layers for f in fused_lora_factors(m)}
     trained = {id(p) for p in model.parameters() if p.requires_grad}
@@ -80,9 +81,10 @@ class PerExampleGradients:
             use_fused_per_example_gradients(self.model, False)
             for p in self.model.parameters():
                 if p.requires_grad:
-                    p.grad_sample = None
+                    p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute
         else:
-            self.net._close()  # removes the hooks and per-example attributes
+            # removes the hooks and per-example attributes
+            self.net._close()  # type: ignore[operator]  # Opacus' GradSampleModule: untyped
 
 
 def start_per_example_gradients(model: torch.nn.Module, *, fused: bool) -> PerExampleGradients:

@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -119,13 +120,13 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _as_is(logits: torch.Tensor, config: object) -> torch.Tensor:
+def _as_is(logits: torch.Tensor, config: Any) -> torch.Tensor:
     return logits
 
 
 # Output-head post-processing per model_type, applied to lm_head's output by the model's own
 # forward; a model_type not listed here takes the full forward (tested per family against it).
-_HEAD_POST: dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {
+_HEAD_POST: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {  # (logits, the model's config)
     **{t: _as_is for t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma3_text", "falcon", "mpt")},
     "cohere": lambda logits, config: logits * config.logit_scale,
     "gemma2": lambda logits, config: (torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
@@ -142,10 +143,11 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     the decoder runs on every token, the output head only on those, for a plain head through
     ``fast.head_nll``. Same values (tested per family); a model whose head this does not know takes
     the full path."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrapped: Any = model  # a transformers model, maybe in peft's wrapper: their methods are not torch's
+    base = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
     post = _HEAD_POST.get(getattr(base.config, "model_type", "")) if fast is not None else None
     head = base.get_output_embeddings() if post is not None else None
-    if fast is None or head is None or type(head) is not torch.nn.Linear:
+    if fast is None or post is None or head is None or type(head) is not torch.nn.Linear:
         return per_sequence_loss((net or model)(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
     # no key/value cache (that is for generation); hooks fire: they are on the modules
     hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0]
@@ -216,15 +218,16 @@ def train_local(
     sample_rate = min(1.0, batch_size / len(examples))
     expected_batch = max(1, round(sample_rate * len(examples)))
     sampler = sampling_generator or fresh_generator()
+    optim: torch.optim.Optimizer
     if optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+        optim = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
     else:  # foreach: one call per operation over all the factors (a LoRA adapter has hundreds), not one per factor
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+        optim = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, foreach=True)
     per_example = start_per_example_gradients(model, fused=fast is not None) if dp is not None else None
     net: torch.nn.Module = model if per_example is None else per_example.net
     own = per_example is not None and per_example.fused
     if dp is not None:
-        optimizer = dp_optimizer_class()(optimizer, noise_multiplier=dp.noise_multiplier,
+        optim = dp_optimizer_class()(optim, noise_multiplier=dp.noise_multiplier,
                                           max_grad_norm=dp.max_grad_norm, expected_batch_size=expected_batch,
                                           loss_reduction="mean", generator=noise_generator or fresh_generator())
     if gradient_checkpointing:
@@ -234,7 +237,7 @@ def train_local(
     try:
         for step in range(1, steps + 1):
             batch = _poisson_batch(len(examples), sample_rate, sampler)
-            optimizer.zero_grad(set_to_none=True)
+            optim.zero_grad(set_to_none=True)
             if batch:
                 size = physical_batch_size if physical_batch_size > 0 else len(batch)
                 chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
@@ -253,21 +256,22 @@ def train_local(
                     total += float(per_sequence.detach().sum())
                     tokens += int(mask.sum())
                     if dp is not None and k < len(chunks) - 1:
-                        optimizer.signal_skip_step(do_skip=True)
-                        optimizer.step()  # clips this chunk's per-example gradients into the sum, no noise yet
-                        optimizer.zero_grad(set_to_none=True)  # drops grad_sample, keeps the clipped sum
+                        optim.signal_skip_step(do_skip=True)  # type: ignore[attr-defined]  # Opacus: untyped
+                        optim.step()  # clips this chunk's per-example gradients into the sum, no noise yet
+                        optim.zero_grad(set_to_none=True)  # drops grad_sample, keeps the clipped sum
                 losses.append(total / len(batch))
                 seen += len(batch)
             elif dp is not None:  # noise-only step: zero-size per-example gradients
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    empty = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    p.grad_sample = empty  # type: ignore[attr-defined]  # Opacus' attribute
             else:
                 continue  # without DP an empty batch has nothing to learn from
-            _step(optimizer, params, anchor, proximal_mu, dp is not None)
+            _step(optim, params, anchor, proximal_mu, dp is not None)
             if on_step:
                 on_step(StepInfo(step, steps, len(batch), losses[-1] if batch else math.nan))
     finally:
-        optimizer.zero_grad(set_to_none=True)
+        optim.zero_grad(set_to_none=True)
         if per_example is not None:
             per_example.stop()
         if gradient_checkpointing:
