@@ -4,7 +4,7 @@ Before a reply reaches the strategy it is triaged: a site refusing a
 round for its privacy budget is recorded, a failed site is counted, and a reply that is not
 exactly what a site sends is rejected, naming the reason: what the transport found malformed
 (``Reply.malformed``: records other than the adapter arrays (train only), the metrics and the
-site's name); a site name that is not a short safe string (``[A-Za-z0-9._-]{1,64}``; the reply
+site's name); a site name that breaks the one site-name rule (``fedllm.config.site.SITE_NAME_RE``; the reply
 is then filed under ``node-<id>``) or that another reply of the round already used; metrics other
 than exactly ``wire.TRAIN_METRIC_KEYS`` / ``wire.EVALUATE_METRIC_KEYS`` or not finite scalars; an
 update with wrong keys, shapes, dtypes or non-finite values, or (``federation.max-update-norm`` >
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from fedllm import wire
+from fedllm.config.site import SITE_NAME_RE
 from fedllm.coordinator.protocol import Arrays, Reply
 from fedllm.errors import InvalidUpdateError
 
 log = logging.getLogger(__name__)
 
-SAFE_SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REPLY_KINDS = ("train", "evaluate")
 
 
@@ -115,7 +114,7 @@ def _reply_name(reply: Reply, names: dict[int, str]) -> tuple[str, bool]:
     """(name, whether the reply itself claimed it): the name it sent when that is a safe string,
     ``node-<id>`` when it sent a malformed or unsafe one, else a known name or ``node-<id>``."""
     if reply.site is not None:
-        if SAFE_SITE_NAME.fullmatch(reply.site):
+        if SITE_NAME_RE.fullmatch(reply.site):
             return reply.site, True
         return f"node-{reply.node_id}", False
     return names.get(reply.node_id, f"node-{reply.node_id}"), False
@@ -126,8 +125,9 @@ def _check_records(reply: Reply, *, kind: str) -> None:
     found malformed, a safe site name (when it sent one), arrays for train and none for evaluate."""
     if reply.malformed:
         raise InvalidUpdateError(reply.malformed)
-    if reply.site is not None and not SAFE_SITE_NAME.fullmatch(reply.site):
-        raise InvalidUpdateError(f"site name {reply.site[:80]!r} is not 1-64 characters of A-Z a-z 0-9 . _ -")
+    if reply.site is not None and not SITE_NAME_RE.fullmatch(reply.site):
+        raise InvalidUpdateError(f"site name {reply.site[:80]!r} is not 1-64 characters of A-Z a-z 0-9 . _ - "
+                                 "(not starting with .)")
     if kind == "train" and reply.arrays is None:
         raise InvalidUpdateError(f"no {wire.ARRAYS!r} record in the train reply")
     if kind == "evaluate" and reply.arrays is not None:

@@ -228,6 +228,7 @@ def test_an_evaluate_reply_carrying_tensors_is_rejected():
         (ConfigRecord({wire.SITE_NAME: "x" * 65}), "is not 1-64 characters"),
         (ConfigRecord({wire.SITE_NAME: ""}), "site name '' is not 1-64 characters"),
         (ConfigRecord({wire.SITE_NAME: "site a"}), "site name 'site a' is not"),
+        (ConfigRecord({wire.SITE_NAME: ".hidden"}), "site name '.hidden' is not 1-64 characters"),  # the site-file rule
         (ConfigRecord({wire.SITE_NAME: 7}), "site name is a int, expected a string"),
         (ConfigRecord({wire.SITE_NAME: "ok", "email": "a@b"}), "record 'site' has keys ['email', 'name']"),
         (MetricRecord({wire.SITE_NAME: 1.0}), "2 MetricRecords in the train reply (metrics, site), expected 1"),
