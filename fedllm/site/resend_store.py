@@ -2,7 +2,7 @@
 update instead of a second training run (and a second privacy spend).
 
 Privacy: a site's spend is recorded in its ledger *before* its update leaves
-(``site.SiteRuntime.train_round``). Re-sending an update that was already released is
+(``fedllm.site.runtime.SiteRuntime.train_round``). Re-sending an update that was already released is
 post-processing of a released output and costs nothing extra. When the coordinator dies
 mid-round and resumes, it asks the sites for that round again with the same global adapter; a
 site that already trained and released that round finds its release here and sends it again.
