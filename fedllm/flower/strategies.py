@@ -168,7 +168,9 @@ class _SiteLevelDP:
         for reply in replies:
             _prepare_for_dp_mean(reply, order)
         m = self.asked
-        self.num_sampled_clients = m  # the noise: z·S/m, m from the plan, whatever arrived
+        # Flower checks the replies against num_sampled_clients (and warns of a mismatch): the k that
+        # arrived here; the noise below is z·S/m with m from the plan (_add_noise_to_aggregated_arrays)
+        self.num_sampled_clients = max(1, len(replies))
         self.round_clipping_norm = self.clipping_norm
         self.round_sites, self.round_updates = m, len(replies)
         self._scale = len(replies) / m
@@ -190,6 +192,7 @@ class _SiteLevelDP:
                 mean = value.numpy()
                 scaled[key] = Array(np.asarray(now + (mean - now) * self._scale, dtype=mean.dtype))
             aggregated = ArrayRecord(scaled)
+        self.num_sampled_clients = self.round_sites  # the noise: z·S/m, m = the sites asked, whatever arrived
         return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc]
 
     @property
@@ -240,7 +243,7 @@ class SiteLevelAdaptiveClipping(_SiteLevelDP, DifferentialPrivacyServerSideAdapt
         # Flower passes the number of updates that were clipped and the number of replies; the rule
         # wants the fraction not clipped, over the m sites asked (a missing site's zero update is
         # not clipped), so that neither the fraction nor C depends on how many replies arrived.
-        return 1.0 - super()._noisy_fraction(count, self.num_sampled_clients)
+        return 1.0 - super()._noisy_fraction(count, self.round_sites)
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
         next_norm = self.clipping_norm
