@@ -28,7 +28,7 @@ class _Stop(Exception):
     """Ends the audit after its first training step: the mechanism is all this test looks at."""
 
 
-def _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed: int) -> dict:
+def _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed: int) -> dict:  # noqa: F811 (the fixture)
     """Run the audit with the canaries (names, codes, inclusion) drawn from ``seed``; return the
     mechanism train_local actually ran (q from its own result, σ, steps) and the draw's inclusion count."""
     seen: dict = {}
@@ -47,7 +47,7 @@ def _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed: int) -> dict:
     return seen
 
 
-def test_two_inclusion_draws_give_the_same_sample_rate_sigma_and_steps(scenario, tmp_path, monkeypatch):
+def test_two_inclusion_draws_give_the_same_sample_rate_sigma_and_steps(scenario, tmp_path, monkeypatch):  # noqa: F811
     first = _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed=1)
     second = _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed=3)
     # the two secret draws include different numbers of one-run canaries (the training sets differ) ...
