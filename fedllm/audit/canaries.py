@@ -100,6 +100,13 @@ class CanarySet:
     def included(self) -> np.ndarray:
         return np.array([c.copies > 0 for c in self.one_run], dtype=bool)
 
+    @property
+    def planned_records(self) -> int:
+        """Canary records the audit plans for: every exposure copy and every one-run canary, as if
+        all were included. Fixed before the inclusion draw, so q computed from it does not depend
+        on the secret inclusion vector."""
+        return sum(c.copies for c in self.exposure) + len(self.one_run)
+
     def training_records(self) -> list[dict[str, Any]]:
         """Every inserted copy: the exposure canaries and the included one-run canaries."""
         return [c.record() for c in (*self.exposure, *self.one_run) for _ in range(c.copies)]

@@ -3,7 +3,9 @@
 apply the verdict and write the report (``canary-audit.json``, ``canary-audit.md``).
 
 **What is audited.** Exactly one site's whole federated run: ``num-server-rounds ×
-train.local-steps`` steps of :func:`fedllm.site.training.train_local` at the run's batch size, learning
+train.local-steps`` steps of :func:`fedllm.site.training.train_local` at the run's batch size (q
+from the *planned* dataset: the real training records plus every canary as if included,
+:func:`planned_examples`, so q, σ and the steps do not depend on the secret inclusion draw), learning
 rate, optimizer and clipping norm, with σ as the site sets it (the configured
 ``privacy.noise-multiplier``, or ``noise_multiplier_for`` from min(target ε, the site's cap) over
 all those steps). A site's record-level guarantee is a property of its own sequence of noisy
@@ -88,6 +90,14 @@ def _mechanism(config: Any, site: Any, *, sample_rate: float, steps: int, no_noi
     return {"kind": kind, "dp_claimed": p.enabled and not no_noise, "noise_multiplier": sigma,
             "claimed_epsilon": claimed, "clipping": p.enabled or no_noise, "max_grad_norm": p.max_grad_norm,
             "target_delta": p.target_delta, "cap": cap}
+
+
+def planned_examples(real_examples: int, cset: CanarySet) -> int:
+    """The dataset size q is planned for: the real training records plus every canary as if it were
+    included (:attr:`CanarySet.planned_records`). The mechanism (q, steps, σ calibrated from them)
+    is then the same whichever one-run canaries the secret draw included: a mechanism that depended
+    on the inclusion vector would leak it, and the one-run test assumes it does not."""
+    return real_examples + cset.planned_records
 
 
 def _exposure_section(model: Any, spans: dict[str, SecretSpan], cset: CanarySet, device: Any) -> dict[str, Any]:
@@ -234,14 +244,15 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
                                         source="canaries")
     train = [*real_train, *inserted]
     steps = config.num_server_rounds * config.train.local_steps
-    sample_rate = min(1.0, config.train.batch_size / len(train))
+    planned = planned_examples(len(real_train), cset)
+    sample_rate = min(1.0, config.train.batch_size / planned)  # from the plan, not from the secret draw
     mech = _mechanism(config, site, sample_rate=sample_rate, steps=steps, no_noise=no_noise)
     sigma, delta = mech["noise_multiplier"], config.privacy.target_delta
     theory = epsilon_for([DPEvent(sigma, sample_rate, steps)], target_delta=delta, accountant="prv")
     mech.update(sample_rate=sample_rate, steps=steps, batch_size=config.train.batch_size,
                 learning_rate=config.train.learning_rate, optimizer=config.train.optimizer,
-                num_examples=len(train), real_examples=len(real_train), canary_examples=len(inserted),
-                epsilon_theory=theory)
+                num_examples=len(train), planned_examples=planned, real_examples=len(real_train),
+                canary_examples=len(inserted), epsilon_theory=theory)
 
     done("setup")
     ledger = PrivacyLedger.open(output / "ledger" / f"{site.name}.json", site=site.name,
@@ -257,9 +268,10 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
                          learning_rate=config.train.learning_rate, weight_decay=config.train.weight_decay,
                          optimizer=config.train.optimizer, pad_id=tokenizer.pad_token_id, dp=dp, device=device,
                          physical_batch_size=config.train.physical_batch_size,
-                         gradient_checkpointing=config.train.gradient_checkpointing, fast_path=config.train.fast_path)
+                         gradient_checkpointing=config.train.gradient_checkpointing, fast_path=config.train.fast_path,
+                         planned_examples=planned)
     ledger.record(run_id=run_id, server_round=1, steps=steps, sample_rate=sample_rate, noise_multiplier=sigma,
-                  max_grad_norm=config.privacy.max_grad_norm, target_delta=delta, num_examples=len(train),
+                  max_grad_norm=config.privacy.max_grad_norm, target_delta=delta, num_examples=planned,
                   accountant=config.privacy.accountant)
     done("train")
     echo(f"Trained in {result.seconds:.0f}s (mean loss {result.train_loss:.3f}).")

@@ -131,7 +131,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise FedLLMError(f"{path}: no such ledger file")
     site = json.loads(path.read_text(encoding="utf-8")).get("site", "") if path.stat().st_size else ""
-    ledger = PrivacyLedger.open(path, site=str(site))
+    ledger = PrivacyLedger.open(path, site=str(site), kind=None)  # a site's or the coordinator's central-DP ledger
     for line in ledger.summary_lines():
         _echo(line)
     return 0
@@ -155,7 +155,11 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     if args.json:
         _echo(json.dumps(result.to_dict()))
         return 0 if result.ok else 1
-    _echo(f"Privacy ledger {path}: site '{result.site}', {result.entries} entries, version {result.version}")
+    if result.kind == "central-dp":
+        _echo(f"Central-DP ledger {path}: coordinator '{result.site}' (site-level releases), {result.entries} entries, "
+              f"version {result.version}")
+    else:
+        _echo(f"Privacy ledger {path}: site '{result.site}', {result.entries} entries, version {result.version}")
     _echo(f"dataset: {result.dataset_fingerprint or '(none: not bound to a dataset)'}"
           + (f" (checked against {args.data})" if args.data else ""))
     if not result.signed:

@@ -124,6 +124,7 @@ class CentralDPConfig:
     target_quantile: float = 0.5
     clip_norm_lr: float = 0.2
     target_delta: float = 1e-5
+    ledger_path: str = ""  # the coordinator's central-DP ledger ("": OUTPUT/ledgers/_coordinator.json)
 
 
 @dataclass(frozen=True)

@@ -117,10 +117,16 @@ class RunHistory:
         ``epsilon``, ``delta``, ``accountant``. ``{"enabled": false}`` when central DP is off."""
         self.data["central-dp"] = dict(block)
 
-    def record_central_dp(self, server_round: int, *, clipping_norm: float, epsilon: float, sites: int) -> None:
+    def record_central_dp(self, server_round: int, *, clipping_norm: float, epsilon: float, sites: int,
+                          cumulative_epsilon: float | None = None) -> None:
         """One round's central DP: the clipping norm S_t its updates were clipped to, the
-        site-level ε so far, and m_t, the number of updates averaged (0: nothing released)."""
-        self._round(server_round)["central-dp"] = {"clipping-norm": clipping_norm, "epsilon": epsilon, "sites": sites}
+        site-level ε of this run so far, m_t, the number of sites asked (the fixed denominator; 0:
+        nothing released), and the cumulative site-level ε of the coordinator's ledger (every
+        run that used it), when the run keeps one."""
+        entry: dict[str, Any] = {"clipping-norm": clipping_norm, "epsilon": epsilon, "sites": sites}
+        if cumulative_epsilon is not None:
+            entry["cumulative-epsilon"] = cumulative_epsilon
+        self._round(server_round)["central-dp"] = entry
 
     def finish(self, status: str, error: str = "") -> None:
         self.data["status"] = status

@@ -94,12 +94,15 @@ class Strategy(Protocol):
         ...
 
     def aggregate_train(self, server_round: int, replies: list[Reply]) -> Arrays | None:
-        """The next global adapter from the accepted train replies (None: nothing released)."""
+        """The next global adapter from the accepted train replies (None: nothing released). A
+        central-DP strategy divides by the sites its last ``configure_train`` asked, and releases
+        (noise on the global adapter) even for an empty ``replies``."""
         ...
 
     def central_dp_round(self, *, released: bool) -> tuple[float, int]:
         """Central DP only: (S_t, m_t), the clipping norm the last round's updates were clipped to
-        and the number averaged; when nothing was released, the current norm and 0."""
+        and m_t, the number of sites the round asked (the fixed denominator: missing updates count
+        as zero); when nothing was released, the current norm and 0."""
         ...
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -9,8 +9,11 @@ trained and the run ends early as completed.
 
 With ``central-dp.enabled`` the strategy is built for site-level DP. Before round 0 the loop
 waits for the sites, checks δ < 1/N, and warns when the planned site-level ε is too large to mean
-anything (``central_dp.py``); every round that releases a noisy aggregate adds to the site-level
-ε recorded in ``history.json`` (top-level and per round ``"central-dp"``).
+anything (``central_dp.py``). Every round that asked sites releases a noisy aggregate, divided
+by the sites asked (a missing update counts as zero), even when no update arrived; the release
+is recorded in the coordinator's central-DP ledger before the new adapter leaves, and the
+site-level ε of the run and of the ledger (all runs) go into ``history.json`` (top-level and per
+round ``"central-dp"``).
 
 The loop speaks only the plain protocol of ``protocol.py``: a ``Federation`` (the sites and the
 transport: ``fedllm.flower.grid`` over Flower's Grid, or a fake in unit tests) and a ``Strategy``
@@ -31,6 +34,7 @@ import numpy as np
 from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig, to_toml
 from fedllm.coordinator.central_dp import CentralDP, start_central_dp
+from fedllm.coordinator.central_dp import ledger_path as central_ledger_path
 from fedllm.coordinator.checkpoint import (
     clear_server_state,
     load_server_state,
@@ -98,7 +102,8 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
         _wait_for_sites(federation, config)
         if config.central_dp.enabled:
             central = start_central_dp(config, history, connected=len(federation.node_ids()),
-                                       saved=state.central if state is not None else None)
+                                       saved=state.central if state is not None else None,
+                                       ledger=central_ledger_path(config))
         strategy: Strategy = make_strategy(config, sites_per_round=central.sites_per_round if central else None)
         if state is not None:
             restore_strategy(strategy, state)
@@ -116,7 +121,9 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
                                     max_update_norm=fed.max_update_norm)
             _check_round(triage, config, server_round, asked=len(train_tasks))
             released = False
-            if triage.accepted:
+            # central DP: every round that asked sites releases (a missing update counts as zero, the
+            # denominator is the sites asked), so whether a round released never depends on the replies
+            if triage.accepted or (central is not None and train_tasks):
                 new_arrays = strategy.aggregate_train(server_round, triage.accepted)
                 released = new_arrays is not None
                 arrays = _same_dtypes(new_arrays, arrays) if new_arrays is not None else arrays

@@ -17,23 +17,36 @@ mean. Unit of privacy: one site; the ε is :func:`fedllm.privacy.site_level.site
 clipping protects against whoever sees the *global* adapter (sites, the exported adapter), not
 against the coordinator, which sees every site's individual (record-level DP) update.
 
-fedllm adapts the wrappers in five small ways (:class:`_SiteLevelDP`), because as shipped in
+fedllm adapts the wrappers in six small ways (:class:`_SiteLevelDP`), because as shipped in
 Flower 1.42 they would not give the guarantee fedllm reports:
 
 * **Equal weights.** The wrappers average with the inner strategy's weights, but the noise
   z·S/m is calibrated to an *unweighted* mean (sensitivity S/m). The train replies handed to the
   wrapper carry ``num-examples = 1`` (the history keeps the true counts, copied at triage).
-* **m is the number of updates actually averaged.** The wrappers calibrate the noise to the number
-  of sites *sampled* while FedAvg divides by the number that *replied*; with a site refusing or
-  rejected, the noise would be too small. ``num_sampled_clients`` is set to the replies' count
-  before each aggregation, so every round is a Gaussian mechanism with multiplier z.
+* **A fixed denominator: m is the number of sites asked.** As shipped, FedAvg divides by the
+  number of replies while the wrapper's noise uses ``num_sampled_clients``; setting either to the
+  number of *accepted* replies makes the mechanism depend on the data: which sites refused for
+  their budget or were rejected by screening would change the denominator, and the per-coordinate
+  noise std z·S/m would be readable from consecutive global adapters (5 vs 4 updates: 0.20 vs
+  0.25 for z·S = 1). Here m is the number of sites the round *asked* (the strategy's own sampled
+  set, counted in ``configure_train``: the plan, never the replies). A site that was asked and
+  sent nothing usable (missing, failed, refused, rejected) counts as a zero update: the clipped
+  updates that did arrive are summed and divided by m (``current + (k/m)·mean_k``), and the noise
+  is z·S/m whatever k is. Under the zero-out relation (one site's update replaced by zero) every
+  round is then one Gaussian mechanism with multiplier z and a data-independent shape.
+* **A round with no update still releases.** When every asked site is missing, the round
+  releases the global adapter plus noise of std z·S/m, exactly as if the k = 0 updates were
+  averaged: releasing nothing instead would make *whether* a round released depend on the data
+  (a neighbour in which one site's update is zeroed out could then produce an output the real
+  run never can, an unbounded privacy loss).
 * **Tensor order.** The wrappers pair reply and global tensors by position; replies are
   re-keyed in the global adapter's order first.
 * **Adaptive clipping, direction** (Flower 1.42 bug): the wrapper counts the updates that *were
   clipped* and then applies Andrew et al.'s rule C ← C·exp(−η(b̃ − γ)), which expects the fraction
   *not* clipped, so C shrinks when every update is clipped (measured: 0.1 → 0.061 in 5 rounds for
   updates of norm 2). :meth:`SiteLevelAdaptiveClipping._noisy_fraction` returns the unclipped
-  fraction (the count noise is symmetric, so its distribution is unchanged).
+  fraction (the count noise is symmetric, so its distribution is unchanged), over the m sites
+  asked (a missing site's zero update is not clipped), not over the replies.
 * **Adaptive clipping, noise scale** (Flower 1.42 bug): the wrapper updates C *before* adding the
   noise, so the noise is scaled by next round's C instead of the C the updates were clipped to;
   when C shrinks that is too little noise. The noise here uses the round's own C.
@@ -54,7 +67,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -126,8 +139,9 @@ def with_central_dp(strategy: FedAvg, config: CentralDPConfig, *, sites_per_roun
 
 class _SiteLevelDP:
     """What fedllm adds to Flower's server-side DP wrappers (mixed in before them; see the module
-    docstring): equal weights, m = updates averaged, tensor order, fresh noise seed, and the
-    round's clipping norm and site count kept for the history."""
+    docstring): equal weights, m = the sites asked (missing ones count as zero updates), a release
+    in every round that asked anyone, tensor order, fresh noise seed, and the round's clipping norm
+    and site count kept for the history."""
 
     current_arrays: ArrayRecord
     clipping_norm: float
@@ -136,24 +150,58 @@ class _SiteLevelDP:
 
     def _init_round_state(self) -> None:
         self.round_clipping_norm: float = self.clipping_norm  # S_t of the last aggregated round
-        self.round_sites: int = 0  # m_t of the last aggregated round
+        self.round_sites: int = 0  # m_t of the last aggregated round: the sites asked (the denominator)
+        self.round_updates: int = 0  # k_t: the updates that arrived and were summed
+        self.asked: int = 0  # sites asked by the last configure_train (the plan)
+        self._scale: float = 1.0  # k/m for the round being aggregated
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.asked = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         received = list(replies)
+        if self.asked < 1:
+            raise ValueError(f"round {server_round}: aggregate_train before configure_train asked any site")
+        if len(received) > self.asked:
+            raise ValueError(f"round {server_round}: {len(received)} updates for {self.asked} sites asked")
         order = list(self.current_arrays.keys())
         for reply in received:
             _prepare_for_dp_mean(reply, order)
+        m = self.asked
+        # Flower checks the replies against num_sampled_clients (and warns of a mismatch): the k that
+        # arrived here; the noise below is z·S/m with m from the plan (_add_noise_to_aggregated_arrays)
         self.num_sampled_clients = max(1, len(received))
         self.round_clipping_norm = self.clipping_norm
-        self.round_sites = len(received)
+        self.round_sites, self.round_updates = m, len(received)
+        self._scale = len(received) / m
         np.random.seed(os_entropy_seed())
+        if not received:  # nobody sent a usable update: the release is the zero sum plus the same noise
+            if isinstance(self, DifferentialPrivacyServerSideAdaptiveClipping):
+                self._geometric_update(self._noisy_fraction(0, 0))
+            current = ArrayRecord({k: Array(np.array(v.numpy(), copy=True)) for k, v in self.current_arrays.items()})
+            return self._add_noise_to_aggregated_arrays(current), None
         # a mixin: the Flower DP wrapper after it in the MRO has aggregate_train, mypy cannot see it
         return super().aggregate_train(server_round, received)  # type: ignore[misc]
 
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        """current + (k/m)·(mean of the k clipped updates) = the sum over the m sites asked / m,
+        then Flower's noise z·S/m (``num_sampled_clients`` = m)."""
+        if self._scale != 1.0:
+            scaled = {}
+            for key, value in aggregated.items():
+                now = self.current_arrays[key].numpy()
+                mean = value.numpy()
+                scaled[key] = Array(np.asarray(now + (mean - now) * self._scale, dtype=mean.dtype))
+            aggregated = ArrayRecord(scaled)
+        self.num_sampled_clients = self.round_sites  # the noise: z·S/m, m = the sites asked, whatever arrived
+        return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc]
+
     @property
     def noise_stddev(self) -> float:
-        """Std of the noise added to the last round's mean: z_update · S_t / m_t."""
+        """Std of the noise added to the last round's release: z_update · S_t / m_t (m_t: sites asked)."""
         return self.noise_multiplier * self.round_clipping_norm / max(1, self.round_sites)
 
 
@@ -199,8 +247,10 @@ class SiteLevelAdaptiveClipping(_SiteLevelDP, DifferentialPrivacyServerSideAdapt
         self._init_round_state()
 
     def _noisy_fraction(self, count: int, total: int) -> float:
-        # Flower passes the number of updates that were clipped; the rule wants those that were not.
-        return 1.0 - super()._noisy_fraction(count, total)
+        # Flower passes the number of updates that were clipped and the number of replies; the rule
+        # wants the fraction not clipped, over the m sites asked (a missing site's zero update is
+        # not clipped), so that neither the fraction nor C depends on how many replies arrived.
+        return 1.0 - super()._noisy_fraction(count, self.round_sites)
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
         next_norm = self.clipping_norm

@@ -105,6 +105,10 @@ def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, acc
     10-20 times per site, and in a simulation many sites share a history (same q, σ and steps):
     each PRV evaluation takes 0.1-0.4 s on this machine, which dominated a new site's first round."""
     if accountant == "prv":
+        if any(q >= 1 for _, q, _ in history):  # Opacus' PRV takes log(1 - q) = log(0) = -inf, as intended, at q = 1
+            with warnings.catch_warnings():  # (central DP's site-level releases: no amplification)
+                warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+                return _prv_epsilon(list(history), delta)
         return _prv_epsilon(list(history), delta)
     return _rdp_epsilon(list(history), delta)
 

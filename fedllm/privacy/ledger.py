@@ -63,6 +63,7 @@ from fedllm.files import write_text_atomic
 from fedllm.privacy.accounting import DPEvent, PrivacyParameterError, epsilon_for
 from fedllm.privacy.ledger_chain import (
     LEDGER_FORMAT,
+    LEDGER_KINDS,
     LEDGER_VERSION,
     FieldError,
     LedgerEntry,
@@ -136,15 +137,19 @@ class PrivacyLedger:
     """
 
     def __init__(self, path: Path, *, site: str, entries: Sequence[LedgerEntry] = (),
-                 dataset_fingerprint: str | None = None, signing_key: Ed25519PrivateKey | None = None) -> None:
+                 dataset_fingerprint: str | None = None, signing_key: Ed25519PrivateKey | None = None,
+                 kind: str = "site") -> None:
         if not isinstance(site, str) or not site:
             raise PrivacyParameterError(f"site must be a non-empty string, got {site!r}")
         if dataset_fingerprint is not None and not is_fingerprint(dataset_fingerprint):
             raise PrivacyParameterError(
                 "dataset_fingerprint must be 'sha256:<64 hex digits>' (fedllm.data.fingerprint), "
                 f"got {dataset_fingerprint!r}")
+        if kind not in LEDGER_KINDS:
+            raise PrivacyParameterError(f"kind must be one of {', '.join(LEDGER_KINDS)}, got {kind!r}")
         self.path = Path(path)
         self.site = site
+        self.kind = kind  # "central-dp": the coordinator's ledger of site-level releases (central_dp.py)
         self._entries = tuple(entries)
         self._fingerprint = dataset_fingerprint
         self._signing_key = signing_key
@@ -157,14 +162,22 @@ class PrivacyLedger:
 
     @classmethod
     def open(cls, path: Path | str, *, site: str, dataset_fingerprint: str | None = None,
-             signing_key: Ed25519PrivateKey | None = None) -> PrivacyLedger:
+             signing_key: Ed25519PrivateKey | None = None, kind: str | None = "site") -> PrivacyLedger:
         """Load the ledger at ``path`` (validated, chain checked), or an empty one if there is no file yet.
 
         ``dataset_fingerprint``: the site's data; a ledger bound to other data is a ``LedgerError``
         naming both fingerprints. ``signing_key``: the site's key; a ledger signed by another key is
         a ``LedgerError``. ε values are not recomputed here (:func:`verify_ledger` does that).
+        ``kind``: ``"site"`` or ``"central-dp"`` (the coordinator's); a file of the other kind is a
+        ``LedgerError``; None takes the file's kind (for tools that show any ledger).
         """
-        ledger = cls(Path(path), site=site, dataset_fingerprint=dataset_fingerprint, signing_key=signing_key)
+        if kind is None:
+            kind = "site"
+            if Path(path).is_file():
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    kind = str(json.loads(Path(path).read_text(encoding="utf-8")).get("kind", "site"))
+        ledger = cls(Path(path), site=site, dataset_fingerprint=dataset_fingerprint, signing_key=signing_key,
+                     kind=kind)
         if ledger.path.exists():
             ledger._load(dataset_fingerprint)
         if signing_key is not None and ledger._public_key is not None:
@@ -184,6 +197,10 @@ class PrivacyLedger:
                 f"Privacy ledger {self.path} belongs to site {data['site']!r}, not '{self.site}'. "
                 "Each site needs its own ledger path; check the site's configuration."
             )
+        if data.get("kind", "site") != self.kind:
+            raise LedgerError(
+                f"Privacy ledger {self.path} is a {data.get('kind', 'site')} ledger, not a {self.kind} ledger: a site's "
+                "ledger and the coordinator's central-DP ledger must be separate files; check the ledger paths.")
         inspection = inspect_document(data, recompute_epsilon=False)
         if inspection.problems:
             _, text = inspection.problems[0]
@@ -286,9 +303,14 @@ class PrivacyLedger:
     def record(
         self, *, run_id: str, server_round: int, steps: int, sample_rate: float, noise_multiplier: float,
         max_grad_norm: float, target_delta: float, num_examples: int, accountant: str = "prv",
+        central_dp: dict[str, Any] | None = None,
     ) -> LedgerEntry:
-        """Append one release with its cumulative ε (from the whole history) and rewrite the file atomically."""
+        """Append one release with its cumulative ε (from the whole history) and rewrite the file atomically.
+        ``central_dp``: required in (and only in) a central-DP ledger (``ledger_chain``: m, N, sampling, clipping)."""
         self.require_writable()
+        if (central_dp is not None) != (self.kind == "central-dp"):
+            raise PrivacyParameterError(f"a {self.kind} ledger's entries {'need' if central_dp is None else 'have no'} "
+                                        "a central_dp block")
         epsilon = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
                                      target_delta=target_delta, accountant=accountant)
         raw = dict(
@@ -297,6 +319,8 @@ class PrivacyLedger:
             accountant=accountant, epsilon="inf" if math.isinf(epsilon) else epsilon, num_examples=num_examples,
             timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+        if central_dp is not None:
+            raw["central_dp"] = dict(central_dp)
         try:
             entry = parse_entry(raw)
         except FieldError as exc:
@@ -305,7 +329,7 @@ class PrivacyLedger:
         document = ledger_document(
             entries, site=self.site, dataset_fingerprint=self._fingerprint, stored=self._stored,
             to_migrate=self._to_migrate, migrated=self._migrated, public_key=self._public_key,
-            signing_key=self._signing_key)
+            signing_key=self._signing_key, kind=self.kind)
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _folder_lock(self.path.parent):
@@ -354,7 +378,9 @@ class PrivacyLedger:
 
     def summary_lines(self) -> list[str]:
         """Human-readable table for ``fedllm ledger show``: one row per release, then the total."""
-        lines = [f"Privacy ledger of site '{self.site}': {self.path}",
+        title = (f"Central-DP ledger of coordinator '{self.site}' (site-level ε: one site is the unit of privacy)"
+                 if self.kind == "central-dp" else f"Privacy ledger of site '{self.site}'")
+        lines = [f"{title}: {self.path}",
                  f"dataset: {_short(self._fingerprint)}", self.integrity_line()]
         if not self._entries:
             return [*lines, "no releases recorded", "cumulative ε = 0.00 (nothing released)"]

@@ -14,6 +14,13 @@ is (:func:`parse_entry`) and how entries are chained and signed (:func:`chain_en
   the header breaks the chain at entry 1.
 * **Entry hash**: SHA-256 (hex) of the canonical entry without ``entry-hash`` and
   ``signature`` (so it covers ``prev-hash``, the dataset fingerprint and ``migrated``).
+* **Kinds**: a site's ledger (``"kind"`` absent from the header, or ``"site"``), and the
+  coordinator's central-DP ledger (``"kind": "central-dp"``, :mod:`fedllm.coordinator.central_dp`):
+  one entry per noisy aggregate the coordinator released, ``steps`` = 1 and ``sample_rate`` = 1
+  (one Gaussian release, no amplification), ``noise_multiplier`` z, ``max_grad_norm`` the clipping
+  norm S_t, ``num_examples`` N (the federation's sites), and a ``central_dp`` object with m (sites
+  asked), N, the site sampling and the clipping mode. A central-DP ledger's genesis hash covers
+  its kind, so a header edited from one kind to the other breaks the chain at entry 1.
 * **Signatures**: Ed25519 over ``b"fedllm-privacy-ledger/v2 entry " + entry-hash`` for each
   entry, and over ``b"fedllm-privacy-ledger/v2 head " + canonical({"site", "entries",
   "entry-hash"})`` for the header's head; domain-separated so neither can stand in for the other.
@@ -59,6 +66,8 @@ class LedgerEntry:
     epsilon: float
     num_examples: int
     timestamp: str  # ISO-8601, UTC
+    # central-DP ledger only: {"sites_per_round": m, "total_sites": N, "sampling", "clipping"}
+    central_dp: dict[str, Any] | None = None
 
     @property
     def event(self) -> DPEvent:
@@ -113,6 +122,22 @@ _INTEGRITY: dict[str, tuple[str, Callable[[Any], bool], bool]] = {  # name: (exp
     "entry-hash": ("64 lowercase hex digits", _is_hash, True),
     "signature": ("a base64 string", lambda v: isinstance(v, str) and v != "", False),
 }
+LEDGER_KINDS = ("site", "central-dp")
+CENTRAL_DP_SAMPLING = ("all", "fixed-subset")
+CENTRAL_DP_CLIPPING = ("fixed", "adaptive")
+_CENTRAL_KEYS = ("sites_per_round", "total_sites", "sampling", "clipping")
+
+
+def _is_central_block(value: Any) -> bool:
+    if not isinstance(value, dict) or sorted(value) != sorted(_CENTRAL_KEYS):
+        return False
+    m, n = value["sites_per_round"], value["total_sites"]
+    return (_is_count(m) and _is_count(n) and 1 <= m <= n and value["sampling"] in CENTRAL_DP_SAMPLING
+            and value["clipping"] in CENTRAL_DP_CLIPPING and (value["sampling"] != "all" or m == n))
+
+
+_CENTRAL_EXPECTED = ("an object {sites_per_round: m >= 1, total_sites: N >= m, sampling: all (m = N) or "
+                     "fixed-subset, clipping: fixed or adaptive}")
 _FLOATS = ("sample_rate", "noise_multiplier", "max_grad_norm", "target_delta", "epsilon")
 _INTS = ("server_round", "steps", "num_examples")
 
@@ -122,7 +147,7 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
     are checked and required, then set aside). Raises :class:`FieldError`."""
     if not isinstance(raw, dict):
         raise FieldError("(entry)", "a JSON object", raw)
-    known = [*_FIELDS, *(_INTEGRITY if integrity else ())]
+    known = [*_FIELDS, "central_dp", *(_INTEGRITY if integrity else ())]
     for name in raw:
         if name not in known:
             raise FieldError(name, "no such field (known: " + ", ".join(known) + ")", raw[name])
@@ -138,14 +163,21 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
                     raise FieldError(name, f"{expected} (the field is missing)", None)
             elif not is_valid(raw[name]):
                 raise FieldError(name, expected, raw[name])
+    central = raw.get("central_dp")
+    if "central_dp" in raw and not _is_central_block(central):
+        raise FieldError("central_dp", _CENTRAL_EXPECTED, central)
     fields = {name: raw[name] for name in _FIELDS}
     floats = {name: (math.inf if fields[name] == "inf" else float(fields[name])) for name in _FLOATS}
-    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}})
+    if central is not None:
+        central = {k: (int(v) if k in ("sites_per_round", "total_sites") else v) for k, v in central.items()}
+    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}}, central_dp=central)
 
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
     """The entry's own fields as JSON values (ε = ∞ as ``"inf"``)."""
     data = asdict(entry)
+    if data["central_dp"] is None:  # a site's entry: hashed exactly as before the field existed
+        del data["central_dp"]
     if math.isinf(entry.epsilon):
         data["epsilon"] = "inf"
     return data
@@ -160,9 +192,13 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def genesis_hash(*, site: str, dataset_fingerprint: str | None) -> str:
-    """Entry 1's ``prev-hash``: the hash of the header fields that name the ledger."""
-    return _sha256(canonical({"format": LEDGER_FORMAT, "site": site, "dataset-fingerprint": dataset_fingerprint}))
+def genesis_hash(*, site: str, dataset_fingerprint: str | None, kind: str = "site") -> str:
+    """Entry 1's ``prev-hash``: the hash of the header fields that name the ledger (its kind too,
+    unless it is a site's ledger, whose genesis is unchanged from before kinds existed)."""
+    named: dict[str, Any] = {"format": LEDGER_FORMAT, "site": site, "dataset-fingerprint": dataset_fingerprint}
+    if kind != "site":
+        named["kind"] = kind
+    return _sha256(canonical(named))
 
 
 def entry_hash(entry: LedgerEntry, *, prev_hash: str, dataset_fingerprint: str | None, migrated: bool) -> str:

@@ -4,6 +4,7 @@ building the version-2 document that :class:`fedllm.privacy.ledger.PrivacyLedger
 Format::
 
     {"format": "fedllm-privacy-ledger", "version": 2, "site": "cardiology",
+     "kind": "central-dp" (the coordinator's central-DP ledger only; absent for a site's),
      "dataset-fingerprint": "sha256:…", "public-key": "<base64>" (signed ledgers only),
      "head": {"entries": 2, "entry-hash": "…"}, "head-signature": "…" (signed only),
      "entries": [{"run_id": …, …, "epsilon": …, "dataset-fingerprint": "sha256:…",
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from fedllm.errors import LedgerError
 from fedllm.privacy.ledger_chain import (
     LEDGER_FORMAT,
+    LEDGER_KINDS,
     LEDGER_VERSION,
     READABLE_VERSIONS,
     LedgerEntry,
@@ -85,6 +87,9 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(data.get("site"), str) or not data["site"]:
         raise LedgerError(f"Privacy ledger {path}: header field \"site\" must be a non-empty string, "
                           f"got {data.get('site')!r}. {RESTORE_ADVICE}")
+    if data.get("kind", "site") not in LEDGER_KINDS:
+        raise LedgerError(f"Privacy ledger {path}: header field \"kind\" must be one of {', '.join(LEDGER_KINDS)}, "
+                          f"got {data.get('kind')!r}. {RESTORE_ADVICE}")
     if not isinstance(data.get("entries"), list):
         raise LedgerError(
             f"Privacy ledger {path}: \"entries\" must be a list, got {data.get('entries')!r}. {RESTORE_ADVICE}")
@@ -94,12 +99,13 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
 def ledger_document(
     entries: Sequence[LedgerEntry], *, site: str, dataset_fingerprint: str | None,
     stored: Sequence[dict[str, Any]], to_migrate: int, migrated: dict[str, Any] | None,
-    public_key: str | None, signing_key: Ed25519PrivateKey | None,
+    public_key: str | None, signing_key: Ed25519PrivateKey | None, kind: str = "site",
 ) -> dict[str, Any]:
     """The version-2 file for ``entries``: the first ``len(stored)`` kept exactly as stored, new ones
     chained (and signed with ``signing_key``). ``to_migrate``: how many leading entries come from a
     version-1 file (marked ``migrated``, with a header note unless ``migrated`` already is one).
-    ``public_key``: the header's (None: unsigned so far; set from ``signing_key`` when given)."""
+    ``public_key``: the header's (None: unsigned so far; set from ``signing_key`` when given).
+    ``kind``: ``"site"`` (no ``kind`` in the header) or ``"central-dp"`` (the coordinator's)."""
     key = signing_key
     if key is not None and public_key is None:
         from fedllm.privacy.signing import public_key_text
@@ -108,7 +114,7 @@ def ledger_document(
     if to_migrate and migrated is None:
         migrated = {"from-version": 1, "entries": to_migrate,
                     "time": datetime.now(UTC).isoformat(timespec="seconds")}
-    prev = genesis_hash(site=site, dataset_fingerprint=dataset_fingerprint)
+    prev = genesis_hash(site=site, dataset_fingerprint=dataset_fingerprint, kind=kind)
     chained: list[dict[str, Any]] = []
     for index, entry in enumerate(entries):
         if index < len(stored):
@@ -118,8 +124,10 @@ def ledger_document(
                               migrated=index < to_migrate, signing_key=key)
         chained.append(raw)
         prev = raw["entry-hash"]
-    document: dict[str, Any] = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "site": site,
-                                "dataset-fingerprint": dataset_fingerprint}
+    document: dict[str, Any] = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "site": site}
+    if kind != "site":
+        document["kind"] = kind
+    document["dataset-fingerprint"] = dataset_fingerprint
     if public_key is not None:
         document["public-key"] = public_key
     if migrated is not None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 EPSILON_RTOL = 1e-6  # recorded vs recomputed cumulative ε (the accountants are deterministic)
 
-_HEADER_KEYS = ("format", "version", "site", "dataset-fingerprint", "public-key", "migrated", "head",
+_HEADER_KEYS = ("format", "version", "site", "kind", "dataset-fingerprint", "public-key", "migrated", "head",
                 "head-signature", "entries")
 
 
@@ -80,6 +80,7 @@ class LedgerVerification:
     version: int
     key_id: str  # "" when unsigned
     notes: list[str]
+    kind: str = "site"  # "central-dp": the coordinator's ledger of site-level releases
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (kebab-case keys, ε = ∞ as ``"inf"``)."""
@@ -104,6 +105,7 @@ class Inspection:
 
     version: int
     site: str
+    kind: str = "site"
     dataset_fingerprint: str | None = None
     public_key: str | None = None
     entries: list[LedgerEntry | None] = field(default_factory=list)
@@ -149,7 +151,7 @@ class Inspection:
             dataset_fingerprint=self.dataset_fingerprint or "", final_epsilon=self.final_epsilon,
             recorded_epsilon=last.epsilon if last else 0.0, target_delta=last.target_delta if last else None,
             accountant=last.accountant if last else None, site=self.site, version=self.version,
-            key_id=from_key, notes=list(self.notes),
+            key_id=from_key, notes=list(self.notes), kind=self.kind,
         )
 
 
@@ -161,7 +163,7 @@ def inspect_document(data: dict[str, Any], *, recompute_epsilon: bool,
     Every finding is recorded against the entry it concerns; nothing raises for a bad ledger.
     ``public_key`` / ``dataset_fingerprint``: what the ledger must have been signed with / bound to.
     """
-    ins = Inspection(version=data["version"], site=data["site"])
+    ins = Inspection(version=data["version"], site=data["site"], kind=str(data.get("kind", "site")))
     raw_entries = data["entries"]
     if ins.version == 1:
         for index, raw in enumerate(raw_entries, start=1):
@@ -179,7 +181,7 @@ def inspect_document(data: dict[str, Any], *, recompute_epsilon: bool,
     header_key_obj, verify_key, key_mismatch = _signature_keys(ins, public_key)
     fp = ins.dataset_fingerprint  # None when the header's is null, missing or malformed
     fp_ok = "dataset-fingerprint" in data and (data["dataset-fingerprint"] is None or is_fingerprint(fp))
-    genesis = genesis_hash(site=ins.site, dataset_fingerprint=fp)
+    genesis = genesis_hash(site=ins.site, dataset_fingerprint=fp, kind=ins.kind)
     expected_prev: str | None = genesis if fp_ok else None
     seen: dict[str, int] = {}
     first_signed: int | None = None
@@ -214,6 +216,7 @@ def inspect_document(data: dict[str, Any], *, recompute_epsilon: bool,
             if computed != raw["entry-hash"]:
                 ins.add(index, f"entry {index}: its content does not match its entry-hash: a field was edited after "
                                "it was written")
+            _check_kind(ins, index, entry)
             first_signed = _check_entry_signature(ins, index, raw, first_signed, header_key_obj, verify_key,
                                                   key_mismatch, public_key)
         expected_prev = stored
@@ -251,6 +254,26 @@ def inspect_document(data: dict[str, Any], *, recompute_epsilon: bool,
     if recompute_epsilon:
         _recompute(ins)
     return ins
+
+
+def _check_kind(ins: Inspection, index: int, entry: LedgerEntry) -> None:
+    """A central-DP ledger's entries are single Gaussian releases over the federation's sites (steps 1,
+    q 1, a ``central_dp`` block agreeing with ``num_examples`` = N); a site's entries have no such block."""
+    if ins.kind != "central-dp":
+        if entry.central_dp is not None:
+            ins.add(index, f"entry {index} carries a central_dp block, but this is a site's ledger (no \"kind\": "
+                           "\"central-dp\" in the header)")
+        return
+    block = entry.central_dp
+    if block is None:
+        ins.add(index, f"entry {index} has no central_dp block (sites asked, sites, sampling), which every entry of "
+                       "a central-DP ledger records")
+    elif block["total_sites"] != entry.num_examples:
+        ins.add(index, f"entry {index}: central_dp.total_sites = {block['total_sites']} differs from num_examples = "
+                       f"{entry.num_examples} (both are N, the federation's sites)")
+    if entry.steps != 1 or entry.sample_rate != 1.0:
+        ins.add(index, f"entry {index}: a central-DP release is one Gaussian mechanism without amplification "
+                       f"(steps 1, sample_rate 1), got steps {entry.steps}, sample_rate {entry.sample_rate:g}")
 
 
 def _check_header(data: dict[str, Any], ins: Inspection) -> None:

@@ -186,6 +186,7 @@ def train_local(
     physical_batch_size: int = 0,
     gradient_checkpointing: bool = False,
     fast_path: bool = True,
+    planned_examples: int = 0,
 ) -> TrainResult:
     """Run ``steps`` local steps on ``model``'s trainable (adapter) parameters, in place.
 
@@ -207,16 +208,23 @@ def train_local(
 
     ``fast_path`` (``train.fast-path``): ``fedllm.fastpath.enable`` on ``model`` and its fused
     head, fused per-example gradients and allocator setting; off, the plain reference (``model``
-    must not have the fast path's layers). Both compute the same update (tested per family)."""
+    must not have the fast path's layers). Both compute the same update (tested per family).
+
+    ``planned_examples`` > 0 sets q = ``batch_size / planned_examples`` (and the expected batch)
+    from a planned dataset size instead of ``len(examples)``, which it must not be below: the
+    canary audit plans for every canary, so that q does not depend on which were included."""
     if not examples:
         raise ValueError("no training examples")
+    if planned_examples and planned_examples < len(examples):
+        raise ValueError(f"planned_examples = {planned_examples} is below the {len(examples)} examples given")
     fast = _fast_path(model, fast_path)
     if fast is not None:
         fast.keep_freed_memory()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    sample_rate = min(1.0, batch_size / len(examples))
-    expected_batch = max(1, round(sample_rate * len(examples)))
+    planned = planned_examples or len(examples)
+    sample_rate = min(1.0, batch_size / planned)
+    expected_batch = max(1, round(sample_rate * planned))
     sampler = sampling_generator or fresh_generator()
     optim: torch.optim.Optimizer
     if optimizer == "sgd":

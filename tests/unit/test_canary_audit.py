@@ -104,7 +104,10 @@ def test_no_noise_is_flagged_and_dp_is_not(scenario, tmp_path, capsys):
     ledger = PrivacyLedger.open(Path(private["ledger"]), site="smoke")
     assert Path(private["ledger"]).parent == tmp_path / "dp" / "ledger"
     assert [e.noise_multiplier for e in ledger.entries] == [mech["noise_multiplier"]]
-    assert ledger.entries[0].num_examples == mech["num_examples"] == mech["real_examples"] + mech["canary_examples"]
+    assert mech["num_examples"] == mech["real_examples"] + mech["canary_examples"]  # what was trained on
+    # q and the ledger use the planned total (every canary as if included), not the secret draw's
+    assert ledger.entries[0].num_examples == mech["planned_examples"] == mech["real_examples"] + 63 + CANARIES
+    assert mech["sample_rate"] == pytest.approx(16 / mech["planned_examples"])
     report = (tmp_path / "dp" / "canary-audit.md").read_text()
     assert "the largest lower bound reachable is ε = 1.05" in report and "is a release" in report
     out = capsys.readouterr().out

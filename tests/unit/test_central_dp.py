@@ -129,10 +129,12 @@ def _wrapped(*, clipping="fixed", z=0.0, s=1.0, m=4, strategy="fedavg", **kw):
     return with_central_dp(build_strategy(StrategyConfig(name=strategy)), config, sites_per_round=m)
 
 
-def _round(dp, global_values, deltas, *, examples=None, orders=None):
-    """Configure a round from ``global_values``, send back global + delta per site, aggregate."""
+def _round(dp, global_values, deltas, *, examples=None, orders=None, asked=None):
+    """Configure a round from ``global_values`` asking ``asked`` sites (default: one per delta),
+    send back global + delta from the first ``len(deltas)`` of them, aggregate."""
     current = _record(global_values)
-    list(dp.configure_train(1, current, ConfigRecord(), FakeGrid(range(1, len(deltas) + 1))))
+    tasks = list(dp.configure_train(1, current, ConfigRecord(), FakeGrid(range(1, (asked or len(deltas)) + 1))))
+    assert len(tasks) == (asked or len(deltas))
     replies = [_reply(i + 1, _record({k: global_values[k] + d[k] for k in d}, order=(orders or [None] * len(deltas))[i]),
                       examples=(examples or [10] * len(deltas))[i])
                for i, d in enumerate(deltas)]
@@ -179,14 +181,17 @@ BIG = {"lora_B.a": (400, 250), "lora_B.b": (200, 250)}  # 150,000 coordinates
 
 @pytest.mark.usefixtures("seeded_randomness")  # the noise from fixed seeds: the same draws every run
 @pytest.mark.parametrize("z, s, m, replies", [(1.0, 1.0, 4, 4), (2.0, 0.5, 5, 5), (1.0, 1.0, 4, 2)])
-def test_fixed_clipping_noise_std_is_z_s_over_the_sites_averaged(z, s, m, replies):
+def test_fixed_clipping_noise_std_is_z_s_over_the_sites_asked(z, s, m, replies):
     rng = np.random.default_rng(2)
     global_values = {k: np.zeros(shape) for k, shape in BIG.items()}
     deltas = [_update(rng, s / 10, BIG) for _ in range(replies)]  # under S: no clipping
     dp = _wrapped(z=z, s=s, m=m)
-    out, _ = _round(dp, global_values, deltas)
-    noise = np.concatenate([(out[k] - sum(d[k] for d in deltas) / replies).ravel() for k in BIG])
-    expected = z * s / replies  # m_t = updates averaged (a missing site must not shrink the noise)
+    out, _ = _round(dp, global_values, deltas, asked=m)
+    # the sum over the m sites asked (a missing site is a zero update) divided by m, plus z·S/m:
+    # neither the mean nor the noise may depend on how many replies arrived
+    noise = np.concatenate([(out[k] - sum(d[k] for d in deltas) / m).ravel() for k in BIG])
+    expected = z * s / m
+    assert (dp.round_sites, dp.round_updates) == (m, replies)
     assert dp.noise_stddev == pytest.approx(expected)
     assert noise.std() == pytest.approx(expected, rel=0.01)  # 150k draws: std error 0.18%
     assert abs(noise.mean()) < 4 * expected / math.sqrt(noise.size)
@@ -290,30 +295,36 @@ def test_run_start_warns_plainly_and_rounds_record_the_guarantee(tmp_path, caplo
     server_log.addHandler(caplog.handler)
     try:
         with caplog.at_level("INFO", logger="fedllm.coordinator.central_dp"):
-            central = start_central_dp(_run_config(), history, connected=5)
+            central = start_central_dp(_run_config(), history, connected=5, ledger=tmp_path / "coordinator.json")
     finally:
         server_log.removeHandler(caplog.handler)
     assert "site-level ε would be 28.4 after 20 rounds with 5 sites at noise 1: too large" in caplog.text
     assert history.data["central-dp"] == {
         "enabled": True, "clipping": "fixed", "noise-multiplier": 1.0, "clipping-norm": 1.0, "sites-per-round": 5,
-        "total-sites": 5, "rounds": 0, "sampling": "all", "epsilon": 0.0, "delta": 1e-05, "accountant": "prv"}
+        "total-sites": 5, "rounds": 0, "sampling": "all", "epsilon": 0.0, "cumulative-epsilon": 0.0,
+        "ledger": str(tmp_path / "coordinator.json"), "ledger-releases": 0, "delta": 1e-05, "accountant": "prv"}
     dp = _wrapped(z=1.0, m=5)
     rng = np.random.default_rng(6)
     zeros = {k: np.zeros(s) for k, s in SHAPES.items()}
-    _round(dp, zeros, [_update(rng, 2.0) for _ in range(4)])  # one site refused: 4 averaged
+    _round(dp, zeros, [_update(rng, 2.0) for _ in range(4)], asked=5)  # one site refused: m is still 5
     released = dict(clipping_norm=dp.round_clipping_norm, sites=dp.round_sites)
     central.record_round(history, 1, asked=5, connected=5, released=True, **released)
-    central.record_round(history, 2, asked=5, connected=5, released=False,  # every site refused
+    _round(dp, zeros, [], asked=5)  # every site refused: the round still releases noise, m = 5
+    central.record_round(history, 2, asked=5, connected=5, released=True,
+                         clipping_norm=dp.round_clipping_norm, sites=dp.round_sites)
+    central.record_round(history, 3, asked=3, connected=5, released=False,  # nobody asked: nothing released
                          clipping_norm=dp.clipping_norm, sites=0)
-    central.record_round(history, 3, asked=3, connected=5, released=True, **released)  # a subset was asked
     rounds = {r["round"]: r["central-dp"] for r in history.data["rounds"]}
     eps1 = site_level_epsilon(noise_multiplier=1.0, sites_per_round=5, total_sites=5, rounds=1, target_delta=1e-5)
     eps2 = site_level_epsilon(noise_multiplier=1.0, sites_per_round=5, total_sites=5, rounds=2, target_delta=1e-5)
-    assert rounds[1] == {"clipping-norm": 1.0, "epsilon": pytest.approx(eps1), "sites": 4}
-    assert rounds[2] == {"clipping-norm": 1.0, "epsilon": pytest.approx(eps1), "sites": 0}  # nothing released
-    assert rounds[3]["epsilon"] == pytest.approx(eps2)
+    one_run = dict(sites=5, **{"clipping-norm": 1.0})  # a first run on this ledger: cumulative = this run's
+    assert rounds[1] == {**one_run, "epsilon": pytest.approx(eps1), "cumulative-epsilon": pytest.approx(eps1)}
+    assert rounds[2] == {**one_run, "epsilon": pytest.approx(eps2), "cumulative-epsilon": pytest.approx(eps2)}
+    assert rounds[3] == {"clipping-norm": 1.0, "sites": 0, "epsilon": pytest.approx(eps2),
+                         "cumulative-epsilon": pytest.approx(eps2)}
     block = history.data["central-dp"]
     assert (block["rounds"], block["sampling"], block["epsilon"]) == (2, "fixed-subset", pytest.approx(eps2))
+    assert (block["ledger-releases"], block["cumulative-epsilon"]) == (2, pytest.approx(eps2))
     history.save()  # valid JSON (no NaN/inf)
 
 
@@ -325,7 +336,7 @@ def test_central_dp_section_defaults_and_round_trip():
     assert {k: v for k, v in defaults.items() if k.startswith("central-dp.")} == {
         "central-dp.enabled": False, "central-dp.noise-multiplier": 1.0, "central-dp.clipping": "fixed",
         "central-dp.clipping-norm": 1.0, "central-dp.target-quantile": 0.5, "central-dp.clip-norm-lr": 0.2,
-        "central-dp.target-delta": 1e-5,
+        "central-dp.target-delta": 1e-5, "central-dp.ledger-path": "",
     }
     flat = {"central-dp.enabled": True, "central-dp.noise-multiplier": 4, "central-dp.clipping": "adaptive",
             "central-dp.clipping-norm": 0.1, "central-dp.target-quantile": 0.7, "central-dp.clip-norm-lr": 0.1,

@@ -180,11 +180,13 @@ def test_central_dp_adds_noise_and_records_the_site_level_epsilon_every_round(tm
     eps = [site_level_epsilon(noise_multiplier=1.0, sites_per_round=3, total_sites=4, rounds=r, target_delta=1e-5,
                               sampling="fixed-subset") for r in (1, 2, 3)]
     assert [r["central-dp"] for r in history["rounds"][1:]] == [
-        {"clipping-norm": 1.0, "epsilon": pytest.approx(e), "sites": 3} for e in eps]
+        {"clipping-norm": 1.0, "epsilon": pytest.approx(e), "sites": 3, "cumulative-epsilon": pytest.approx(e)}
+        for e in eps]
     block = history["central-dp"]
     assert (block["rounds"], block["sites-per-round"], block["total-sites"], block["sampling"]) == (
         3, 3, 4, "fixed-subset")
-    assert block["epsilon"] == pytest.approx(eps[-1])
+    assert block["epsilon"] == pytest.approx(eps[-1]) == block["cumulative-epsilon"]
+    assert block["ledger"] == str(tmp_path / "ledgers" / "_coordinator.json") and block["ledger-releases"] == 3
 
 
 @pytest.mark.parametrize("killed_in", [2, 3])
