@@ -123,9 +123,11 @@ def fab_problems(content: bytes, *, fab_hash: str, fab_id: str, fab_version: str
         missing = sorted(FAB_FILES - set(names))
         problems.append("it carries files fedllm's FAB does not: " + ", ".join(others) if others else
                         f"it lacks {', '.join(missing)}")
-        return problems
+        if PYPROJECT not in names:
+            return problems
     pyproject = zf.read(PYPROJECT)
-    problems += _manifest_problems(zf, pyproject)
+    if set(names) == FAB_FILES:
+        problems += _manifest_problems(zf, pyproject)
     try:
         config = tomllib.loads(pyproject.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:

@@ -147,3 +147,110 @@ def test_flowers_trusted_entities_cannot_vouch_for_a_locally_submitted_fab() -> 
     assert 'fab.verifications.get("valid_license", "")' in inspect.getsource(start_client_internal)
     assert '"valid_license": "Valid"' in inspect.getsource(control_handlers._format_verification)
     assert "_get_remote_fab" in inspect.getsource(control_handlers)
+
+
+# --------------------------------------------------------------------------------------------
+# a real SuperLink and a real `fedllm site start` SuperNode, a hostile FAB submitted with `flwr run`
+
+HOSTILE_CLIENT = '''\
+from pathlib import Path
+
+Path({marker!r}).write_text("the coordinator's code ran at the site")  # on import, before any check could run
+
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+'''
+
+HOSTILE_SERVER = '''\
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = []
+    for _ in range(120):
+        nodes = list(grid.get_node_ids())
+        if nodes:
+            break
+        time.sleep(1)
+    messages = [Message(RecordDict(), message_type="train", dst_node_id=node) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=240))
+    reasons = [reply.error.reason if reply.has_error() else "no error" for reply in replies]
+    Path({replies!r}).write_text("\\n".join(reasons) or "no reply")
+    if any(reply.has_error() for reply in replies) or not replies:
+        raise RuntimeError("the sites refused the app: " + " | ".join(reasons))
+'''
+
+
+def _hostile_app(folder: Path, *, marker: Path, replies: Path) -> Path:
+    """fedllm's own pyproject (publisher, name, version), but its components point at the bundle's
+    own modules: a ClientApp that writes ``marker`` the moment it is imported."""
+    write_app_folder(folder, {})
+    _edit_pyproject(folder, 'clientapp = "fedllm.flower.client_app:app"', 'clientapp = "hostile_client:app"')
+    _edit_pyproject(folder, 'serverapp = "fedllm.flower.server_app:app"', 'serverapp = "hostile_server:app"')
+    (folder / "hostile_client.py").write_text(HOSTILE_CLIENT.format(marker=str(marker)))
+    (folder / "hostile_server.py").write_text(HOSTILE_SERVER.format(replies=str(replies)))
+    return folder
+
+
+@pytest.mark.integration
+def test_a_hostile_fab_is_refused_at_a_real_site_before_any_of_its_code_is_imported(tmp_path: Path) -> None:
+    import time
+
+    from fedllm.flower.processes import CONNECTION, Connection, flower_env, flwr_json
+    from tests.integration.test_deployment import SMOKE, Federation, _free_port
+    from tests.integration.test_simulation import _processes_with
+
+    fed = Federation(tmp_path)
+    try:
+        port = _free_port()
+        server = fed.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--insecure",
+                           "--state", "server-state")
+        fed.wait_for(lambda: "listening on" in fed.log("server") or server.poll() is not None, "the coordinator")
+        assert server.poll() is None, fed.log("server")
+
+        (tmp_path / "site-a").mkdir()
+        data = tmp_path / "site-a" / "data.jsonl"
+        data.write_text("".join(SMOKE.read_text().splitlines(keepends=True)[:30]))
+        (tmp_path / "a.toml").write_text('site-name = "a"\ndata-path = "site-a/data.jsonl"\n'
+                                         'ledger-path = "site-a/ledger.json"\nmax-epsilon = 8.0\n')
+        site = fed.start("site-a", "site", "start", "a.toml", "--server", f"127.0.0.1:{port}", "--insecure")
+        supernode_log = tmp_path / ".fedllm-site" / "a" / "supernode.log"
+        fed.wait_for(lambda: "SuperNode ID" in (supernode_log.read_text() if supernode_log.is_file() else "")
+                     or site.poll() is not None, "the site to connect")
+        assert site.poll() is None, fed.log("site-a")
+
+        marker, replies = tmp_path / "MARKER", tmp_path / "replies.txt"
+        app = _hostile_app(tmp_path / "hostile", marker=marker, replies=replies)
+        cli_home = tmp_path / "cli-home"
+        Connection(f"127.0.0.1:{port}", insecure=True).write(cli_home)
+        env = {**flower_env(cli_home), "FEDLLM_TEST_PROC": f"cli-{fed.marker}"}
+        submitted = flwr_json(["run", str(app), CONNECTION], env=env, cwd=tmp_path, timeout=300)
+        assert submitted.get("success", True) and submitted.get("run-id"), submitted
+        run_id = str(submitted["run-id"])
+
+        status = ""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not status.startswith("finished"):
+            listed = flwr_json(["list", CONNECTION, "--run-id", run_id], env=env, cwd=tmp_path)
+            status = str((listed.get("runs") or [{}])[0].get("status", ""))
+            time.sleep(2)
+
+        assert status == "finished:failed", (status, fed.log("site-a"), fed.log("server"))
+        assert not marker.exists(), "the hostile ClientApp was imported at the site"
+        reported = replies.read_text()  # what the coordinator received from the site
+        assert "site a refused the run's app bundle (FAB) without running any of it" in reported
+        assert "hostile_client.py" in reported and "hostile_client:app" in reported
+        assert "site a refused the run's app bundle" in fed.log("site-a")  # logged at the site
+        assert not (tmp_path / "site-a" / "ledger.json").exists()  # nothing trained, nothing spent
+        assert site.poll() is None  # the site keeps serving (the next, honest run is accepted)
+    finally:
+        fed.close()
+    assert not _processes_with(fed.marker), "processes left behind"
