@@ -149,6 +149,40 @@ def test_flowers_trusted_entities_cannot_vouch_for_a_locally_submitted_fab() -> 
     assert "_get_remote_fab" in inspect.getsource(control_handlers)
 
 
+
+def _site_file(tmp_path: Path, connection: str = "") -> Path:
+    from tests.integration.test_deployment import SMOKE
+
+    (tmp_path / "data.jsonl").write_text("".join(SMOKE.read_text().splitlines(keepends=True)[:5]))
+    path = tmp_path / "a.toml"
+    path.write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nmax-epsilon = 8.0\n[connection]\n{connection}')
+    return path
+
+
+def test_site_start_refuses_a_pinned_version_other_than_the_installed_one(tmp_path: Path) -> None:
+    import argparse
+
+    from fedllm.deploy.site_commands import cmd_site_start
+    from fedllm.errors import ConfigError
+
+    args = argparse.Namespace(file=str(_site_file(tmp_path, 'fedllm-version = "9.9.9"\n')), server="127.0.0.1:9",
+                              insecure=True, root_certificates=None, verbose=False)
+    with pytest.raises(ConfigError) as err:
+        cmd_site_start(args)
+    assert "fedllm-version = '9.9.9'" in str(err.value) and f"installed here is {VERSION!r}" in str(err.value)
+    assert not (tmp_path / ".fedllm-site").exists()  # refused before anything started
+
+
+def test_the_site_supernode_runs_no_app_process_of_its_own_and_the_sites_runner_takes_its_tasks(tmp_path: Path) -> None:
+    from fedllm.deploy.site_commands import runner_command, supernode_command
+    from fedllm.deploy.site_file import load_site_file
+
+    cmd = supernode_command(load_site_file(_site_file(tmp_path)), server="127.0.0.1:9", insecure=True,
+                            root_certificates="", port=9094)
+    assert cmd[cmd.index("--isolation") + 1] == "process"  # no flower-superexec, no flwr-clientapp
+    runner = runner_command(9094, version=VERSION)
+    assert runner[1:4] == ["-m", "fedllm.flower.site_runner", "serve"] and "127.0.0.1:9094" in runner
+
 # --------------------------------------------------------------------------------------------
 # a real SuperLink and a real `fedllm site start` SuperNode, a hostile FAB submitted with `flwr run`
 
