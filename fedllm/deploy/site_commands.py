@@ -2,7 +2,11 @@
 
 Starts a Flower SuperNode next to the site's data. It connects *out* to the coordinator's
 SuperLink (TLS with the coordinator's CA certificate, SuperNode authentication with the site's
-key) and runs the fedllm ClientApp for every message; the site's node config (name, data path,
+key) and runs the fedllm ClientApp *installed at the site* for every message: the SuperNode runs
+with ``--isolation process`` and the site's own runner (:mod:`fedllm.flower.site_runner`, started
+here from this install) takes its tasks, refusing any run whose app bundle (FAB) is not fedllm's
+own at the site's pinned version (:mod:`fedllm.flower.fab_check`) before any of the bundle is
+unpacked or imported; the coordinator's code never runs at the site. The site's node config (name, data path,
 ledger path, privacy cap, device, signing key) comes from the site file and never leaves the
 machine, except the site's name. Before connecting it checks, without training or sending
 anything, that the data loads and that the ledger verifies against it.
@@ -16,12 +20,15 @@ connection without limit, so a site outlives a coordinator restart and rejoins o
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 from fedllm.errors import ConfigError, FedLLMError, RunFailedError
+from fedllm.flower.fab_check import installed_version
 from fedllm.flower.processes import flower_env, free_port, stop_group, tool
 from fedllm.logs import strip_to_marker
 
@@ -56,7 +63,7 @@ def _preflight(site_file) -> None:
 def supernode_command(site_file, *, server: str, insecure: bool, root_certificates: str, port: int) -> list[str]:
     conn = site_file.connection
     cmd = [tool("flower-supernode"), "--superlink", server, "--node-config", site_file.node_config(),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]  # the site's runner takes its tasks
     if insecure:
         cmd.append("--insecure")
     else:
@@ -73,6 +80,13 @@ def supernode_command(site_file, *, server: str, insecure: bool, root_certificat
     return cmd
 
 
+def runner_command(port: int, *, version: str) -> list[str]:
+    """The site's own ClientApp runner (this install's Python and fedllm), serving the SuperNode's
+    Runtime API on 127.0.0.1:``port``; it exits when this process does."""
+    return [sys.executable, "-m", "fedllm.flower.site_runner", "serve", "--runtime-api-address", f"127.0.0.1:{port}",
+            "--fedllm-version", version, "--parent-pid", str(os.getpid())]
+
+
 def cmd_site_start(args: argparse.Namespace) -> int:
     from fedllm.deploy.site_file import load_site_file
 
@@ -81,6 +95,11 @@ def cmd_site_start(args: argparse.Namespace) -> int:
     if not server:
         raise ConfigError(f"{site_file.path}: no coordinator address: pass --server HOST:PORT or set "
                           "[connection] server")
+    pinned = site_file.connection.fedllm_version or installed_version()
+    if pinned != installed_version():
+        raise ConfigError(f"{site_file.path}: [connection] fedllm-version = {pinned!r}, but the fedllm installed here is "
+                          f"{installed_version()!r}: the site runs only its installed fedllm, so install fedllm "
+                          f"{pinned} or set fedllm-version = {installed_version()!r} (or remove the key)")
     _preflight(site_file)
     port = site_file.connection.runtime_port or free_port()
     cmd = supernode_command(site_file, server=server, insecure=args.insecure,
@@ -91,17 +110,17 @@ def cmd_site_start(args: argparse.Namespace) -> int:
     name = site_file.site.name
     _echo(f"site {name}: connecting to {server} ({'INSECURE' if args.insecure else 'TLS'}"
           f"{', authenticated with ' + Path(site_file.connection.auth_key).name if site_file.connection.auth_key else ''}"
-          f"); log {log_file}; Ctrl-C stops the site")
+          f"); runs only its installed fedllm {pinned}; log {log_file}; Ctrl-C stops the site")
     state_flags = {"refused": False}
+    lock = threading.Lock()
     with open(log_file, "a", encoding="utf-8") as sink:
-        proc = subprocess.Popen(cmd, cwd=state, env=flower_env(state / "flwr-home"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
 
-        def pump() -> None:  # the SuperNode's helpers keep the pipe open after it exits: read in a thread
+        def pump(proc: subprocess.Popen) -> None:  # helpers keep a pipe open after exit: read in a thread
             assert proc.stdout is not None
             for line in proc.stdout:
-                sink.write(line)
-                sink.flush()
+                with lock:
+                    sink.write(line)
+                    sink.flush()
                 state_flags["refused"] = state_flags["refused"] or "Failed to activate SuperNode" in line
                 message = strip_to_marker(line)
                 if args.verbose:
@@ -111,17 +130,31 @@ def cmd_site_start(args: argparse.Namespace) -> int:
                 elif "ERROR" in line or "Traceback" in line:
                     _echo(line.rstrip("\n"))
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+        env = flower_env(state / "flwr-home")
+        procs = [subprocess.Popen(cmd, cwd=state, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace", start_new_session=True)]
+        proc, stopped = procs[0], None
+        readers = [threading.Thread(target=pump, args=(proc,), daemon=True)]
         try:
-            while proc.poll() is None:
+            procs.append(subprocess.Popen(
+                runner_command(port, version=pinned), cwd=state, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True))
+            readers.append(threading.Thread(target=pump, args=(procs[1],), daemon=True))
+            for reader in readers:
+                reader.start()
+            while (stopped := next((p for p in procs if p.poll() is not None), None)) is None:
                 time.sleep(0.5)
-            reader.join(timeout=2)
+            for reader in readers:
+                reader.join(timeout=2)
         except KeyboardInterrupt:
             _echo(f"site {name}: stopping")
             return 0
         finally:
-            stop_group(proc)
+            for started in procs:
+                stop_group(started)
+    if stopped is not proc and not state_flags["refused"]:
+        raise RunFailedError(f"site {name}: the site's ClientApp runner stopped (exit code {procs[1].returncode}); "
+                             f"see {log_file}")
     refused = state_flags["refused"]
     if refused:
         key = site_file.connection.auth_key

@@ -4,7 +4,8 @@ The top-level keys are the site's Flower *node config*, the site schema of
 :mod:`fedllm.config.site` (``SITE_KEYS``: ``site-name``, ``data-path``, ``ledger-path``,
 ``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``), checked by its one
 validator. An optional ``[connection]`` table holds what ``fedllm site start`` needs to reach the
-coordinator: ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``.
+coordinator: ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``, and
+which fedllm version it runs (``fedllm-version``, see :mod:`fedllm.flower.fab_check`).
 This module adds the file-level work only: paths, files that must exist, the connection, and
 messages that name the file.
 
@@ -37,7 +38,7 @@ from fedllm.data.loading import SOURCES_TEXT
 from fedllm.errors import ConfigError
 
 CONNECTION_TABLE = "connection"
-CONNECTION_KEYS = ("server", "root-certificates", "auth-key", "runtime-port", "state-dir")
+CONNECTION_KEYS = ("server", "root-certificates", "auth-key", "runtime-port", "state-dir", "fedllm-version")
 ALWAYS_IN_NODE_CONFIG = ("site-name", "data-path", "ledger-path")
 
 LEDGER_FOLDER = "ledgers"
@@ -53,6 +54,7 @@ class ConnectionSettings:
     auth_key: str = ""  # the SuperNode's private key (OpenSSH, NIST EC curve) for SuperNode authentication
     runtime_port: int = 0  # local port of the SuperNode's own Runtime API; 0: pick a free one
     state_dir: str = ""  # the SuperNode's Flower home (always set after load_site_file)
+    fedllm_version: str = ""  # the fedllm version whose app bundle the site accepts; "": the installed one
 
 
 @dataclass(frozen=True)
@@ -242,5 +244,7 @@ def _check_connection(table: Any, folder: Path, name: str | None, check: _Checke
         check.add(f"{CONNECTION_TABLE}.state-dir = {table['state-dir']!r}: is a file; must be a folder")
     if not state_dir and name:
         state_dir = str(folder / STATE_FOLDER / name)
+    version = check.string(table, "fedllm-version", f"{CONNECTION_TABLE}.fedllm-version",
+                           'the fedllm version this site runs, e.g. "0.1.0", or "" for the installed one')
     return ConnectionSettings(server=server or "", root_certificates=root, auth_key=auth, runtime_port=port,
-                              state_dir=state_dir)
+                              state_dir=state_dir, fedllm_version=(version or "").strip())

@@ -96,13 +96,16 @@ class Connection:
 
 def write_app_folder(folder: Path, defaults: dict) -> None:
     """A minimal Flower app folder: components point at the installed fedllm package, so the app
-    bundle (FAB) carries no code, only this pyproject.toml."""
+    bundle (FAB) carries no code, only this pyproject.toml. Its version is the installed fedllm's:
+    a site accepts only this shape, at the fedllm version it runs (:mod:`fedllm.flower.fab_check`)."""
+    from fedllm.flower import fab_check
+
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedllm", "version": "0.1.0", "dependencies": []},
+        "project": {"name": fab_check.APP_NAME, "version": fab_check.installed_version(), "dependencies": []},
         "tool": {"flwr": {"app": {
-            "publisher": "fedllm",
-            "components": {"serverapp": "fedllm.flower.server_app:app", "clientapp": "fedllm.flower.client_app:app"},
+            "publisher": fab_check.PUBLISHER,
+            "components": {"serverapp": fab_check.SERVERAPP, "clientapp": fab_check.CLIENTAPP},
             "config": dict(defaults),  # flat dotted keys, written quoted: "privacy.max-epsilon" = 10.0
         }}},
     }
