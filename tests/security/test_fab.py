@@ -151,7 +151,7 @@ def test_flowers_trusted_entities_cannot_vouch_for_a_locally_submitted_fab() -> 
 
 
 def _site_file(tmp_path: Path, connection: str = "") -> Path:
-    from tests.integration.test_deployment import SMOKE
+    from tests.helpers import SMOKE_DATA as SMOKE
 
     (tmp_path / "data.jsonl").write_text("".join(SMOKE.read_text().splitlines(keepends=True)[:5]))
     path = tmp_path / "a.toml"
@@ -239,7 +239,8 @@ def test_a_hostile_fab_is_refused_at_a_real_site_before_any_of_its_code_is_impor
     import time
 
     from fedllm.flower.processes import CONNECTION, Connection, flower_env, flwr_json
-    from tests.integration.test_deployment import SMOKE, Federation, _free_port
+    from tests.helpers import SMOKE_DATA as SMOKE
+    from tests.integration.test_deployment import Federation, _free_port
     from tests.integration.test_simulation import _processes_with
 
     fed = Federation(tmp_path)
