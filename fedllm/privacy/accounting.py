@@ -87,7 +87,10 @@ def epsilon_for(events: Sequence[DPEvent], *, target_delta: float, accountant: s
     """Composed ε of a whole history of releases at ``target_delta``.
 
     0.0 for an empty history (or one whose events all have zero steps or zero sample rate);
-    ``math.inf`` if any release with steps > 0 had ``noise_multiplier == 0``.
+    ``math.inf`` if any release with steps > 0 had ``noise_multiplier == 0``. Never negative: at a
+    large δ the PRV and RDP conversions can give ε < 0 (e.g. σ = 0.8, q = 0.04, 500 steps at
+    δ = 0.9), and ε = 0 is the true bound there (any mechanism is (0, δ)-DP once δ covers it), so
+    a negative value is returned as 0.0.
     """
     _check_accountant(accountant)
     _check_delta(target_delta)
@@ -104,9 +107,8 @@ def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, acc
     """ε of a merged history, memoised: a pure function of its arguments. Calibrating σ calls it
     10-20 times per site, and in a simulation many sites share a history (same q, σ and steps):
     each PRV evaluation takes 0.1-0.4 s on this machine, which dominated a new site's first round."""
-    if accountant == "prv":
-        return _prv_epsilon(list(history), delta)
-    return _rdp_epsilon(list(history), delta)
+    epsilon = _prv_epsilon(list(history), delta) if accountant == "prv" else _rdp_epsilon(list(history), delta)
+    return max(0.0, epsilon)
 
 
 def prv_eps_error(events: Sequence[DPEvent], *, target_delta: float) -> float:

@@ -59,6 +59,9 @@ class LedgerEntry:
     epsilon: float
     num_examples: int
     timestamp: str  # ISO-8601, UTC
+    # the site's privacy policy when it recorded the entry (issue 13); None in entries written before
+    site_max_delta: float | None = None  # the site's δ: the entry's ε, and every total, are at most at this δ
+    site_max_epsilon: float | None = None  # the site's own cap on its cumulative ε
 
     @property
     def event(self) -> DPEvent:
@@ -113,6 +116,10 @@ _INTEGRITY: dict[str, tuple[str, Callable[[Any], bool], bool]] = {  # name: (exp
     "entry-hash": ("64 lowercase hex digits", _is_hash, True),
     "signature": ("a base64 string", lambda v: isinstance(v, str) and v != "", False),
 }
+_OPTIONAL: dict[str, tuple[str, Callable[[Any], bool]]] = {  # may be absent (older entries); hashed when present
+    "site_max_delta": ("a number in (0, 1)", lambda v: _is_real(v) and 0 < v < 1),
+    "site_max_epsilon": ("a finite number > 0", lambda v: _is_real(v) and v > 0),
+}
 _FLOATS = ("sample_rate", "noise_multiplier", "max_grad_norm", "target_delta", "epsilon")
 _INTS = ("server_round", "steps", "num_examples")
 
@@ -122,7 +129,7 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
     are checked and required, then set aside). Raises :class:`FieldError`."""
     if not isinstance(raw, dict):
         raise FieldError("(entry)", "a JSON object", raw)
-    known = [*_FIELDS, *(_INTEGRITY if integrity else ())]
+    known = [*_FIELDS, *_OPTIONAL, *(_INTEGRITY if integrity else ())]
     for name in raw:
         if name not in known:
             raise FieldError(name, "no such field (known: " + ", ".join(known) + ")", raw[name])
@@ -138,14 +145,20 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
                     raise FieldError(name, f"{expected} (the field is missing)", None)
             elif not is_valid(raw[name]):
                 raise FieldError(name, expected, raw[name])
+    optional: dict[str, Any] = {}
+    for name, (expected, is_valid) in _OPTIONAL.items():
+        if name in raw:
+            if not is_valid(raw[name]):
+                raise FieldError(name, expected, raw[name])
+            optional[name] = float(raw[name])
     fields = {name: raw[name] for name in _FIELDS}
     floats = {name: (math.inf if fields[name] == "inf" else float(fields[name])) for name in _FLOATS}
-    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}})
+    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}}, **optional)
 
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
     """The entry's own fields as JSON values (ε = ∞ as ``"inf"``)."""
-    data = asdict(entry)
+    data = {name: value for name, value in asdict(entry).items() if not (name in _OPTIONAL and value is None)}
     if math.isinf(entry.epsilon):
         data["epsilon"] = "inf"
     return data
