@@ -101,7 +101,7 @@ def automatic_delta(num_examples: int) -> float:
     return min(AUTO_DELTA, 1.0 / (10 * max(1, num_examples)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keyword-only: a required key may follow optional ones
 class SiteConfig:
     """One site's own settings (its node config). Never merged into the run config."""
 

@@ -68,7 +68,8 @@ class SiteFile:
         TOML values, only the keys that differ from the schema's defaults (site-name, data-path and
         ledger-path always)."""
         return " ".join(f"{key}={node_config_value(value)}" for key, value in self.site.to_dict().items()
-                        if key in ALWAYS_IN_NODE_CONFIG or value != SITE_DEFAULTS[key])
+                        if key in ALWAYS_IN_NODE_CONFIG or key not in SITE_DEFAULTS  # required: always
+                        or value != SITE_DEFAULTS[key])
 
 
 _ESCAPE = re.compile(r"\\(.)", re.DOTALL)
