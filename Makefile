@@ -33,7 +33,7 @@ test: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-unit: install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/security
 
 bench: install
 	$(BIN)/python bench/bench_foundation.py

@@ -24,7 +24,8 @@ EXAMPLES_SEEN = "examples-seen"
 TOKENS = "tokens"
 TRAIN_SECONDS = "train-seconds"
 EPSILON = "epsilon"
-DELTA = "delta"
+DELTA = "delta"  # the site's own δ: its ε (EPSILON) is at this δ
+EPSILON_CAP = "epsilon-cap"  # the cap the site enforces (its max-epsilon, tightened by the run's when smaller)
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 MAX_GRAD_NORM = "max-grad-norm"
@@ -36,7 +37,7 @@ EVAL_TOKENS = "eval-tokens"
 
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES, TRAIN_LOSS, LOCAL_STEPS, EXAMPLES_SEEN, TOKENS, TRAIN_SECONDS,
-    EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM,
+    EPSILON, DELTA, EPSILON_CAP, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM,
 )
 EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, PERPLEXITY, EVAL_TOKENS)
 
@@ -44,3 +45,7 @@ EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, PERPLEXITY, EVAL_TOKENS)
 # are 0-8; anything else is a failure (a crash, a timeout) and counts against
 # federation.tolerated-failures.
 BUDGET_REFUSED = 1001
+# Error code a site uses to refuse a run whose configuration is outside its privacy policy (a larger
+# δ than the site's, DP off while the site requires it, a cap it cannot honour): a refusal, not a failure.
+POLICY_REFUSED = 1002
+REFUSAL_CODES = (BUDGET_REFUSED, POLICY_REFUSED)

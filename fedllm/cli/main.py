@@ -151,7 +151,8 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 
         data_fingerprint = dataset_fingerprint(load_records(args.data, format=args.data_format,
                                                                   columns=args.data_columns))
-    result = verify_ledger(path, public_key=args.public_key, dataset_fingerprint=data_fingerprint)
+    result = verify_ledger(path, public_key=args.public_key, dataset_fingerprint=data_fingerprint,
+                           max_delta=args.max_delta, max_epsilon=args.max_epsilon)
     if args.json:
         _echo(json.dumps(result.to_dict()))
         return 0 if result.ok else 1
@@ -171,8 +172,14 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
               "give --public-key SITE.pub to check that it is the site's key")
     if result.entries:
         eps = "inf (no DP guarantee)" if result.final_epsilon == float("inf") else f"{result.final_epsilon:.2f}"
-        _echo(f"cumulative ε = {eps} (δ={result.target_delta:g}, {result.accountant}), recomputed entry by entry "
-              "from the recorded parameters")
+        if result.site_delta is not None:
+            cap = "" if result.site_max_epsilon is None else f", cap {result.site_max_epsilon:g}"
+            _echo(f"cumulative ε = {eps} at the site's own δ={result.site_delta:g} ({result.accountant}{cap}), "
+                  "recomputed from the recorded parameters")
+        else:
+            _echo(f"cumulative ε = {eps} (δ={result.target_delta:g}, {result.accountant}), recomputed entry by entry "
+                  "from the recorded parameters; the ledger records no site δ policy: give --max-delta SITE_DELTA "
+                  "to check it at the site's own δ")
     for note in result.notes:
         _echo(f"note: {note}")
     if result.ok:
@@ -276,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --data: how to read the records (the run's data.format; default auto)")
     ver.add_argument("--data-columns", default="", metavar="FIELD=COLUMN,...",
                      help="with --data: the column mapping the site reads its data with (its data-columns)")
+    ver.add_argument("--max-delta", type=float, default=None, metavar="DELTA",
+                     help="the site's δ (its max-delta): entries recorded at a larger δ are problems and the "
+                          "cumulative ε is computed at it (default: the site policy recorded in the ledger)")
+    ver.add_argument("--max-epsilon", type=float, default=None, metavar="EPS",
+                     help="the site's cap (its max-epsilon): a cumulative ε above it at the site's δ is a problem "
+                          "(default: the site policy recorded in the ledger)")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     ver.set_defaults(func=cmd_ledger_verify)
     keygen = led_sub.add_parser("keygen", help="create a site's Ed25519 key pair for signing its ledger")

@@ -25,8 +25,14 @@ path (``..``), a hidden file or unbounded.
 the coordinator's; this default is the site's protection against a run without DP. A simulated
 no-DP baseline sets ``require-dp = false`` in its scenario's ``[[site]]`` tables.
 
-Trust boundary: these settings are the site's own and are never merged into the run config; a
-site's ``max-epsilon`` can only tighten the run's ``privacy.max-epsilon``.
+Privacy policy (issue 13): ``max-epsilon`` is required (finite, > 0; there is no fallback to the
+run's cap), ``max-delta`` is the largest δ the site accepts (0: automatic, the smaller of 1e-5 and
+1/(10·n) for n training records; an explicit value must be in (0, 1e-3]: a larger δ is a guarantee
+that fails outright with that probability), ``require-dp`` as above. The site computes, enforces
+and records its ε at its own δ (:mod:`fedllm.site.policy`).
+
+Trust boundary: these settings are the site's own and are never merged into the run config; the
+run's ``privacy.max-epsilon`` can only tighten a site's ``max-epsilon``, never loosen it.
 """
 
 from __future__ import annotations
@@ -71,14 +77,31 @@ def _matches(pattern: re.Pattern[str], rule: str) -> Check:
     return lambda value: None if pattern.fullmatch(value) else f"must be {rule}"
 
 
-def _finite_non_negative(value: float) -> str | None:
-    return None if math.isfinite(value) and value >= 0 else f"must be {_CAP_RULE}"
+def _finite_positive(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else f"must be {_CAP_RULE}"
 
 
-_CAP_RULE = "a finite number >= 0 (the site's own cap on its cumulative ε; 0 = the run's privacy.max-epsilon)"
+def _delta_problem(value: float) -> str | None:
+    return None if value == 0 or (math.isfinite(value) and 0 < value <= MAX_DELTA_LIMIT) else f"must be {_DELTA_RULE}"
 
 
-@dataclass(frozen=True)
+_CAP_RULE = ("a finite number > 0: the site's own cap on its cumulative ε, at its own δ (max-delta); "
+             "e.g. max-epsilon = 8.0")
+MAX_DELTA_LIMIT = 1e-3  # an explicit max-delta above this is refused: δ is the chance the guarantee fails outright
+AUTO_DELTA = 1e-5  # the automatic δ: min(AUTO_DELTA, 1/(10·n)) for n training records
+_DELTA_RULE = (f"0 (automatic: the smaller of {AUTO_DELTA:g} and 1/(10·n), n = the site's training records) or a "
+               f"number in (0, {MAX_DELTA_LIMIT:g}]: the largest δ at which the site computes and enforces its ε")
+_REQUIRED_HINTS = {  # what to add, for a required key an older site file lacks
+    "max-epsilon": "add max-epsilon = 8.0 (your cap on this site's cumulative ε) to the site's settings",
+}
+
+
+def automatic_delta(num_examples: int) -> float:
+    """The δ a site with ``max-delta = 0`` uses: the smaller of 1e-5 and 1/(10·n) for n training records."""
+    return min(AUTO_DELTA, 1.0 / (10 * max(1, num_examples)))
+
+
+@dataclass(frozen=True, kw_only=True)  # keyword-only: a required key may follow optional ones
 class SiteConfig:
     """One site's own settings (its node config). Never merged into the run config."""
 
@@ -86,7 +109,7 @@ class SiteConfig:
     data_path: str = _key("data-path", rule=f"the path of the site's data (a {SOURCES_TEXT})", path=True)
     ledger_path: str = _key("ledger-path", default="", path=True,
                             rule='the path of the site\'s privacy ledger, or "" for the default place')
-    max_epsilon: float = _key("max-epsilon", default=0.0, rule=_CAP_RULE, check=_finite_non_negative)
+    max_epsilon: float = _key("max-epsilon", rule=_CAP_RULE, check=_finite_positive)
     device: str = _key("device", default="cpu", rule=DEVICES_TEXT, check=_matches(DEVICE_RE, DEVICES_TEXT))
     signing_key: str = _key("signing-key", default="", path=True,  # the Ed25519 key (PEM) that signs its ledger
                             rule="the path of the site's Ed25519 private key (PEM, from 'fedllm ledger keygen') "
@@ -95,6 +118,7 @@ class SiteConfig:
                             rule="true (refuse runs without differential privacy, the default) or false")
     data_columns: str = _key("data-columns", default="",  # which column holds which field; "": same names
                              rule='"FIELD=COLUMN, ..." or ""', check=columns_problem)
+    max_delta: float = _key("max-delta", default=0.0, rule=_DELTA_RULE, check=_delta_problem)
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:
@@ -119,10 +143,15 @@ class SiteConfig:
         return {spec.key: getattr(self, spec.field) for spec in _SPECS}
 
     def effective_max_epsilon(self, run: PrivacyConfig) -> float:
-        """The cap this site enforces: its own, which can only tighten the run's."""
-        if self.max_epsilon > 0:
+        """The cap this site enforces: its own, which a run's cap can only tighten (never loosen)."""
+        if run.max_epsilon > 0 and math.isfinite(run.max_epsilon):
             return min(self.max_epsilon, run.max_epsilon)
-        return run.max_epsilon
+        return self.max_epsilon
+
+    def delta(self, num_examples: int) -> float:
+        """The δ at which this site computes and enforces its ε: ``max-delta``, or when 0 the automatic
+        :func:`automatic_delta` of its ``num_examples`` training records."""
+        return self.max_delta if self.max_delta > 0 else automatic_delta(num_examples)
 
 
 @dataclass(frozen=True)
@@ -174,7 +203,7 @@ def _checked(entry: Mapping[str, Any], also_allowed: Sequence[str] = (),
     values: dict[str, Any] = {}
     for spec in _SPECS:
         if spec.required and entry.get(spec.key, "") == "":
-            problems.append(f"{spec.key}: required; {spec.rule}")
+            problems.append(f"{spec.key}: required; {_REQUIRED_HINTS.get(spec.key, spec.rule)}")
             continue
         raw = entry.get(spec.key, spec.default)
         ok, value = _typed(raw, spec.kind)

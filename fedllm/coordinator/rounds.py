@@ -3,9 +3,13 @@ updates, evaluate on every site's held-out data, checkpoint, and keep the histor
 
 Round 0 is a federated evaluation of the initial adapter (the base model's loss before training).
 Each round then trains, aggregates and evaluates. A site that refuses a round for its privacy
-budget is recorded and the round goes on with the others; a site failure (a crash, a timeout)
-beyond ``federation.tolerated-failures`` fails the run. If every site refuses, nothing more can be
-trained and the run ends early as completed.
+budget or its privacy policy is recorded and the round goes on with the others; a site failure (a
+crash, a timeout) beyond ``federation.tolerated-failures`` fails the run. If every site refuses a
+round, nothing more can be trained: when some earlier round trained, the run ends early as
+completed, with the real reason ("privacy budget" or "site privacy policy") and each site's stated
+reason in ``stopped-early``; when no round of the run trained any site, the run fails
+(``RunFailedError`` with each site's reason: history status "failed", a non-zero exit) instead of
+exporting an untrained adapter as if it were a result.
 
 With ``central-dp.enabled`` the strategy is built for site-level DP. Before round 0 the loop
 waits for the sites, checks δ < 1/N, and warns when the planned site-level ε is too large to mean
@@ -140,17 +144,25 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
             history.save()
             save_server_state(out, server_round=server_round, arrays=arrays, strategy=strategy, names=names,
                               central=central.block() if central is not None else None, run_id=run_id)
-            log.info("[round %d/%d] %d/%d sites trained%s%s | train loss %s | eval loss %s | ppl %s | max ε %s / %g%s",
+            caps = [m[wire.EPSILON_CAP] for m in triage.metrics.values() if wire.EPSILON_CAP in m]
+            log.info("[round %d/%d] %d/%d sites trained%s%s | train loss %s | eval loss %s | ppl %s | max ε %s / %s%s",
                      server_round, rounds, len(triage.metrics), len(train_tasks),
                      f" ({len(triage.refused)} refused)" if triage.refused else "",
                      f" ({len(triage.failed)} failed, {len(triage.rejected)} rejected)"
                      if triage.failed or triage.rejected else "",
                      _fmt(agg[wire.TRAIN_LOSS]), _fmt(eval_agg[wire.EVAL_LOSS]), _fmt(eval_agg[wire.PERPLEXITY], ".2f"),
-                     _fmt(agg["max-epsilon"], ".2f"), config.privacy.max_epsilon,
+                     _fmt(agg["max-epsilon"], ".2f"), _caps_text(caps),
                      f" | site-level ε {central.epsilon:.2f}" if central is not None else "")
             if not triage.accepted and triage.refused and not triage.failed and not triage.rejected:
-                log.info("every sampled site refused round %d for its privacy budget; stopping the run", server_round)
-                history.data["stopped-early"] = f"all sites refused round {server_round} (privacy budget)"
+                reasons = _refusal_text(triage)
+                if not _any_site_trained(history):
+                    raise RunFailedError(
+                        f"no site trained: every site refused every round up to round {server_round}, so there is "
+                        f"nothing to aggregate and the adapter is untrained. The sites' reasons: {reasons}")
+                log.info("every sampled site refused round %d (%s); stopping the run", server_round,
+                         _refusal_kinds(triage))
+                history.data["stopped-early"] = (f"all sites refused round {server_round} ({_refusal_kinds(triage)}): "
+                                                 f"{reasons}")
                 break
         # export: the final global adapter (PEFT format) in OUTPUT/adapter
         save_adapter(peft_model, _torch_state(arrays), out / "adapter")
@@ -161,6 +173,31 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
     history.finish("completed")
     log.info("run %s completed: adapter in %s", run_id, out / "adapter")
     return history
+
+
+def _caps_text(caps: list[float]) -> str:
+    """The caps the sites reported (each site's own, tightened by the run's): one value, or a range."""
+    if not caps:
+        return "site caps"
+    low, high = min(caps), max(caps)
+    return f"{low:g}" if low == high else f"{low:g}-{high:g} (each site's cap)"
+
+
+def _any_site_trained(history: RunHistory) -> bool:
+    """Whether any round of this run (history.json, resumed rounds included) aggregated a site's update."""
+    return any(r.get("train", {}).get("sites") for r in history.data.get("rounds", []) if r.get("round", 0) > 0)
+
+
+def _refusal_kinds(triage: Triage) -> str:
+    """Why the sites refused, in a few words: their privacy budget, their privacy policy, or both."""
+    kinds = {wire.BUDGET_REFUSED: "privacy budget", wire.POLICY_REFUSED: "site privacy policy"}
+    found = sorted({kinds.get(code, "refused") for code in triage.refusal_codes.values()}) or ["refused"]
+    return " and ".join(found)
+
+
+def _refusal_text(triage: Triage) -> str:
+    """Each refusing site with its own stated reason."""
+    return "; ".join(f"{name}: {reason}" for name, reason in sorted(triage.refused.items()))
 
 
 def _same_dtypes(new: Arrays, old: Arrays) -> Arrays:

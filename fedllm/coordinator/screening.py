@@ -1,7 +1,8 @@
 """Screening of site replies before they reach the strategy (``triage_replies``).
 
 Before a reply reaches the strategy it is triaged: a site refusing a
-round for its privacy budget is recorded, a failed site is counted, and a reply that is not
+round for its privacy budget (``wire.BUDGET_REFUSED``) or because the run is outside its privacy
+policy (``wire.POLICY_REFUSED``) is recorded with its reason, a failed site is counted, and a reply that is not
 exactly what a site sends is rejected, naming the reason: what the transport found malformed
 (``Reply.malformed``: records other than the adapter arrays (train only), the metrics and the
 site's name); a site name that breaks the one site-name rule (``fedllm.config.site.SITE_NAME_RE``; the reply
@@ -106,6 +107,7 @@ class Triage:
     accepted: list[Reply] = field(default_factory=list)
     metrics: dict[str, dict] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    refusal_codes: dict[str, int] = field(default_factory=dict)  # wire.BUDGET_REFUSED or wire.POLICY_REFUSED
     rejected: dict[str, str] = field(default_factory=dict)
     failed: list[dict] = field(default_factory=list)
 
@@ -162,8 +164,9 @@ def triage_replies(replies: list[Reply], *, reference: Arrays | None, names: dic
         if claimed:
             names[node] = name
         if reply.error_code is not None:  # reply.has_error, spelled out so the type narrows
-            if reply.error_code == wire.BUDGET_REFUSED:
+            if reply.error_code in wire.REFUSAL_CODES:
                 out.refused[name] = reply.error_reason
+                out.refusal_codes[name] = int(reply.error_code)
                 log.info("site %s refused the round: %s", name, reply.error_reason)
             else:
                 out.failed.append({"site": name, "code": int(reply.error_code), "reason": reply.error_reason})

@@ -16,7 +16,10 @@ checks, in order:
 * **signing key**: loads as an Ed25519 private key when set;
 * **ledger**: absent (a new one will be created), or verified completely
   (:func:`fedllm.privacy.ledger.verify_ledger`) against this data's fingerprint and, when the site
-  has a signing key, its public key; its cumulative ε against the site's cap;
+  has a signing key, its public key, and against the site's privacy policy: its cumulative ε at the
+  site's own δ against the site's own cap; an entry recorded at a larger δ fails the check;
+* **privacy policy**: the site's cap (``max-epsilon``, required) and δ (``max-delta``, or the
+  automatic min(1e-5, 1/(10·n)) for its n training records), and ``require-dp``;
 * **root certificates**, **auth key**: the CA certificate parses (PEM X.509) and is valid now; the
   SuperNode key parses as Flower loads it (unencrypted OpenSSH private key on a NIST EC curve).
   Unset is a warning, not a failure.
@@ -134,10 +137,10 @@ def check_site(site_file: SiteFile, *, model: str, max_length: int, data_format:
 
     site, conn = site_file.site, site_file.connection
     report = SiteCheckReport(path=str(site_file.path), site=site.name)
-    cap = site.effective_max_epsilon(RunConfig().privacy)
-    cap_text = f"{cap:g} (the site's own)" if site.max_epsilon > 0 else f"{cap:g} (the run's default cap)"
-    report.add("site file", OK, f"data {site.data_path}; ledger {site.ledger_path}; cap ε {cap_text}; "
-               f"server {conn.server or '(not set: give --server)'}", server=conn.server)
+    cap = site.max_epsilon  # the site's own: a run's privacy.max-epsilon can only tighten it
+    delta_text = f"δ {site.max_delta:g} (max-delta)" if site.max_delta > 0 else "δ automatic (max-delta = 0)"
+    report.add("site file", OK, f"data {site.data_path}; ledger {site.ledger_path}; cap ε {cap:g} (the site's own); "
+               f"{delta_text}; server {conn.server or '(not set: give --server)'}", server=conn.server)
     _check_device(report, site.device)
 
     records = load_records(site.data_path, format=data_format, columns=site.data_columns)
@@ -147,9 +150,16 @@ def check_site(site_file: SiteFile, *, model: str, max_length: int, data_format:
     report.add("data", OK, f"{len(records)} records ({kind_text}); fingerprint {fingerprint[:19]}…",
                records=len(records), fingerprint=fingerprint)
     _check_split(report, site.name, len(records))
+    trained = next((c.values.get("train") for c in report.checks if c.name == "split"), None)
+    delta = site.delta(int(trained) if trained is not None else len(records))  # the site's own δ
+    report.add("privacy policy", OK, f"cap ε {cap:g} at δ {delta:.3g} ("
+               + ("max-delta" if site.max_delta > 0 else f"automatic: min(1e-5, 1/(10·n)), n = {trained} training "
+                  "records") + f"); require-dp = {str(site.require_dp).lower()}: runs asking for a larger δ"
+               + (" or no DP" if site.require_dp else "") + " are refused", cap=cap, delta=delta,
+               **{"require-dp": site.require_dp})
     _check_tokens(report, records, load_tokenizer(model), model=model, max_length=max_length, sample=sample)
     public_key = _check_signing_key(report, site.signing_key)
-    _check_ledger(report, Path(site.ledger_path), site.name, fingerprint, public_key, cap)
+    _check_ledger(report, Path(site.ledger_path), site.name, fingerprint, public_key, cap, delta)
     _check_root_certificates(report, conn.root_certificates)
     _check_auth_key(report, conn.auth_key)
     return report
@@ -253,19 +263,19 @@ def _check_signing_key(report: SiteCheckReport, path: str) -> Any:
 
 
 def _check_ledger(report: SiteCheckReport, path: Path, site_name: str, fingerprint: str, public_key: Any,
-                  cap: float) -> None:
+                  cap: float, delta: float) -> None:
     from fedllm.privacy.ledger import verify_ledger
 
     if not path.exists():
         report.add("ledger", OK, f"none yet: a new ledger will be created at {path}", entries=0, epsilon=0.0,
-                   cap=cap)
+                   cap=cap, delta=delta)
         return
-    try:
-        result = verify_ledger(path, public_key=public_key, dataset_fingerprint=fingerprint)
+    try:  # at the site's own δ: an entry at a larger δ fails the check (a spent budget is a warning below)
+        result = verify_ledger(path, public_key=public_key, dataset_fingerprint=fingerprint, max_delta=delta)
     except (LedgerError, ConfigError) as exc:
         report.add("ledger", FAILED, str(exc), cap=cap)
         return
-    values = {"entries": result.entries, "epsilon": _json_number(result.final_epsilon), "cap": cap}
+    values = {"entries": result.entries, "epsilon": _json_number(result.final_epsilon), "cap": cap, "delta": delta}
     if result.site != site_name:
         report.add("ledger", FAILED, f"{path} belongs to site {result.site!r}, not '{site_name}': give this site its "
                    "own ledger-path", **values)
@@ -275,7 +285,7 @@ def _check_ledger(report: SiteCheckReport, path: Path, site_name: str, fingerpri
         report.add("ledger", FAILED, f"{path} does not verify: {result.problems[0]}{more}", **values)
         return
     spent = (f"{path}: {result.entries} entries, cumulative ε {_fmt_eps(result.final_epsilon)}"
-             + (f" (δ={result.target_delta:g}, {result.accountant})" if result.entries else "")
+             + (f" at the site's own δ={delta:.3g} ({result.accountant})" if result.entries else "")
              + f" of cap {cap:g}; chain and dataset fingerprint verified")
     if result.final_epsilon >= cap:
         report.add("ledger", WARNING, f"{spent}; the budget is spent: the site will refuse to train", **values)

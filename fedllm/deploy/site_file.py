@@ -2,7 +2,7 @@
 
 The top-level keys are the site's Flower *node config*, the site schema of
 :mod:`fedllm.config.site` (``SITE_KEYS``: ``site-name``, ``data-path``, ``ledger-path``,
-``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``), checked by its one
+``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``, ``max-delta``), checked by its one
 validator. An optional ``[connection]`` table holds what ``fedllm site start`` needs to reach the
 coordinator: ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``, and
 which fedllm version it runs (``fedllm-version``, see :mod:`fedllm.flower.fab_check`).
@@ -70,7 +70,8 @@ class SiteFile:
         TOML values, only the keys that differ from the schema's defaults (site-name, data-path and
         ledger-path always)."""
         return " ".join(f"{key}={node_config_value(value)}" for key, value in self.site.to_dict().items()
-                        if key in ALWAYS_IN_NODE_CONFIG or value != SITE_DEFAULTS[key])
+                        if key in ALWAYS_IN_NODE_CONFIG or key not in SITE_DEFAULTS  # required: always
+                        or value != SITE_DEFAULTS[key])
 
 
 _ESCAPE = re.compile(r"\\(.)", re.DOTALL)

@@ -23,6 +23,7 @@ from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import BudgetExceededError
 from fedllm.logs import configure_app_logging
+from fedllm.site.policy import SitePolicyError
 from fedllm.site.runtime import SiteRuntime
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def train(msg: Message, context: Context) -> Message:
             adapter=_record(msg, wire.ARRAYS, ArrayRecord).to_torch_state_dict(),
             proximal_mu=float(_scalar(config.get(wire.PROXIMAL_MU, 0.0))),
         )
+    except SitePolicyError as exc:  # the run is outside this site's privacy policy: nothing trained or recorded
+        log.warning("%s", exc)
+        return Message(Error(code=wire.POLICY_REFUSED, reason=str(exc)), reply_to=msg)
     except BudgetExceededError as exc:
         return Message(Error(code=wire.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
     return _reply(msg, site, outcome.metrics, ArrayRecord(outcome.adapter))

@@ -87,7 +87,10 @@ def epsilon_for(events: Sequence[DPEvent], *, target_delta: float, accountant: s
     """Composed ε of a whole history of releases at ``target_delta``.
 
     0.0 for an empty history (or one whose events all have zero steps or zero sample rate);
-    ``math.inf`` if any release with steps > 0 had ``noise_multiplier == 0``.
+    ``math.inf`` if any release with steps > 0 had ``noise_multiplier == 0``. Never negative: at a
+    large δ the PRV and RDP conversions can give ε < 0 (e.g. σ = 0.8, q = 0.04, 500 steps at
+    δ = 0.9), and ε = 0 is the true bound there (any mechanism is (0, δ)-DP once δ covers it), so
+    a negative value is returned as 0.0.
     """
     _check_accountant(accountant)
     _check_delta(target_delta)
@@ -108,9 +111,12 @@ def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, acc
         if any(q >= 1 for _, q, _ in history):  # Opacus' PRV takes log(1 - q) = log(0) = -inf, as intended, at q = 1
             with warnings.catch_warnings():  # (central DP's site-level releases: no amplification)
                 warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
-                return _prv_epsilon(list(history), delta)
-        return _prv_epsilon(list(history), delta)
-    return _rdp_epsilon(list(history), delta)
+                epsilon = _prv_epsilon(list(history), delta)
+        else:
+            epsilon = _prv_epsilon(list(history), delta)
+    else:
+        epsilon = _rdp_epsilon(list(history), delta)
+    return max(0.0, epsilon)  # a δ so large that it alone covers the release: ε = 0, never negative
 
 
 def prv_eps_error(events: Sequence[DPEvent], *, target_delta: float) -> float:

@@ -248,6 +248,15 @@ class PrivacyLedger:
         """Base64 Ed25519 public key of a signed ledger (None: unsigned)."""
         return self._public_key
 
+    @property
+    def policy(self) -> tuple[float, float | None] | None:
+        """(δ, cap) of the site's privacy policy as last recorded in an entry (None: no entry records one,
+        e.g. a ledger written before sites recorded their policy)."""
+        for entry in reversed(self._entries):
+            if entry.site_max_delta is not None:
+                return entry.site_max_delta, entry.site_max_epsilon
+        return None
+
     def events(self) -> list[DPEvent]:
         return [entry.event for entry in self._entries]
 
@@ -286,7 +295,8 @@ class PrivacyLedger:
         raise BudgetExceededError(
             f"Site '{self.site}' would exceed its privacy budget: spent ε={_fmt_eps(spent)}, "
             f"this round +{_fmt_eps(increment)}, cap {max_epsilon:.2f} (δ={target_delta:g}, {accountant}). "
-            "Refusing to train; raise privacy.max-epsilon or stop the run."
+            "Refusing to train; the site's budget is spent (only the site can raise its max-epsilon), "
+            "or stop the run."
         )
 
     # -- writing ---------------------------------------------------------------------------------
@@ -304,9 +314,13 @@ class PrivacyLedger:
         self, *, run_id: str, server_round: int, steps: int, sample_rate: float, noise_multiplier: float,
         max_grad_norm: float, target_delta: float, num_examples: int, accountant: str = "prv",
         central_dp: dict[str, Any] | None = None,
+        site_max_delta: float | None = None, site_max_epsilon: float | None = None,
     ) -> LedgerEntry:
-        """Append one release with its cumulative ε (from the whole history) and rewrite the file atomically.
-        ``central_dp``: required in (and only in) a central-DP ledger (``ledger_chain``: m, N, sampling, clipping)."""
+        """Append one release with its cumulative ε (from the whole history, at ``target_delta``) and
+        rewrite the file atomically. ``central_dp``: required in (and only in) a central-DP ledger
+        (``ledger_chain``: m, N, sampling, clipping). ``site_max_delta`` / ``site_max_epsilon``: the
+        site's privacy policy (its δ and cap), recorded in the entry so that ``fedllm ledger verify``
+        can flag an entry at a larger δ than the site's."""
         self.require_writable()
         if (central_dp is not None) != (self.kind == "central-dp"):
             raise PrivacyParameterError(f"a {self.kind} ledger's entries {'need' if central_dp is None else 'have no'} "
@@ -321,6 +335,10 @@ class PrivacyLedger:
         )
         if central_dp is not None:
             raw["central_dp"] = dict(central_dp)
+        if site_max_delta is not None:
+            raw["site_max_delta"] = site_max_delta
+        if site_max_epsilon is not None:
+            raw["site_max_epsilon"] = site_max_epsilon
         try:
             entry = parse_entry(raw)
         except FieldError as exc:
@@ -394,9 +412,19 @@ class PrivacyLedger:
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows)]
         last = self._entries[-1]
-        total = self.epsilon(target_delta=last.target_delta, accountant=last.accountant)
+        policy = self.policy
+        delta = policy[0] if policy is not None else last.target_delta
+        total = self.epsilon(target_delta=delta, accountant=last.accountant)
         if math.isinf(total):
             lines.append("cumulative ε = inf: no DP guarantee (a release without noise)")
+        elif policy is not None:
+            cap = "" if policy[1] is None else f", cap {policy[1]:g}" + (" EXCEEDED" if total > policy[1] else "")
+            lines.append(f"cumulative ε = {total:.2f} at the site's own δ={delta:g} ({last.accountant}{cap})")
         else:
-            lines.append(f"cumulative ε = {total:.2f} (δ={last.target_delta:g}, {last.accountant})")
+            lines.append(f"cumulative ε = {total:.2f} (δ={delta:g}, {last.accountant}; the ledger records no site "
+                         "δ policy: check it with 'fedllm ledger verify FILE --max-delta SITE_DELTA')")
+        above = [i for i, e in enumerate(self._entries, start=1) if e.target_delta > delta]
+        if above:
+            lines.append(f"WARNING: {len(above)} entr{'y' if len(above) == 1 else 'ies'} (first: entry {above[0]}) "
+                         f"recorded at a δ larger than the site's δ={delta:g}; the total above is at the site's δ")
         return lines

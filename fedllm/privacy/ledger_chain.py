@@ -68,6 +68,9 @@ class LedgerEntry:
     timestamp: str  # ISO-8601, UTC
     # central-DP ledger only: {"sites_per_round": m, "total_sites": N, "sampling", "clipping"}
     central_dp: dict[str, Any] | None = None
+    # the site's privacy policy when it recorded the entry (issue 13); None in entries written before
+    site_max_delta: float | None = None  # the site's δ: the entry's ε, and every total, are at most at this δ
+    site_max_epsilon: float | None = None  # the site's own cap on its cumulative ε
 
     @property
     def event(self) -> DPEvent:
@@ -138,6 +141,12 @@ def _is_central_block(value: Any) -> bool:
 
 _CENTRAL_EXPECTED = ("an object {sites_per_round: m >= 1, total_sites: N >= m, sampling: all (m = N) or "
                      "fixed-subset, clipping: fixed or adaptive}")
+
+
+_OPTIONAL: dict[str, tuple[str, Callable[[Any], bool]]] = {  # may be absent (older entries); hashed when present
+    "site_max_delta": ("a number in (0, 1)", lambda v: _is_real(v) and 0 < v < 1),
+    "site_max_epsilon": ("a finite number > 0", lambda v: _is_real(v) and v > 0),
+}
 _FLOATS = ("sample_rate", "noise_multiplier", "max_grad_norm", "target_delta", "epsilon")
 _INTS = ("server_round", "steps", "num_examples")
 
@@ -147,7 +156,7 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
     are checked and required, then set aside). Raises :class:`FieldError`."""
     if not isinstance(raw, dict):
         raise FieldError("(entry)", "a JSON object", raw)
-    known = [*_FIELDS, "central_dp", *(_INTEGRITY if integrity else ())]
+    known = [*_FIELDS, "central_dp", *_OPTIONAL, *(_INTEGRITY if integrity else ())]
     for name in raw:
         if name not in known:
             raise FieldError(name, "no such field (known: " + ", ".join(known) + ")", raw[name])
@@ -166,18 +175,25 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
     central = raw.get("central_dp")
     if "central_dp" in raw and not _is_central_block(central):
         raise FieldError("central_dp", _CENTRAL_EXPECTED, central)
+    optional: dict[str, Any] = {}
+    for name, (expected, is_valid) in _OPTIONAL.items():
+        if name in raw:
+            if not is_valid(raw[name]):
+                raise FieldError(name, expected, raw[name])
+            optional[name] = float(raw[name])
     fields = {name: raw[name] for name in _FIELDS}
     floats = {name: (math.inf if fields[name] == "inf" else float(fields[name])) for name in _FLOATS}
     if central is not None:
         central = {k: (int(v) if k in ("sites_per_round", "total_sites") else v) for k, v in central.items()}
-    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}}, central_dp=central)
+    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}}, central_dp=central,
+                       **optional)
 
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
     """The entry's own fields as JSON values (ε = ∞ as ``"inf"``)."""
-    data = asdict(entry)
-    if data["central_dp"] is None:  # a site's entry: hashed exactly as before the field existed
-        del data["central_dp"]
+    # a site's entry without central_dp or policy fields is hashed exactly as before those fields existed
+    data = {name: value for name, value in asdict(entry).items()
+            if not ((name in _OPTIONAL or name == "central_dp") and value is None)}
     if math.isinf(entry.epsilon):
         data["epsilon"] = "inf"
     return data

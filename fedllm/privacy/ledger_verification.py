@@ -81,6 +81,8 @@ class LedgerVerification:
     key_id: str  # "" when unsigned
     notes: list[str]
     kind: str = "site"  # "central-dp": the coordinator's ledger of site-level releases
+    site_delta: float | None = None  # the site's δ policy (given, or last recorded); final_epsilon is at it
+    site_max_epsilon: float | None = None  # the site's cap (given, or last recorded)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (kebab-case keys, ε = ∞ as ``"inf"``)."""
@@ -113,6 +115,8 @@ class Inspection:
     notes: list[str] = field(default_factory=list)
     signature_checked: bool = False
     final_epsilon: float = 0.0
+    site_delta: float | None = None
+    site_max_epsilon: float | None = None
 
     def add(self, entry: int | None, text: str, kind: str = "chain") -> None:
         self.found.append(_Problem(entry, text, kind))
@@ -149,9 +153,11 @@ class Inspection:
             first_bad_entry=min(numbered) if numbered else None, entries=len(self.entries),
             signed=self.public_key is not None, signature_checked=self.signature_checked,
             dataset_fingerprint=self.dataset_fingerprint or "", final_epsilon=self.final_epsilon,
-            recorded_epsilon=last.epsilon if last else 0.0, target_delta=last.target_delta if last else None,
+            recorded_epsilon=last.epsilon if last else 0.0,
+            target_delta=(self.site_delta if self.site_delta is not None else last.target_delta) if last else None,
             accountant=last.accountant if last else None, site=self.site, version=self.version,
-            key_id=from_key, notes=list(self.notes), kind=self.kind,
+            key_id=from_key, notes=list(self.notes), kind=self.kind, site_delta=self.site_delta,
+            site_max_epsilon=self.site_max_epsilon,
         )
 
 
@@ -402,9 +408,39 @@ def _recompute(ins: Inspection) -> None:
     ins.final_epsilon = 0.0 if last is None else last
 
 
+def _check_policy(ins: Inspection, *, max_delta: float | None, max_epsilon: float | None) -> None:
+    """Against the site's privacy policy (given, else the last one an entry records): flag every entry
+    recorded at a larger δ than the site's, and a cumulative ε at the site's δ above its cap; set
+    ``final_epsilon`` to the cumulative ε at the site's δ. Only for verification: a site opening its
+    own ledger keeps training at its δ, whatever older entries were recorded at."""
+    readable = [(i, e) for i, e in enumerate(ins.entries, start=1) if e is not None]
+    recorded = next(((e.site_max_delta, e.site_max_epsilon) for _, e in reversed(readable)
+                     if e.site_max_delta is not None), None)
+    delta = max_delta if max_delta is not None else (recorded[0] if recorded else None)
+    cap = max_epsilon if max_epsilon is not None else (recorded[1] if recorded else None)
+    ins.site_delta, ins.site_max_epsilon = delta, cap
+    if delta is None or not readable:
+        return
+    source = "given" if max_delta is not None else "the site's policy recorded in the ledger"
+    for index, entry in readable:
+        if entry.target_delta > delta:
+            ins.add(index, f"entry {index}: recorded at δ={entry.target_delta:g}, larger than the site's δ={delta:g} "
+                           f"({source}): its ε={_fmt(entry.epsilon)} understates the spend; the cumulative ε at the "
+                           "site's δ is what counts", "policy")
+    try:
+        total = epsilon_for([e.event for _, e in readable], target_delta=delta, accountant=readable[-1][1].accountant)
+    except PrivacyParameterError as exc:
+        ins.add(None, f"the cumulative ε at the site's δ={delta:g} cannot be computed: {exc}", "epsilon")
+        return
+    ins.final_epsilon = total
+    if cap is not None and total > cap * (1 + EPSILON_RTOL):
+        ins.add(None, f"the cumulative ε at the site's δ={delta:g} is {_fmt(total)}, above the site's cap "
+                      f"max-epsilon = {cap:g}", "policy")
+
+
 def verify_ledger(
     path: Path | str, *, public_key: Ed25519PublicKey | Path | str | None = None,
-    dataset_fingerprint: str | None = None,
+    dataset_fingerprint: str | None = None, max_delta: float | None = None, max_epsilon: float | None = None,
 ) -> LedgerVerification:
     """Check a ledger file completely; the result says what is wrong, naming the first bad entry (1-based).
 
@@ -414,7 +450,10 @@ def verify_ledger(
     signatures (against ``public_key`` when given: an Ed25519 public key or the path of its PEM
     file; else against the key in the header, which only shows consistency); and every cumulative
     ε, recomputed from the recorded parameters of all entries up to it (relative tolerance
-    ``EPSILON_RTOL``).
+    ``EPSILON_RTOL``). Against the site's privacy policy (``max_delta`` / ``max_epsilon`` when given,
+    else the last policy an entry records): every entry recorded at a larger δ than the site's is a
+    problem, and so is a cumulative ε at the site's δ above its cap; ``final_epsilon`` is then the
+    cumulative ε at the site's δ (``site_delta``).
 
     Raises ``LedgerError`` when the file is no readable ledger (missing, not JSON, another format
     or version) and ``ConfigError`` for an unreadable public key; every other finding is in the
@@ -434,4 +473,5 @@ def verify_ledger(
     data, _ = read_document(path)
     inspection = inspect_document(data, recompute_epsilon=True, public_key=key,
                                   dataset_fingerprint=dataset_fingerprint)
+    _check_policy(inspection, max_delta=max_delta, max_epsilon=max_epsilon)
     return inspection.verification(str(path))

@@ -23,7 +23,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
            f"Run `{report['run-id']}` ({report['status']}, {rounds}), base model `{report['base-model']}`, "
            f"{len(sites)} site{'s' if len(sites) != 1 else ''}. Record-level DP-SGD at each site: "
            f"{'on' if report['privacy-enabled'] else '**off** (privacy.enabled = false)'}; run cap ε = "
-           f"{format_g(report['max-epsilon'])}, δ = {format_g(report['target-delta'])}, enforced accountant "
+           f"{format_g(report['max-epsilon'])} (it can only tighten a site's own cap), run δ = "
+           f"{format_g(report['target-delta'])} (each site's ε below is at the site's own δ), enforced accountant "
            f"{report['accountant'].upper()}.", ""]
     if report.get("stopped-early"):
         out += [f"Stopped early: {report['stopped-early']}.", ""]
@@ -145,7 +146,10 @@ def _site_markdown(s: Mapping[str, Any], tol: Mapping[str, float]) -> list[str]:
                    f"PLD {format_epsilon(e['pld'])}; {recorded}. "
                    f"PRV vs PLD {format_change(s['discrepancy-prv-pld'])} "
                    f"({'within' if s['cross-check-ok'] else '**outside**'} tolerance).")
-    cap = f"* Cap ε = {format_g(s['cap'])} ({'the site' if s['cap-source'] == 'site' else 'the run'}'s)"
+    cap_from = {"site": "the site's own", "ledger": "the site's, as recorded in its ledger",
+                "history": "the site's, as it reported it", "run": "the run's: the site stated none"}
+    cap = (f"* Cap ε = {format_g(s['cap'])} ({cap_from.get(s['cap-source'], s['cap-source'])}), at the site's own "
+           f"δ = {format_g(s['target-delta'])}")
     if s["headroom"] is not None:
         cap += (f", headroom {format_epsilon(s['headroom'])}." if not s["over-cap"] else
                 f": **ε is above the cap** by {format_epsilon(-to_float(s['headroom']))} "

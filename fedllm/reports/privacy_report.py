@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedllm import __version__, wire
 from fedllm.errors import FedLLMError, LedgerError, RunFailedError
@@ -48,6 +48,9 @@ from fedllm.reports.numbers import epsilon_from_wire, epsilon_to_json, format_ep
 from fedllm.reports.privacy_markdown import ledger_word, render_markdown
 from fedllm.reports.privacy_statement import MEANINGLESS_SITE_EPSILON
 
+if TYPE_CHECKING:
+    from fedllm.config import SiteConfig
+
 REPORT_FORMAT = "fedllm-privacy-report"
 REPORT_VERSION = 1
 RECOMPUTE_TOLERANCE = 1e-6  # relative: the accountants are deterministic
@@ -56,7 +59,7 @@ DELTA_N_LIMIT = 0.01  # "δ ≪ 1/n" when δ·n <= this
 FILES = ("privacy-report.md", "privacy-report.json", "epsilon.png")
 
 _LEDGER_FIELDS = ("run_id", "server_round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
-                  "target_delta", "accountant", "epsilon", "num_examples")
+                  "target_delta", "accountant", "epsilon", "num_examples", "site_max_delta", "site_max_epsilon")
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ def build_privacy_report(run_dir: Path | str, *, public_keys: Mapping[str, Any] 
         site_cfg = site_configs.get(name)
         ledger_path = Path(site_cfg.ledger_path) if site_cfg and site_cfg.ledger_path else ledger_dir / f"{name}.json"
         sites.append(_site_report(name, run_dir=run_dir, ledger_path=ledger_path, history=history, config=config,
-                                  site_cap=site_cfg.max_epsilon if site_cfg else 0.0,
+                                  site_cfg=site_cfg,
                                   public_key=public_keys.get(name)))
     central = _central_report(history)
     problems = [f"site {s['site']}: {p}" for s in sites for p in s["problems"]]
@@ -141,8 +144,38 @@ def build_privacy_report(run_dir: Path | str, *, public_keys: Mapping[str, Any] 
     }
 
 
-def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, config: dict, site_cap: float,
-                 public_key: Any) -> dict[str, Any]:
+def _site_policy(entries: list[dict], trained: Mapping[int, Mapping[str, Any]], site_cfg: SiteConfig | None,
+                 run_cap: float, run_delta: float) -> tuple[float, str, float, str]:
+    """(δ, where it comes from, cap, where it comes from) of one site: its own settings (simulation), else the
+    policy its ledger records, else what it reported in this run; the run's values only for a site that
+    stated none (an older fedllm)."""
+    n = max((e["num_examples"] for e in entries), default=0) or max(
+        (int(m.get(wire.NUM_EXAMPLES, 0)) for m in trained.values()), default=0)
+    recorded = next(((e["site_max_delta"], e.get("site_max_epsilon")) for e in reversed(entries)
+                     if e.get("site_max_delta") is not None), None)
+    reported = [m for _, m in sorted(trained.items()) if wire.EPSILON_CAP in m]
+    if site_cfg is not None:
+        delta, delta_source = site_cfg.delta(n), "site"
+    elif recorded is not None:
+        delta, delta_source = float(recorded[0]), "ledger"
+    elif reported:
+        delta, delta_source = float(reported[-1][wire.DELTA]), "history"
+    else:
+        delta, delta_source = run_delta, "run"
+    tighten = run_cap if math.isfinite(run_cap) and run_cap > 0 else math.inf
+    if site_cfg is not None:
+        cap, cap_source = min(site_cfg.max_epsilon, tighten), "site"
+    elif recorded is not None and recorded[1] is not None:
+        cap, cap_source = min(float(recorded[1]), tighten), "ledger"
+    elif reported:
+        cap, cap_source = float(reported[-1][wire.EPSILON_CAP]), "history"
+    else:
+        cap, cap_source = run_cap, "run"
+    return delta, delta_source, cap, cap_source
+
+
+def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, config: dict,
+                 site_cfg: SiteConfig | None, public_key: Any) -> dict[str, Any]:
     from fedllm.privacy.accounting import (
         DPEvent,
         epsilon_for,
@@ -159,7 +192,6 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
     rejected = [{"round": r["round"], "reason": r["train"]["rejected"][name]} for r in history["rounds"]
                 if name in r.get("train", {}).get("rejected", {})]
     run_cap = float(config["privacy.max-epsilon"])
-    cap = min(site_cap, run_cap) if site_cap > 0 else run_cap
     report: dict[str, Any] = {"site": name, "ledger": _ledger_report(ledger_path, site=name, run_dir=run_dir,
                                                              public_key=public_key, problems=problems)}
     entries = report["ledger"].pop("_entries")
@@ -174,7 +206,14 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
                     "accountant": config["privacy.accountant"], "epsilon": epsilon_from_wire(m.get(wire.EPSILON)),
                     "num_examples": int(m.get(wire.NUM_EXAMPLES, 0))} for rnd, m in sorted(trained.items())]
     this_run = [e for e in entries if e["run_id"] == run_id]
-    delta = entries[-1]["target_delta"] if entries else float(config["privacy.target-delta"])
+    # every ε of this report is at the site's own δ, against the site's own cap (issue 13)
+    delta, delta_source, cap, cap_source = _site_policy(entries, trained, site_cfg, run_cap,
+                                                        float(config["privacy.target-delta"]))
+    above = [i for i, e in enumerate(entries, start=1) if e["target_delta"] > delta * (1 + 1e-9)]
+    if above:
+        problems.append(f"{len(above)} ledger entr{'y was' if len(above) == 1 else 'ies were'} (first: entry "
+                        f"{above[0]}) recorded at a δ larger than the site's own δ={delta:g}: their recorded ε "
+                        "understates the spend; ε here is recomputed at the site's δ")
     accountant = entries[-1]["accountant"] if entries else config["privacy.accountant"]
     n = max((e["num_examples"] for e in entries), default=0)
     events = [DPEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
@@ -183,10 +222,13 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
            "pld": epsilon_pld_dp_accounting(events, target_delta=delta)}
     enforced = eps[accountant]
     recorded = entries[-1]["epsilon"] if entries else 0.0
-    recompute_ok = source != "ledger" or _close(recorded, enforced)
+    recorded_delta = entries[-1]["target_delta"] if entries else delta
+    at_recorded = enforced if recorded_delta == delta else epsilon_for(events, target_delta=recorded_delta,
+                                                                       accountant=accountant)
+    recompute_ok = source != "ledger" or _close(recorded, at_recorded)
     if not recompute_ok:
         problems.append(f"the ledger records cumulative ε={format_epsilon(recorded)} but its entries give "
-                        f"ε={format_epsilon(enforced)} ({accountant}) when recomputed")
+                        f"ε={format_epsilon(at_recorded)} ({accountant}, δ={recorded_delta:g}) when recomputed")
     margin = prv_eps_error(events, target_delta=delta)
     discrepancy = (eps["prv"] - eps["pld"]) / eps["pld"] if math.isfinite(eps["pld"]) and eps["pld"] > 0 else None
     agrees = discrepancy is None or (
@@ -202,7 +244,7 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
             if entry is None:
                 problems.append(f"the coordinator received an update for round {rnd} but the ledger has no entry "
                                 f"for run {run_id} round {rnd}: that release is not accounted for")
-            elif not _close(reported, entry["epsilon"]):
+            elif entry["target_delta"] == delta and not _close(reported, entry["epsilon"]):
                 problems.append(f"round {rnd}: the site reported ε={format_epsilon(reported)} "
                                 f"to the coordinator but its ledger records ε={format_epsilon(entry['epsilon'])}")
     first = next((i for i, e in enumerate(entries) if e["run_id"] == run_id), 0)
@@ -218,6 +260,8 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
         "noise-multipliers": _distinct(e["noise_multiplier"] for e in entries),
         "max-grad-norms": _distinct(e["max_grad_norm"] for e in entries),
         "target-delta": delta,
+        "delta-source": delta_source,
+        "entries-above-site-delta": above,
         "num-examples": n,
         "delta-times-n": delta * n,
         "delta-ok": delta * n <= DELTA_N_LIMIT,
@@ -230,7 +274,7 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
         "cross-check-ok": agrees,
         "no-dp": math.isinf(enforced),
         "cap": cap,
-        "cap-source": "site" if 0 < site_cap < run_cap else "run",
+        "cap-source": cap_source,
         "headroom": epsilon_to_json(cap - enforced) if math.isfinite(enforced) else None,
         "over-cap": bool(enforced > cap),
         "refused-rounds": refused,

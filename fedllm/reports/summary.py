@@ -1,6 +1,7 @@
 """Run history -> the end-of-run summary that ``fedllm simulate`` and ``fedllm run`` print.
 
-Per site: held-out loss and perplexity before and after, rounds trained and refused, ε spent;
+Per site: held-out loss and perplexity before and after, rounds trained and refused, ε spent at
+the site's own δ against the site's own (effective) cap, as the site reported them;
 then the privacy line and where the run's files are. Pure (stdlib only; numbers written by
 :mod:`fedllm.reports.numbers`), so the CLI tests pin its text.
 """
@@ -42,6 +43,7 @@ def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
             "rounds-refused": refused,
             "epsilon": trains[-1][wire.EPSILON] if trains else None,
             "delta": trains[-1][wire.DELTA] if trains else None,
+            "cap": trains[-1].get(wire.EPSILON_CAP) if trains else None,  # the site's effective cap (older: absent)
             "noise-multiplier": trains[-1][wire.NOISE_MULTIPLIER] if trains else None,
         })
     return rows
@@ -57,19 +59,31 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
     if history.get("stopped-early"):
         lines.append(f"Stopped early: {history['stopped-early']}")
     lines.append("")
-    header = f"{'site':<24} {'loss before':>11} {'after':>7} {'ppl before':>10} {'after':>7} {'rounds':>6} {'ε spent':>8}"
+    header = (f"{'site':<24} {'loss before':>11} {'after':>7} {'ppl before':>10} {'after':>7} {'rounds':>6} "
+              f"{'ε spent':>8} {'cap':>6} {'δ':>8}")
     lines += [header, "-" * len(header)]
     for r in rows:
         eps = "no DP" if not privacy_enabled else format_metric(r["epsilon"], ".2f")
+        cap = "-" if r["cap"] is None else f"{r['cap']:g}"
+        delta = "-" if not r["delta"] or not privacy_enabled else f"{r['delta']:.2g}"
         refused = f"  (refused round {', '.join(map(str, r['rounds-refused']))})" if r["rounds-refused"] else ""
         lines.append(f"{r['site']:<24} {format_loss(r['loss-before']):>11} {format_loss(r['loss-after']):>7} "
                      f"{format_perplexity(r['ppl-before']):>10} {format_perplexity(r['ppl-after']):>7} "
-                     f"{r['rounds-trained']:>6} {eps:>8}{refused}")
+                     f"{r['rounds-trained']:>6} {eps:>8} {cap:>6} {delta:>8}{refused}")
     lines.append("")
     if privacy_enabled:
-        delta = next((r["delta"] for r in rows if r["delta"]), None)
-        lines.append(f"Privacy: record-level DP-SGD at each site; ε is each site's total over every release in its "
-                     f"ledger (δ={delta:g}, cap {max_epsilon:g})." if delta else "Privacy: no site released an update.")
+        trained = [r for r in rows if r["delta"]]
+        if not trained:
+            lines.append("Privacy: no site released an update.")
+        elif all(r["cap"] is not None for r in trained):
+            lines.append("Privacy: record-level DP-SGD at each site; ε is each site's total over every release in its "
+                         "ledger, at the site's own δ and against its own cap (columns 'cap' and 'δ'; the run's "
+                         f"privacy.max-epsilon = {max_epsilon:g} can only tighten a site's cap).")
+        else:  # a history from sites that did not report their cap
+            deltas = sorted({r["delta"] for r in trained})
+            lines.append(f"Privacy: record-level DP-SGD at each site; ε is each site's total over every release in its "
+                         f"ledger (δ={', '.join(f'{d:g}' for d in deltas)}; each site's own cap applies, not "
+                         f"shown by these sites; the run's cap {max_epsilon:g} can only tighten it).")
     else:
         lines.append("Privacy: DISABLED (privacy.enabled = false). No differential-privacy guarantee holds for this run.")
     central = history.get("central-dp") or {}

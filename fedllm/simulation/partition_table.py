@@ -4,8 +4,8 @@ Keys (kebab-case twins of Flower Datasets' partitioner arguments, documented in
 docs/configuration.md#scenario-partition):
 
 * every method: ``data`` (a file or saved dataset folder, relative to the scenario folder),
-  ``num-sites``, ``method``, ``seed`` (default 0), ``data-columns``, ``max-epsilon`` (the same
-  cap for every site);
+  ``num-sites``, ``method``, ``seed`` (default 0), ``data-columns``, ``max-epsilon`` (required:
+  the same cap for every site), ``max-delta`` (default 0: each site's automatic δ);
 * ``dirichlet``: ``partition-by`` (a column of the data), ``alpha`` (default 0.5),
   ``min-partition-size`` (default 1), ``self-balancing`` (default false);
 * ``natural-id``: ``partition-by``, the column whose values name the sites' true owners; one site
@@ -29,14 +29,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedllm.config import SiteConfig
+from fedllm.config import SiteConfig, site_problems
 from fedllm.data.loading import columns_problem
 from fedllm.errors import ConfigError
 from fedllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon")
+COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "max-delta")
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("partition-by", "alpha", "min-partition-size", "self-balancing"),
@@ -68,6 +68,7 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
     if method not in METHOD_KEYS:
         raise ConfigError(f"{at} method {method!r}: use {_or(METHOD_KEYS)}")
     _check_keys(table, method, at)
+    _policy_problem({k: table[k] for k in ("max-epsilon", "max-delta") if k in table}, at)  # before reading data
     for key in ("data",) if method == "natural-id" else ("data", "num-sites"):
         if key not in table:
             raise ConfigError(f"{at} needs '{key}'")
@@ -123,14 +124,14 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
     except partition.PartitionError as exc:
         raise ConfigError(f"{at} method {method!r} cannot split {source.name} ({len(records)} records) into "
                           f"{num_sites or 'its'} sites: {exc}; change {REMEDY[method]}") from None
-    return _write_sites(parts, records, output, max_epsilon=table.get("max-epsilon", 0.0), at=at,
+    return _write_sites(parts, records, output, policy={k: table[k] for k in ("max-epsilon", "max-delta") if k in table},
+                        at=at,
                         names=sorted({str(v) for v in values}) if method == "natural-id" else None)
 
 
-def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, max_epsilon: Any, at: str,
+def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, policy: dict[str, Any], at: str,
                  names: list[str] | None) -> list[SiteConfig]:
-    if isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float):
-        raise ConfigError(f"{at} max-epsilon = {max_epsilon!r}: must be a number")
+    _policy_problem(policy, at)
     sites = []
     for i, indices in enumerate(parts):
         name = f"site-{i:03d}" if len(parts) > 99 else f"site-{i:02d}"
@@ -138,8 +139,18 @@ def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, m
         write_text_atomic(data, "".join(json.dumps(records[j], ensure_ascii=False) + "\n" for j in indices))
         if names is not None:
             logger.info("%s holds the %d records with %r", name, len(indices), names[i])
-        sites.append(SiteConfig(name=name, data_path=str(data), max_epsilon=float(max_epsilon)))
+        sites.append(SiteConfig.from_dict({"site-name": name, "data-path": str(data), **policy}))
     return sites
+
+
+def _policy_problem(policy: dict[str, Any], at: str) -> None:
+    """ConfigError unless the table's site policy (``max-epsilon`` required, ``max-delta``) is valid."""
+    if "max-epsilon" not in policy:
+        raise ConfigError(f"{at} max-epsilon: required; add max-epsilon = 8.0 (the cap on each simulated site's "
+                          "cumulative ε) to the [partition] table")
+    problems = list(site_problems({"site-name": "site-00", "data-path": "-", **policy}))
+    if problems:
+        raise ConfigError(f"{at} " + "; ".join(problems))
 
 
 def _check_keys(table: dict[str, Any], method: str, at: str) -> None:

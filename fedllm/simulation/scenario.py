@@ -5,8 +5,9 @@ A scenario folder holds:
 * ``run.toml``: run-config overrides (only keys of ``[tool.flwr.app.config]``);
 * ``sites.toml``: the virtual sites, in one of three forms:
   - ``[[site]]`` tables with the keys of a site file (the site schema, :mod:`fedllm.config.site`):
-    ``site-name``, ``data-path`` (a file or saved dataset folder, relative to the scenario folder)
-    and optionally ``max-epsilon`` (the site's own cap, which can only tighten the run's),
+    ``site-name``, ``data-path`` (a file or saved dataset folder, relative to the scenario folder),
+    ``max-epsilon`` (required: the site's own cap, which the run's can only tighten), and optionally
+    ``max-delta`` (the site's δ; default automatic),
     ``device``, ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``), ``require-dp``
     (default true: set false for a no-DP baseline), ``ledger-path``, ``signing-key``; checked by
     the schema's one validator, every problem of every entry reported at once;

@@ -8,6 +8,12 @@ layers with the same values, and the attention kernel for the site's device); of
 reference.
 
 Order of a training round (``train_round``):
+0. the site's privacy policy (``fedllm.site.policy``): a run asking for a larger δ than the site's,
+   DP off while the site requires it, or a cap the site cannot honour is refused
+   (``SitePolicyError``) before the ledger is written or any training step is taken; every ε the
+   site checks, records and reports is at its own δ, and its cap is its own ``max-epsilon``
+   (tightened by the run's ``privacy.max-epsilon`` when smaller). The records are read once at
+   start-up, before any round: the automatic δ depends on the number of training records;
 1. noise multiplier: given (``privacy.noise-multiplier``) or calibrated once per run so that the
    site's whole planned run (all remaining rounds) lands on min(target ε, the site's cap);
 2. budget check against the ledger: a round that would cross the cap raises
@@ -48,6 +54,7 @@ from fedllm.model.lora import get_adapter_state, set_adapter_state, shared_model
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
+from fedllm.site.policy import SitePolicy
 from fedllm.site.resend_store import ReleaseCache, adapter_digest
 from fedllm.site.training import DPSettings, StepInfo, evaluate_loss, train_local
 
@@ -88,7 +95,9 @@ class SiteRuntime:
         self.release_cache = ReleaseCache(ledger_path.parent, site=site.name)  # the last update sent, kept at the site
         self.signing_key = load_private_key(site.signing_key) if site.signing_key else None
         self.open_ledger().require_writable()  # refuse now, before any round: other data, broken chain, wrong key
-        self.cap = site.effective_max_epsilon(config.privacy)
+        # the site's own privacy policy (cap, δ, require-dp); its automatic δ needs the number of training records
+        self.policy = SitePolicy.of(site, num_examples=len(self.train_examples))
+        self.cap = self.policy.cap(config.privacy)
         self._sigma: dict[str, float] = {}
         if config.train.threads or simulated:  # a real site uses all its cores unless train.threads says otherwise
             torch.set_num_threads(max(1, config.train.threads or config.simulation.client_cpus))
@@ -114,14 +123,17 @@ class SiteRuntime:
             remaining = (self.config.num_server_rounds - server_round + 1) * self.config.train.local_steps
             target = min(p.target_epsilon, self.cap)
             self._sigma[run_id] = noise_multiplier_for(
-                target_epsilon=target, target_delta=p.target_delta, sample_rate=sample_rate,
+                target_epsilon=target, target_delta=self.policy.calibration_delta(p), sample_rate=sample_rate,
                 steps=remaining, accountant=p.accountant, spent=ledger.events())
         return self._sigma[run_id]
 
     def train_round(self, *, run_id: str, server_round: int, adapter: dict[str, torch.Tensor],
                     proximal_mu: float = 0.0) -> RoundOutcome:
-        """Budget check, local training, ledger record; raises ``BudgetExceededError`` to refuse."""
+        """Policy check, budget check, local training, ledger record; raises ``SitePolicyError`` (a run outside
+        the site's policy) or ``BudgetExceededError`` (the round would cross the site's cap) to refuse."""
         cfg, p = self.config, self.config.privacy
+        self.policy.check_run(p)  # before the ledger is touched and before any training step
+        delta = self.policy.delta  # every ε this site checks, records and reports is at its own δ
         ledger = self.open_ledger()
         prefix = f"[round {server_round}/{cfg.num_server_rounds}] site {self.name}"
         digest = adapter_digest(adapter)
@@ -131,22 +143,17 @@ class SiteRuntime:
             log.info("%s | re-sending the update this site already released for this round and global adapter "
                      "(recorded in its ledger; no new privacy spend)", prefix)
             return RoundOutcome(adapter=cached.adapter, metrics=cached.metrics)
-        if not p.enabled and self.site.require_dp:
-            raise BudgetExceededError(
-                f"Site '{self.name}' requires differential privacy (require-dp = true in its site file) but this run "
-                "has privacy.enabled = false: refusing to train. The coordinator must enable privacy, or the site "
-                "must set require-dp = false.")
         steps = cfg.train.local_steps
         sample_rate = min(1.0, cfg.train.batch_size / len(self.train_examples))
         dp = None
-        spent = ledger.epsilon(target_delta=p.target_delta, accountant=p.accountant)
+        spent = ledger.epsilon(target_delta=delta, accountant=p.accountant)
         if p.enabled:
             try:
                 sigma = self.noise_multiplier(ledger, run_id=run_id, server_round=server_round, sample_rate=sample_rate)
             except BudgetExceededError as exc:
                 raise BudgetExceededError(f"Site '{self.name}': {exc}") from None
             after = ledger.check(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
-                                 target_delta=p.target_delta, max_epsilon=self.cap, accountant=p.accountant)
+                                 target_delta=delta, max_epsilon=self.cap, accountant=p.accountant)
             dp = DPSettings(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm)
         else:
             sigma, after = 0.0, math.inf
@@ -164,10 +171,11 @@ class SiteRuntime:
                              pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
                              device=self.site.device, on_step=show, fast_path=cfg.train.fast_path)
         entry = ledger.record(run_id=run_id, server_round=server_round, steps=steps, sample_rate=sample_rate,
-                              noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, target_delta=p.target_delta,
-                              num_examples=len(self.train_examples), accountant=p.accountant)
+                              noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, target_delta=delta,
+                              num_examples=len(self.train_examples), accountant=p.accountant,
+                              site_max_delta=delta, site_max_epsilon=self.policy.max_epsilon)
         log.info("%s | trained %d steps in %.1fs | loss %.3f | ε spent %.3f (δ=%g)", prefix, steps,
-                 result.seconds, result.train_loss, entry.epsilon, p.target_delta)
+                 result.seconds, result.train_loss, entry.epsilon, delta)
         outcome = RoundOutcome(
             adapter=get_adapter_state(self.model, trainable_only=True),
             metrics={
@@ -178,7 +186,8 @@ class SiteRuntime:
                 wire.TOKENS: result.tokens,
                 wire.TRAIN_SECONDS: result.seconds,
                 wire.EPSILON: _finite(entry.epsilon),
-                wire.DELTA: p.target_delta,
+                wire.DELTA: delta,
+                wire.EPSILON_CAP: self.cap,
                 wire.NOISE_MULTIPLIER: sigma,
                 wire.SAMPLE_RATE: sample_rate,
                 wire.MAX_GRAD_NORM: p.max_grad_norm,

@@ -146,7 +146,7 @@ def _prepare(fed: Federation, sites: list[str], *, extra: str = "") -> Path:
         os.chmod(folder / "node.key", 0o600)
         shutil.copy(fed.tmp / "certs" / "ca.crt", folder / "ca.crt")
         (fed.tmp / f"{name}.toml").write_text(
-            f'site-name = "{name}"\ndata-path = "site-{name}/data.jsonl"\nledger-path = "site-{name}/ledger.json"\n'
+            f'site-name = "{name}"\ndata-path = "site-{name}/data.jsonl"\nmax-epsilon = 8.0\nledger-path = "site-{name}/ledger.json"\n'
             f'[connection]\nroot-certificates = "site-{name}/ca.crt"\nauth-key = "site-{name}/node.key"\n')
     (fed.tmp / "run.toml").write_text(RUN_TOML + extra)
     return registered

@@ -113,6 +113,17 @@ def test_sites_refuse_rounds_past_their_cap_and_the_run_records_it(tmp_path):
         assert len(entries) == 1 and entries[0]["epsilon"] <= 5.0  # the refused round spent nothing
 
 
+def test_a_run_that_every_site_refused_exits_non_zero_with_the_sites_reasons(tmp_path):
+    """Issue 13, finding 8: DP off against require-dp (the default) used to end 'completed', exit 0."""
+    out = tmp_path / "run"
+    res = simulate("smoke", "--output", str(out), "--rounds", "2", "--set", "privacy.enabled=false")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "no site trained" in res.stderr and "privacy.enabled = false" in res.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "failed" and "refuses this run" in history["error"]
+    assert not any((out / "ledgers").glob("*.json"))  # nothing trained, nothing recorded
+
+
 def test_a_failing_site_fails_the_run_with_a_non_zero_exit(tmp_path):
     ledgers = tmp_path / "ledgers"
     ledgers.mkdir()

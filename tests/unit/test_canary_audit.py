@@ -71,7 +71,7 @@ eval-batch-size = 32
 target-epsilon = 1.0
 max-epsilon = 8.0
 """)
-    (folder / "sites.toml").write_text(f'[[site]]\nsite-name = "smoke"\ndata-path = "{SMOKE_DATA}"\n')
+    (folder / "sites.toml").write_text(f'[[site]]\nsite-name = "smoke"\ndata-path = "{SMOKE_DATA}"\nmax-epsilon = 8.0\n')
     return folder
 
 

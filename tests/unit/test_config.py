@@ -260,10 +260,11 @@ def test_site_from_node_config():
 @pytest.mark.parametrize(
     "node, missing",
     [
-        ({"data-path": "/d.jsonl"}, ["site-name"]),
-        ({"site-name": "a"}, ["data-path"]),
-        ({"site-name": "", "data-path": "/d.jsonl"}, ["site-name"]),
-        ({}, ["site-name", "data-path"]),
+        ({"data-path": "/d.jsonl", "max-epsilon": 8.0}, ["site-name"]),
+        ({"site-name": "a", "max-epsilon": 8.0}, ["data-path"]),
+        ({"site-name": "", "data-path": "/d.jsonl", "max-epsilon": 8.0}, ["site-name"]),
+        ({"site-name": "a", "data-path": "/d.jsonl"}, ["max-epsilon"]),  # no fallback to the run's cap
+        ({}, ["site-name", "data-path", "max-epsilon"]),
     ],
 )
 def test_site_from_node_config_requires_name_and_data(node, missing):
@@ -273,13 +274,13 @@ def test_site_from_node_config_requires_name_and_data(node, missing):
     assert [line.split(":")[0] for line in lines] == missing
 
 
-@pytest.mark.parametrize("cap", [-1.0, "4", True])
+@pytest.mark.parametrize("cap", [-1.0, "4", True, 0.0, float("inf")])
 def test_site_cap_must_be_a_non_negative_number(cap):
     with pytest.raises(ConfigError, match=re.escape(f"max-epsilon = {cap!r}")):
         SiteConfig.from_node_config({"site-name": "a", "data-path": "/d.jsonl", "max-epsilon": cap})
 
 
-@pytest.mark.parametrize("site_cap, expected", [(4.0, 4.0), (20.0, 10.0), (10.0, 10.0), (0.0, 10.0)])
+@pytest.mark.parametrize("site_cap, expected", [(4.0, 4.0), (20.0, 10.0), (10.0, 10.0)])
 def test_effective_max_epsilon_only_tightens(site_cap, expected):
     site = SiteConfig(name="a", data_path="/d.jsonl", max_epsilon=site_cap)
     assert site.effective_max_epsilon(PrivacyConfig(max_epsilon=10.0)) == expected

@@ -554,11 +554,11 @@ def test_column_mappings_are_checked_in_site_configurations():
     from fedllm.config import SiteConfig
     from fedllm.errors import ConfigError
 
-    site = SiteConfig.from_node_config({"site-name": "a", "data-path": "a.csv", "data-columns": "text=body"})
+    site = SiteConfig.from_node_config({"site-name": "a", "data-path": "a.csv", "max-epsilon": 8.0, "data-columns": "text=body"})
     assert site.data_columns == "text=body"
     assert SiteConfig.from_dict(site.to_dict()) == site
     with pytest.raises(ConfigError, match="data-columns = 'txt=body': unknown field 'txt'"):
-        SiteConfig.from_node_config({"site-name": "a", "data-path": "a.csv", "data-columns": "txt=body"})
+        SiteConfig.from_node_config({"site-name": "a", "data-path": "a.csv", "max-epsilon": 8.0, "data-columns": "txt=body"})
 
 
 def test_scenario_sites_and_partitions_take_a_column_mapping(tmp_path):
@@ -567,13 +567,13 @@ def test_scenario_sites_and_partitions_take_a_column_mapping(tmp_path):
 
     _write_csv(tmp_path / "qa.csv", QA_ROWS * 4)
     (tmp_path / "run.toml").write_text("")
-    (tmp_path / "sites.toml").write_text(f'[[site]]\nsite-name = "a"\ndata-path = "qa.csv"\ndata-columns = "{QA_MAPPING}"\n')
+    (tmp_path / "sites.toml").write_text(f'[[site]]\nsite-name = "a"\ndata-path = "qa.csv"\nmax-epsilon = 8.0\ndata-columns = "{QA_MAPPING}"\n')
     [site] = materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out")
     assert site.data_columns == QA_MAPPING and len(load_records(site.data_path, columns=site.data_columns)) == 8
-    (tmp_path / "sites.toml").write_text(f'[partition]\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "{QA_MAPPING}"\n')
+    (tmp_path / "sites.toml").write_text(f'[partition]\nmax-epsilon = 8.0\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "{QA_MAPPING}"\n')
     sites = materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out2")
     assert sum(len(load_records(s.data_path)) for s in sites) == 8  # written normalised: no mapping needed
-    (tmp_path / "sites.toml").write_text('[partition]\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "q=question"\n')
+    (tmp_path / "sites.toml").write_text('[partition]\nmax-epsilon = 8.0\ndata = "qa.csv"\nnum-sites = 2\ndata-columns = "q=question"\n')
     with pytest.raises(ConfigError, match=r"\[partition\]: data-columns = 'q=question': unknown field 'q'"):
         materialise_sites(load_scenario(str(tmp_path)), tmp_path / "out3")
 

@@ -115,11 +115,11 @@ def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(t
                                 signing_key=load_private_key(other))
     ledger.record(run_id="r", server_round=1, steps=1, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0,
                   target_delta=1e-5, num_examples=4)
-    (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nledger-path = "ledger.json"\n'
+    (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nmax-epsilon = 8.0\nledger-path = "ledger.json"\n'
                                      f'signing-key = "{mine}"\n')
     with pytest.raises(FedLLMError, match="does not verify"):
         _preflight(load_site_file(tmp_path / "a.toml"))
-    (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nledger-path = "ledger.json"\n'
+    (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nmax-epsilon = 8.0\nledger-path = "ledger.json"\n'
                                      f'signing-key = "{other}"\n')
     _preflight(load_site_file(tmp_path / "a.toml"))  # its own key: fine
     assert "1 releases" in capsys.readouterr().out

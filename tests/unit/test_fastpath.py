@@ -169,10 +169,10 @@ def test_with_the_fast_path_off_none_of_it_runs(tmp_path, monkeypatch, fast_path
     write_jsonl(data, ({"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(16)))
     if fast_path:
         with pytest.raises(_FastPathRan):
-            SiteRuntime(config, SiteConfig(name="s", data_path=str(data)), ledger_path=tmp_path / "l.json",
+            SiteRuntime(config, SiteConfig(name="s", data_path=str(data), max_epsilon=8.0), ledger_path=tmp_path / "l.json",
                         simulated=False)
         return
-    site = SiteRuntime(config, SiteConfig(name="s", data_path=str(data)), ledger_path=tmp_path / "l.json",
+    site = SiteRuntime(config, SiteConfig(name="s", data_path=str(data), max_epsilon=8.0), ledger_path=tmp_path / "l.json",
                        simulated=False)
     start = get_adapter_state(site.model, trainable_only=True)
     outcome = site.train_round(run_id="r", server_round=1, adapter=start)

@@ -71,7 +71,8 @@ def test_check_refuses_the_release_that_crosses_the_cap(tmp_path):
         ledger.check(max_epsilon=1.0, **planned)
     assert str(info.value) == (
         "Site 'cardiology' would exceed its privacy budget: spent ε=0.94, this round +0.10, cap 1.00 "
-        "(δ=1e-05, prv). Refusing to train; raise privacy.max-epsilon or stop the run."
+        "(δ=1e-05, prv). Refusing to train; the site's budget is spent (only the site can raise its max-epsilon), "
+        "or stop the run."
     )
     assert len(ledger.entries) == 1  # check() never records
     assert ledger.check(max_epsilon=1.1, **planned) == pytest.approx(1.0332, abs=1e-4)
@@ -186,7 +187,8 @@ def test_summary_lines(tmp_path):
         "run    round  steps  q      σ  C    δ      accountant  cumulative ε",
         "run-a  1      25     0.008  1  1    1e-05  prv         0.39",
         "run-b  1      25     0.008  1  0.5  1e-05  prv         0.47",
-        "cumulative ε = 0.47 (δ=1e-05, prv)",  # 50 steps at σ=1, q=0.008: PRV 0.4728
+        "cumulative ε = 0.47 (δ=1e-05, prv; the ledger records no site δ policy: check it with 'fedllm ledger "
+        "verify FILE --max-delta SITE_DELTA')",  # 50 steps at σ=1, q=0.008: PRV 0.4728
     ]
     record_release(ledger, run_id="run-c", server_round=1, noise_multiplier=0.0)
     lines = ledger.summary_lines()

@@ -286,7 +286,7 @@ def test_the_site_refuses_a_ledger_written_for_other_data(tmp_path, data_file, f
     config = RunConfig.from_flat({"model.name": "tiny-random-llama", "data.max-length": 64, "train.local-steps": 1,
                                   "train.batch-size": 2, "privacy.noise-multiplier": 1.0})
     private, public = generate_signing_key(tmp_path / "keys", site="cardiology")
-    site = SiteConfig(name="cardiology", data_path=str(data_file), signing_key=str(private))
+    site = SiteConfig(name="cardiology", data_path=str(data_file), max_epsilon=8.0, signing_key=str(private))
     other = dataset_fingerprint(RECORDS[:3])
     wrong = _make_ledger(tmp_path / "wrong.json", other)
     with pytest.raises(LedgerError) as info:
@@ -391,11 +391,11 @@ def test_the_site_signing_key_is_a_node_config_key(tmp_path):
     from fedllm.privacy.signing import generate_signing_key
 
     private, _ = generate_signing_key(tmp_path, site="cardiology")
-    node = {"site-name": "cardiology", "data-path": "/data/c.jsonl", "signing-key": str(private)}
+    node = {"site-name": "cardiology", "data-path": "/data/c.jsonl", "max-epsilon": 8.0, "signing-key": str(private)}
     site = SiteConfig.from_node_config(node)
     assert site.signing_key == str(private) and SiteConfig.from_dict(site.to_dict()) == site
     assert SiteConfig.from_node_config({**node, "signing-key": ""}).signing_key == ""
     with pytest.raises(ConfigError, match="signing-key = .*no such file; create a key with 'fedllm ledger keygen"):
         SiteConfig.from_node_config({**node, "signing-key": str(tmp_path / "missing.key")})
     with pytest.raises(ConfigError, match="signing-kye.*did you mean 'signing-key'"):
-        SiteConfig.from_node_config({"site-name": "c", "data-path": "/d.jsonl", "signing-kye": str(private)})
+        SiteConfig.from_node_config({"site-name": "c", "data-path": "/d.jsonl", "max-epsilon": 8.0, "signing-kye": str(private)})

@@ -57,7 +57,7 @@ def test_the_site_refuses_before_it_loads_anything_and_the_coordinator_loads_the
     data = tmp_path / "a.jsonl"
     write_jsonl(data, ({"text": f"record {i}"} for i in range(4)))
     with pytest.raises(ModelError, match="this site computes on 'cpu'"):
-        SiteRuntime(config, SiteConfig(name="a", data_path=str(data)), ledger_path=tmp_path / "a.json")
+        SiteRuntime(config, SiteConfig(name="a", data_path=str(data), max_epsilon=8.0), ledger_path=tmp_path / "a.json")
     assert not (tmp_path / "a.json").exists()
     base, _ = load_model_and_tokenizer(config.model)  # device None: the coordinator
     assert not is_quantized(base) and {p.dtype for p in base.parameters()} == {torch.float32}
@@ -79,7 +79,7 @@ def _dp_round_on_a_quantized_base(tmp_path, bits: str, device: str) -> None:
                                   "data.max-length": 48})
     data = tmp_path / "a.jsonl"
     write_jsonl(data, ({"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(16)))
-    site = SiteRuntime(config, SiteConfig(name="a", data_path=str(data), device=device), ledger_path=tmp_path / "a.json",
+    site = SiteRuntime(config, SiteConfig(name="a", data_path=str(data), max_epsilon=8.0, device=device), ledger_path=tmp_path / "a.json",
                        simulated=False)
     assert is_quantized(site.model)
     adapter = {n: p for n, p in site.model.named_parameters() if p.requires_grad}

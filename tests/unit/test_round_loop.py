@@ -140,7 +140,7 @@ def test_when_every_site_refuses_the_run_ends_early_as_completed(tmp_path):
     fed = FakeFederation(SITES, refuse={name: {2} for name in SITES.values()})
     history = _run(fed, tmp_path, **{"num-server-rounds": 4}).data
     assert history["status"] == "completed"
-    assert history["stopped-early"] == "all sites refused round 2 (privacy budget)"
+    assert history["stopped-early"].startswith("all sites refused round 2 (privacy budget): ")
     assert [r for r, _ in fed.train_rounds()] == [1, 2]  # nothing asked after round 2
     assert sorted(history["rounds"][2]["train"]["refused"]) == sorted(SITES.values())
     assert _history(tmp_path)["stopped-early"] == history["stopped-early"]

@@ -40,11 +40,10 @@ def test_demo_scenario_sites(tmp_path):
         assert path.is_absolute() and path.is_file(), site
         assert len(load_records(path)) >= 2
     assert {s.name: s.max_epsilon for s in sites} == {
-        "st-ada-cardiology": 0.0, "northbridge-pediatrics": 0.0, "lakeside-oncology": 6.0}
-    # the run's cap is 8 (run.toml); Lakeside's own 6 tightens it, the others inherit it
-    run_cap = scenario.run_overrides["privacy.max-epsilon"]
+        "st-ada-cardiology": 8.0, "northbridge-pediatrics": 8.0, "lakeside-oncology": 6.0}
+    # every site states its own cap (required); the run's cap of 8 (run.toml) could only tighten them
     privacy = RunConfig.from_flat(scenario.run_overrides).privacy
-    assert [s.effective_max_epsilon(privacy) for s in sites] == [run_cap, run_cap, 6.0]
+    assert [s.effective_max_epsilon(privacy) for s in sites] == [8.0, 8.0, 6.0]
     assert {p: p.read_bytes() for p in _files(scenario.folder)} == before  # scenario folder untouched
 
 
@@ -120,35 +119,35 @@ def _scenario(tmp_path: Path, sites_toml: str, *, run_toml: str | None = None) -
 @pytest.mark.parametrize(
     "sites_toml, detail",
     [
-        pytest.param('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\n[[site]]\nsite-name = "a"\n'
-                     'data-path = "data/a.jsonl"\n', "site names must be unique", id="duplicate-names"),
-        pytest.param('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilom = 4.0\n',
+        pytest.param('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilon = 8.0\n[[site]]\nsite-name = "a"\n'
+                     'data-path = "data/a.jsonl"\nmax-epsilon = 8.0\n', "site names must be unique", id="duplicate-names"),
+        pytest.param('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilon = 8.0\nmax-epsilom = 4.0\n',
                      "site 1 ('a'):\n  - max-epsilom: unknown key (did you mean 'max-epsilon'?)", id="unknown-key"),
         pytest.param('[[site]]\nsite-name = "a"\n', "site 1 ('a'):\n  - data-path: required", id="missing-data"),
-        pytest.param('[[site]]\ndata-path = "data/a.jsonl"\n', "site 1:\n  - site-name: required", id="missing-name"),
+        pytest.param('[[site]]\ndata-path = "data/a.jsonl"\nmax-epsilon = 8.0\n', "site 1:\n  - site-name: required", id="missing-name"),
         pytest.param('[[site]]\nname = "a"\ndata = "data/a.jsonl"\n',
                      "name: unknown key (did you mean 'site-name'?)", id="old-key-names"),
         pytest.param("# nothing here\n", "no sites", id="no-sites"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\n', "[partition] needs 'num-sites'", id="partition-no-count"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "kmeans"\n',
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\n', "[partition] needs 'num-sites'", id="partition-no-count"),
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "kmeans"\n',
                      "method 'kmeans': use 'iid', 'dirichlet', 'natural-id', 'shard' or 'pathological'",
                      id="partition-bad-method"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n',
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n',
                      "method 'dirichlet' needs 'partition-by' (a column of a.jsonl)", id="dirichlet-no-column"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\nlabel = "topic"\n',
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\nlabel = "topic"\n',
                      "'label' is now 'partition-by'", id="label-renamed"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nnum-site = 2\n',
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nnum-site = 2\n',
                      "unknown key 'num-site' (did you mean 'num-sites'?)", id="partition-unknown-key"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nalpha = 0.5\n',
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nalpha = 0.5\n',
                      "'alpha' applies to method 'dirichlet', not 'iid'", id="partition-key-of-another-method"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "shard"\npartition-by = "topic"\n',
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "shard"\npartition-by = "topic"\n',
                      "method 'shard' needs 'num-shards-per-partition' or 'shard-size'", id="shard-no-size"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "pathological"\n'
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "pathological"\n'
                      'partition-by = "topic"\n', "method 'pathological' needs 'num-classes-per-partition'",
                      id="pathological-no-count"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n'
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n'
                      'partition-by = "topic"\nalpha = 0\n', "alpha = 0: must be a number > 0", id="dirichlet-bad-alpha"),
-        pytest.param('[partition]\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n'
+        pytest.param('[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 2\nmethod = "dirichlet"\n'
                      'partition-by = "colour"\n', "partition-by = 'colour': ", id="partition-by-missing-column"),
     ],
 )
@@ -164,7 +163,7 @@ def test_invalid_sites_toml_and_run_toml_name_the_file(tmp_path):
     folder = _scenario(tmp_path, "[[site]\n")
     with pytest.raises(ConfigError, match="sites.toml: not valid TOML"):
         load_scenario(str(folder))
-    folder = _scenario(tmp_path / "b", '[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\n',
+    folder = _scenario(tmp_path / "b", '[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilon = 8.0\n',
                        run_toml="[privacy]\nmax-epsilom = 3.0\n")
     with pytest.raises(ConfigError) as exc:
         load_scenario(str(folder))
@@ -186,13 +185,13 @@ def test_dirichlet_partition_of_a_jsonl_file(tmp_path):
 
 
 def test_partition_with_more_sites_than_records_names_the_file(tmp_path):
-    folder = _scenario(tmp_path, '[partition]\ndata = "data/a.jsonl"\nnum-sites = 20\n')
+    folder = _scenario(tmp_path, '[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nnum-sites = 20\n')
     with pytest.raises(ConfigError, match="sites.toml"):
         materialise_sites(load_scenario(str(folder)), tmp_path / "out")
 
 
 def test_dirichlet_partition_of_a_csv_file(tmp_path):
-    folder = _scenario(tmp_path, '[partition]\ndata = "data/a.csv"\nnum-sites = 2\nmethod = "dirichlet"\n'
+    folder = _scenario(tmp_path, '[partition]\nmax-epsilon = 8.0\ndata = "data/a.csv"\nnum-sites = 2\nmethod = "dirichlet"\n'
                                  'partition-by = "topic"\n')
     sites = materialise_sites(load_scenario(str(folder)), tmp_path / "out")
     assert sum(len(load_records(s.data_path)) for s in sites) == 12
@@ -222,7 +221,7 @@ def _materialise(tmp_path: Path, sites_toml: str, out: str = "out"):
     ],
 )
 def test_every_partition_method_is_deterministic_and_gives_every_site_records(tmp_path, table):
-    toml = f'[partition]\ndata = "data/a.jsonl"\nseed = 4\n{table}'
+    toml = f'[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nseed = 4\n{table}'
     sites = _materialise(tmp_path, toml, "a")
     again = _materialise(tmp_path, toml, "b")
     assert [s.name for s in sites] == [f"site-{i:02d}" for i in range(len(sites))] and len(sites) >= 2
@@ -233,16 +232,16 @@ def test_every_partition_method_is_deterministic_and_gives_every_site_records(tm
 
 
 def test_natural_id_partition_gives_one_site_per_column_value(tmp_path):
-    sites = _materialise(tmp_path, '[partition]\ndata = "data/a.csv"\nmethod = "natural-id"\npartition-by = "topic"\n')
+    sites = _materialise(tmp_path, '[partition]\nmax-epsilon = 8.0\ndata = "data/a.csv"\nmethod = "natural-id"\npartition-by = "topic"\n')
     # _scenario's rows: topic "a" for even i, "b" for odd i; sites in sorted order of the values
     assert _topics(sites) == [{f"Q{i}?" for i in range(0, 12, 2)}, {f"Q{i}?" for i in range(1, 12, 2)}]
     with pytest.raises(ConfigError, match="num-sites = 3 but column 'topic' of .* has 2 distinct values"):
-        _materialise(tmp_path, '[partition]\ndata = "data/a.csv"\nmethod = "natural-id"\npartition-by = "topic"\n'
+        _materialise(tmp_path, '[partition]\nmax-epsilon = 8.0\ndata = "data/a.csv"\nmethod = "natural-id"\npartition-by = "topic"\n'
                                'num-sites = 3\n', "b")
 
 
 def test_partition_seed_changes_the_split(tmp_path):
-    table = '[partition]\ndata = "data/a.jsonl"\nmethod = "dirichlet"\nnum-sites = 2\npartition-by = "topic"\n'
+    table = '[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\nmethod = "dirichlet"\nnum-sites = 2\npartition-by = "topic"\n'
     assert _topics(_materialise(tmp_path, table + "seed = 1\n", "a")) != _topics(
         _materialise(tmp_path, table + "seed = 2\n", "b"))
 
@@ -257,7 +256,7 @@ def test_partition_seed_changes_the_split(tmp_path):
     ],
 )
 def test_a_partition_that_leaves_a_site_empty_is_refused(tmp_path, table, keys):
-    folder = _scenario(tmp_path, f'[partition]\ndata = "data/a.jsonl"\n{table}')
+    folder = _scenario(tmp_path, f'[partition]\nmax-epsilon = 8.0\ndata = "data/a.jsonl"\n{table}')
     with pytest.raises(ConfigError) as exc:
         materialise_sites(load_scenario(str(folder)), tmp_path / "out")
     message = str(exc.value)

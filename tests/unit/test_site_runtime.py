@@ -27,7 +27,7 @@ def data_file(tmp_path):
 
 def _runtime(tmp_path, data_file, **overrides) -> SiteRuntime:
     config = RunConfig.from_flat({**CONFIG, **overrides})
-    site = SiteConfig(name="cardiology", data_path=str(data_file))  # deployment default: require_dp = True
+    site = SiteConfig(name="cardiology", data_path=str(data_file), max_epsilon=8.0)  # deployment default: require_dp = True
     return SiteRuntime(config, site, ledger_path=tmp_path / "ledger" / "cardiology.json", simulated=False)
 
 
@@ -38,11 +38,11 @@ def test_a_site_refuses_a_run_without_dp_unless_its_file_allows_it(tmp_path, dat
         runtime.train_round(run_id="r", server_round=1, adapter=adapter)
     assert not (tmp_path / "ledger" / "cardiology.json").exists()  # nothing trained, nothing spent
 
-    allowed = SiteConfig(name="cardiology", data_path=str(data_file), require_dp=False)
+    allowed = SiteConfig(name="cardiology", data_path=str(data_file), max_epsilon=8.0, require_dp=False)
     runtime = SiteRuntime(runtime.config, allowed, ledger_path=tmp_path / "ledger2.json", simulated=False)
     outcome = runtime.train_round(run_id="r", server_round=1, adapter=adapter)
     assert outcome.metrics["noise-multiplier"] == 0.0
-    assert SiteConfig.from_dict({"site-name": "s", "data-path": "x"}).require_dp is True  # one default, every reader
+    assert SiteConfig.from_dict({"site-name": "s", "data-path": "x", "max-epsilon": 8.0}).require_dp is True  # one default, every reader
 
 
 def test_a_round_asked_again_resends_the_same_update_without_a_second_spend(tmp_path, data_file):

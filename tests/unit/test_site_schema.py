@@ -64,8 +64,8 @@ def test_the_same_bad_entry_gets_the_same_problem_lines_from_every_reader(folder
         "max-epsilom: unknown key (did you mean 'max-epsilon'?); site keys: " + ", ".join(SITE_KEYS),
         "site-name = '.hidden': must be 1 to 64 letters, digits, '.', '_' and '-', not starting with '.' (it names "
         "the site's ledger and state files), e.g. \"cardiology\"",
-        "max-epsilon = -1: must be a finite number >= 0 (the site's own cap on its cumulative ε; 0 = the run's "
-        "privacy.max-epsilon)",
+        "max-epsilon = -1: must be a finite number > 0: the site's own cap on its cumulative ε, at its own δ "
+        "(max-delta); e.g. max-epsilon = 8.0",
         'device = \'gpu\': must be "cpu", "cuda", "cuda:N" or "mps"',
     ]
     assert results == {reader: expected for reader in results}
@@ -83,18 +83,18 @@ def test_the_same_good_entry_gives_the_same_site_from_every_reader(folder: Path)
 
 
 def test_require_dp_defaults_to_true_for_every_reader(folder: Path) -> None:
-    results = _from_every_reader(folder, {"site-name": "a", "data-path": "data/a.jsonl"})
+    results = _from_every_reader(folder, {"site-name": "a", "data-path": "data/a.jsonl", "max-epsilon": 8.0})
     assert {reader: site.require_dp for reader, site in results.items()} == {reader: True for reader in results}
-    assert SiteConfig(name="a", data_path="/d").require_dp is True and SITE_DEFAULTS["require-dp"] is True
+    assert SiteConfig(name="a", data_path="/d", max_epsilon=8.0).require_dp is True and SITE_DEFAULTS["require-dp"] is True
 
 
 def test_a_65_character_name_is_refused_everywhere_and_64_is_accepted(folder: Path, tmp_path: Path) -> None:
-    for reader, result in _from_every_reader(folder, {"site-name": NAME_65, "data-path": "data/a.jsonl"}).items():
+    for reader, result in _from_every_reader(folder, {"site-name": NAME_65, "data-path": "data/a.jsonl", "max-epsilon": 8.0}).items():
         assert isinstance(result, list) and len(result) == 1, reader
         assert result[0].startswith(f"site-name = '{NAME_65}': must be 1 to 64 letters"), reader
     with pytest.raises(ConfigError, match=f"--sites: '{NAME_65}' is not a site name"):
         create_dev_pki(tmp_path / "pki", server_names=[], sites=[NAME_65])
-    for reader, result in _from_every_reader(folder, {"site-name": NAME_64, "data-path": "data/a.jsonl"}).items():
+    for reader, result in _from_every_reader(folder, {"site-name": NAME_64, "data-path": "data/a.jsonl", "max-epsilon": 8.0}).items():
         assert isinstance(result, SiteConfig) and result.name == NAME_64, reader
     create_dev_pki(tmp_path / "pki", server_names=[], sites=[NAME_64])
     assert (tmp_path / "pki" / "sites" / NAME_64).is_file()
@@ -116,7 +116,7 @@ def test_site_name_rule(name: str, ok: bool) -> None:
 
 def test_every_problem_of_every_scenario_entry_is_reported_at_once(folder: Path) -> None:
     (folder / "sites.toml").write_text('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilon = "4"\n'
-                                       '[[site]]\nsite-name = "b"\ndata-path = "data/a.jsonl"\n'
+                                       '[[site]]\nsite-name = "b"\ndata-path = "data/a.jsonl"\nmax-epsilon = 8.0\n'
                                        '[[site]]\nsite-name = "c/d"\nrequire-dp = "no"\n', encoding="utf-8")
     with pytest.raises(ConfigError) as exc:
         materialise_sites(load_scenario(str(folder)), folder / "out")
@@ -124,11 +124,11 @@ def test_every_problem_of_every_scenario_entry_is_reported_at_once(folder: Path)
     assert text.startswith(f"{folder / 'sites.toml'}: invalid [[site]] entries")
     assert "site 1 ('a'):" in text and "site 3 ('c/d'):" in text and "site 2" not in text
     assert [line.split(":")[0].split(" = ")[0] for line in problem_lines(exc)] == [
-        "max-epsilon", "site-name", "data-path", "require-dp"]
+        "max-epsilon", "site-name", "data-path", "max-epsilon", "require-dp"]  # site 3 lacks the required cap
 
 
 def test_scenario_paths_are_relative_to_the_scenario_folder(folder: Path) -> None:
-    (folder / "sites.toml").write_text('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\n'
+    (folder / "sites.toml").write_text('[[site]]\nsite-name = "a"\ndata-path = "data/a.jsonl"\nmax-epsilon = 8.0\n'
                                        'ledger-path = "ledgers/a.json"\n', encoding="utf-8")
     [site] = materialise_sites(load_scenario(str(folder)), folder / "out")
     assert (site.data_path, site.ledger_path) == (str(folder / "data" / "a.jsonl"), str(folder / "ledgers" / "a.json"))

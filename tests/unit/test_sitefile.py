@@ -57,14 +57,14 @@ def data(tmp_path: Path) -> Path:
 
 def test_relative_paths_resolve_from_the_file_folder_and_defaults_are_fixed_at_the_site(
         tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _site(tmp_path / "sites", 'site-name = "cardiology"\ndata-path = "data/train.jsonl"\n')
+    path = _site(tmp_path / "sites", 'site-name = "cardiology"\ndata-path = "data/train.jsonl"\nmax-epsilon = 8.0\n')
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     site_file = load_site_file(Path(os.path.relpath(path, elsewhere)))
     folder = tmp_path / "sites"
     assert site_file.path == path
-    assert site_file.site == SiteConfig(name="cardiology", data_path=str(data),
+    assert site_file.site == SiteConfig(name="cardiology", data_path=str(data), max_epsilon=8.0,
                                         ledger_path=str(folder / "ledgers" / "cardiology.json"))
     conn = site_file.connection
     assert (conn.server, conn.root_certificates, conn.auth_key, conn.runtime_port) == ("", "", "", 0)
@@ -76,7 +76,7 @@ def test_connection_table_is_read_and_its_paths_resolved(tmp_path: Path, data: P
     keys.mkdir(parents=True)
     (keys / "ca.crt").write_text("x")
     (keys / "node").write_text("x")
-    path = _site(tmp_path / "sites", '''site-name = "a"\ndata-path = "data/train.jsonl"\nledger-path = "../l/a.json"
+    path = _site(tmp_path / "sites", '''site-name = "a"\ndata-path = "data/train.jsonl"\nmax-epsilon = 8.0\nledger-path = "../l/a.json"
 [connection]
 server = "coordinator.example.org:9092"
 root-certificates = "keys/ca.crt"
@@ -120,7 +120,7 @@ ledger-path = "l.json"
         "connection.ledger-path: unknown key (it belongs at the top level",
         "site-name: required",
         "data-path = 'missing.jsonl' (resolved to",
-        "max-epsilon = -1: must be a finite number >= 0",
+        "max-epsilon = -1: must be a finite number > 0",
         "device = 'gpu': must be \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"",
         "signing-key = 'nokey.pem' (resolved to",
         "connection.server = 'coordinator': must be \"HOST:PORT\"",
@@ -134,7 +134,7 @@ ledger-path = "l.json"
 
 @pytest.mark.parametrize("name", ["../etc", "a b", ".hidden", "a/b", "", "ü"])
 def test_site_name_must_be_usable_as_a_file_name(tmp_path: Path, data: Path, name: str) -> None:
-    path = _site(tmp_path / "sites", f'site-name = {json.dumps(name)}\ndata-path = "data/train.jsonl"\n')
+    path = _site(tmp_path / "sites", f'site-name = {json.dumps(name)}\ndata-path = "data/train.jsonl"\nmax-epsilon = 8.0\n')
     with pytest.raises(ConfigError, match="site-name"):
         load_site_file(path)
 
@@ -145,7 +145,7 @@ def test_site_name_must_be_usable_as_a_file_name(tmp_path: Path, data: Path, nam
     ("host:port", False), ("[::1:9092", False),
 ])
 def test_server_is_empty_or_host_colon_port(tmp_path: Path, data: Path, server: str, ok: bool) -> None:
-    path = _site(tmp_path / "sites", f'site-name = "a"\ndata-path = "data/train.jsonl"\n[connection]\n'
+    path = _site(tmp_path / "sites", f'site-name = "a"\ndata-path = "data/train.jsonl"\nmax-epsilon = 8.0\n[connection]\n'
                                      f'server = {json.dumps(server)}\n')
     if ok:
         assert load_site_file(path).connection.server == server
@@ -188,9 +188,10 @@ signing-key = {json.dumps(key.name)}
 def test_node_config_leaves_out_defaults_and_round_trips(tmp_path: Path, data: Path) -> None:
     from flwr.common.config import parse_config_args
 
-    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "data/train.jsonl"\n'))
+    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "data/train.jsonl"\nmax-epsilon = 8.0\n'))
     text = site_file.node_config()
-    assert "max-epsilon" not in text and "device" not in text and "signing-key" not in text
+    assert "device" not in text and "signing-key" not in text
+    assert "max-epsilon" in text  # required: always written, never a default
     assert SiteConfig.from_node_config(parse_config_args([text])) == site_file.site
 
 
@@ -230,7 +231,8 @@ def _by_name(report) -> dict:
 
 def _text_site(tmp_path: Path, lengths: list[int], extra: str = "") -> Path:
     write_jsonl(tmp_path / "sites" / "text.jsonl", [{"text": "x" * n} for n in lengths])
-    return _site(tmp_path / "sites", f'site-name = "alpha"\ndata-path = "text.jsonl"\n{extra}')
+    cap = "" if "max-epsilon" in extra else "max-epsilon = 8.0\n"
+    return _site(tmp_path / "sites", f'site-name = "alpha"\ndata-path = "text.jsonl"\n{cap}{extra}')
 
 
 def test_check_reports_records_split_and_token_lengths(tmp_path: Path) -> None:
@@ -267,7 +269,7 @@ def test_truncation_keeps_responses_and_a_record_without_response_tokens_fails(
 
     records = [{"instruction": "q" * 200, "output": "a"}, *({"instruction": "q", "output": "a"} for _ in range(9))]
     write_jsonl(tmp_path / "sites" / "d.jsonl", records)
-    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "d.jsonl"\n'))
+    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "d.jsonl"\nmax-epsilon = 8.0\n'))
     tokens = _by_name(check_site(site_file, model=TINY, max_length=64, sample=200))["tokens"]
     assert tokens.status == WARNING and tokens.values["truncated"] == 1 and tokens.values["no-response-tokens"] == []
 
@@ -368,7 +370,7 @@ def test_check_opens_no_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     report = check_site(site_file, model=TINY, max_length=64, sample=5)
-    assert report.ok and len(report.checks) == 9
+    assert report.ok and len(report.checks) == 10
 
 
 def _run_cli(argv: list[str]) -> int:
@@ -387,10 +389,10 @@ def test_command_exit_codes_text_and_json(tmp_path: Path, capsys: pytest.Capture
     assert _run_cli([str(path), "--model", TINY, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["site"] == "alpha"
-    assert [c["check"] for c in data["checks"]] == ["site file", "device", "data", "split", "tokens", "signing key",
-                                                    "ledger", "root certificates", "auth key"]
+    assert [c["check"] for c in data["checks"]] == ["site file", "device", "data", "split", "privacy policy", "tokens",
+                                                    "signing key", "ledger", "root certificates", "auth key"]
     (tmp_path / "sites" / "bad.crt").write_text("not a certificate")
-    failing = _site(tmp_path / "sites", 'site-name = "alpha"\ndata-path = "text.jsonl"\n[connection]\n'
+    failing = _site(tmp_path / "sites", 'site-name = "alpha"\ndata-path = "text.jsonl"\nmax-epsilon = 8.0\n[connection]\n'
                                         'root-certificates = "bad.crt"\n', "failing.toml")
     assert _run_cli([str(failing), "--model", TINY]) == 1
     assert "FAILED" in capsys.readouterr().out
@@ -414,12 +416,12 @@ def test_a_site_with_its_own_columns_and_a_saved_dataset_folder(tmp_path: Path) 
     datasets = pytest.importorskip("datasets")
     rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(20)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "sites" / "qa"))
-    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "qa"\n'
+    site_file = load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "qa"\nmax-epsilon = 8.0\n'
                                      'data-columns = "instruction=question, output=answer"\n'))
     assert site_file.site.data_columns == "instruction=question, output=answer"
     assert SiteConfig.from_node_config(parse_config_args([site_file.node_config()])) == site_file.site
     report = check_site(site_file, model=TINY, max_length=64, sample=5)
     assert report.ok and _by_name(report)["data"].values["records"] == 20
     with pytest.raises(ConfigError, match="data-columns = 'instruction=question, outptu=answer': unknown field 'outptu'"):
-        load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "qa"\n'
+        load_site_file(_site(tmp_path / "sites", 'site-name = "a"\ndata-path = "qa"\nmax-epsilon = 8.0\n'
                              'data-columns = "instruction=question, outptu=answer"\n', "bad.toml"))
