@@ -77,6 +77,22 @@ def _finite_non_negative(value: float) -> str | None:
 
 _CAP_RULE = "a finite number >= 0 (the site's own cap on its cumulative ε; 0 = the run's privacy.max-epsilon)"
 
+RELEASE_MODES = ("dp", "none", "exact")
+_RELEASE_RULE = ('"dp" (metrics computed on the site\'s records leave only noised and accounted, the default), '
+                 '"none" (only what aggregation needs) or "exact" (unprotected: the site\'s exact train and '
+                 'held-out metrics)')
+_METRIC_SIGMA_RULE = ("a finite number > 0 (noise multiplier of the Gaussian mechanism that releases the held-out "
+                      "loss under release-metrics = \"dp\"; 20 costs ε ≈ 0.17 per release alone at δ = 1e-5)")
+_LOSS_BOUND_RULE = "a finite number > 0 (nats: each held-out record's mean token loss is clipped to [0, this])"
+
+
+def _release_mode(value: str) -> str | None:
+    return None if value in RELEASE_MODES else f"must be {_RELEASE_RULE}"
+
+
+def _finite_positive(rule: str) -> Check:
+    return lambda value: None if math.isfinite(value) and value > 0 else f"must be {rule}"
+
 
 @dataclass(frozen=True)
 class SiteConfig:
@@ -95,6 +111,12 @@ class SiteConfig:
                             rule="true (refuse runs without differential privacy, the default) or false")
     data_columns: str = _key("data-columns", default="",  # which column holds which field; "": same names
                              rule='"FIELD=COLUMN, ..." or ""', check=columns_problem)
+    # which numbers computed on the site's records may leave it (fedllm.site.metric_release)
+    release_metrics: str = _key("release-metrics", default="dp", rule=_RELEASE_RULE, check=_release_mode)
+    metric_noise_multiplier: float = _key("metric-noise-multiplier", default=20.0, rule=_METRIC_SIGMA_RULE,
+                                          check=_finite_positive(_METRIC_SIGMA_RULE))
+    metric_loss_bound: float = _key("metric-loss-bound", default=10.0, rule=_LOSS_BOUND_RULE,
+                                    check=_finite_positive(_LOSS_BOUND_RULE))
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:

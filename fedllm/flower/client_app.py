@@ -86,5 +86,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    config = msg.content.get(wire.CONFIG)
+    if config is None or wire.SERVER_ROUND not in config:  # a site answers at most once per server round
+        return Message(Error(code=wire.BUDGET_REFUSED, reason=(
+            f"the evaluate message carries no {wire.SERVER_ROUND!r}: a site evaluates at most once per server round "
+            "and refuses an evaluation it cannot place in one")), reply_to=msg)
     site = site_runtime(context)
-    return _reply(msg, site, site.evaluate(msg.content[wire.ARRAYS].to_torch_state_dict()))
+    try:
+        metrics = site.evaluate(msg.content[wire.ARRAYS].to_torch_state_dict(),
+                                run_id=str(config.get(wire.RUN_ID, "") or context.run_id),
+                                server_round=int(config[wire.SERVER_ROUND]))
+    except BudgetExceededError as exc:  # over the cap, or a second evaluation in one round
+        return Message(Error(code=wire.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
+    return _reply(msg, site, metrics)

@@ -2,9 +2,10 @@
 
 One JSON file per site (per dataset), kept at the site. It survives rounds, runs and restarts:
 every run on the same data spends from the same budget, and Flower's per-run ``Context.state``
-cannot hold that (docs/notes/dp-lora.md P13). Each :class:`LedgerEntry` records one release (one round's
-adapter update): run, round, steps, sample rate q, noise multiplier σ, clipping norm C, δ, the
-accountant, the number of examples and the cumulative ε after it.
+cannot hold that (docs/notes/dp-lora.md P13). Each :class:`LedgerEntry` records one release
+(one round's adapter update, or held-out metrics released with the Gaussian mechanism,
+``release = "metrics"``): run, round, steps, sample rate q, noise multiplier σ, clipping norm C,
+δ, the accountant, the number of examples and the cumulative ε after it.
 
 * The cumulative ε is always recomputed from the whole history (all entries, composed by
   :func:`~fedllm.privacy.accounting.epsilon_for`), never taken from one round's ε.
@@ -286,8 +287,13 @@ class PrivacyLedger:
     def record(
         self, *, run_id: str, server_round: int, steps: int, sample_rate: float, noise_multiplier: float,
         max_grad_norm: float, target_delta: float, num_examples: int, accountant: str = "prv",
+        release: str = "update",
     ) -> LedgerEntry:
-        """Append one release with its cumulative ε (from the whole history) and rewrite the file atomically."""
+        """Append one release with its cumulative ε (from the whole history) and rewrite the file atomically.
+
+        ``release``: "update" (a round's adapter update) or "metrics" (held-out metrics released
+        with the Gaussian mechanism: ``steps`` = 1, ``sample_rate`` = 1, ``max_grad_norm`` = the
+        loss bound, ``num_examples`` = the held-out records; :mod:`fedllm.site.metric_release`)."""
         self.require_writable()
         epsilon = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
                                      target_delta=target_delta, accountant=accountant)
@@ -297,6 +303,8 @@ class PrivacyLedger:
             accountant=accountant, epsilon="inf" if math.isinf(epsilon) else epsilon, num_examples=num_examples,
             timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+        if release != "update":
+            raw["release"] = release
         try:
             entry = parse_entry(raw)
         except FieldError as exc:
@@ -360,7 +368,7 @@ class PrivacyLedger:
             return [*lines, "no releases recorded", "cumulative ε = 0.00 (nothing released)"]
         header = ("run", "round", "steps", "q", "σ", "C", "δ", "accountant", "cumulative ε")
         rows = [
-            (e.run_id, str(e.server_round), str(e.steps), f"{e.sample_rate:.4g}", f"{e.noise_multiplier:.4g}",
+            (e.run_id, str(e.server_round) + (" (metrics)" if e.release == "metrics" else ""), str(e.steps), f"{e.sample_rate:.4g}", f"{e.noise_multiplier:.4g}",
              f"{e.max_grad_norm:g}", f"{e.target_delta:g}", e.accountant,
              "inf (no DP)" if math.isinf(e.epsilon) else f"{e.epsilon:.2f}")
             for e in self._entries

@@ -59,6 +59,10 @@ class LedgerEntry:
     epsilon: float
     num_examples: int
     timestamp: str  # ISO-8601, UTC
+    # what was released: "update" (a round's adapter update; the field is then left out of the
+    # stored entry, so entries written before it existed hash alike) or "metrics" (held-out metrics
+    # released with the Gaussian mechanism, fedllm.site.metric_release: 1 step, q = 1)
+    release: str = "update"
 
     @property
     def event(self) -> DPEvent:
@@ -113,6 +117,10 @@ _INTEGRITY: dict[str, tuple[str, Callable[[Any], bool], bool]] = {  # name: (exp
     "entry-hash": ("64 lowercase hex digits", _is_hash, True),
     "signature": ("a base64 string", lambda v: isinstance(v, str) and v != "", False),
 }
+RELEASES = ("update", "metrics")
+_OPTIONAL: dict[str, tuple[str, Callable[[Any], bool]]] = {  # name: (expected, check); absent: the default
+    "release": (f"one of {', '.join(RELEASES)}", lambda v: v in RELEASES),
+}
 _FLOATS = ("sample_rate", "noise_multiplier", "max_grad_norm", "target_delta", "epsilon")
 _INTS = ("server_round", "steps", "num_examples")
 
@@ -122,7 +130,7 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
     are checked and required, then set aside). Raises :class:`FieldError`."""
     if not isinstance(raw, dict):
         raise FieldError("(entry)", "a JSON object", raw)
-    known = [*_FIELDS, *(_INTEGRITY if integrity else ())]
+    known = [*_FIELDS, *_OPTIONAL, *(_INTEGRITY if integrity else ())]
     for name in raw:
         if name not in known:
             raise FieldError(name, "no such field (known: " + ", ".join(known) + ")", raw[name])
@@ -130,6 +138,9 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
         if name not in raw:
             raise FieldError(name, f"{expected} (the field is missing)", None)
         if not is_valid(raw[name]):
+            raise FieldError(name, expected, raw[name])
+    for name, (expected, is_valid) in _OPTIONAL.items():
+        if name in raw and not is_valid(raw[name]):
             raise FieldError(name, expected, raw[name])
     if integrity:
         for name, (expected, is_valid, required) in _INTEGRITY.items():
@@ -140,12 +151,15 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
                 raise FieldError(name, expected, raw[name])
     fields = {name: raw[name] for name in _FIELDS}
     floats = {name: (math.inf if fields[name] == "inf" else float(fields[name])) for name in _FLOATS}
-    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}})
+    optional = {name: raw[name] for name in _OPTIONAL if name in raw}
+    return LedgerEntry(**{**fields, **floats, **{name: int(fields[name]) for name in _INTS}, **optional})
 
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
     """The entry's own fields as JSON values (ε = ∞ as ``"inf"``)."""
     data = asdict(entry)
+    if entry.release == "update":  # the default is not stored: entries from before the field hash alike
+        del data["release"]
     if math.isinf(entry.epsilon):
         data["epsilon"] = "inf"
     return data
