@@ -5,7 +5,7 @@ docs/configuration.md#scenario-partition):
 
 * every method: ``data`` (a file or saved dataset folder, relative to the scenario folder),
   ``num-sites``, ``method``, ``seed`` (default 0), ``data-columns``, ``max-epsilon`` (the same
-  cap for every site);
+  cap for every site), ``release-metrics`` (the same setting for every site; default "dp");
 * ``dirichlet``: ``partition-by`` (a column of the data), ``alpha`` (default 0.5),
   ``min-partition-size`` (default 1), ``self-balancing`` (default false);
 * ``natural-id``: ``partition-by``, the column whose values name the sites' true owners; one site
@@ -36,7 +36,7 @@ from fedllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon")
+COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "release-metrics")
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("partition-by", "alpha", "min-partition-size", "self-balancing"),
@@ -124,11 +124,12 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
         raise ConfigError(f"{at} method {method!r} cannot split {source.name} ({len(records)} records) into "
                           f"{num_sites or 'its'} sites: {exc}; change {REMEDY[method]}") from None
     return _write_sites(parts, records, output, max_epsilon=table.get("max-epsilon", 0.0), at=at,
+                        site_keys={k: table[k] for k in ("release-metrics",) if k in table},
                         names=sorted({str(v) for v in values}) if method == "natural-id" else None)
 
 
 def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, max_epsilon: Any, at: str,
-                 names: list[str] | None) -> list[SiteConfig]:
+                 names: list[str] | None, site_keys: dict[str, Any] | None = None) -> list[SiteConfig]:
     if isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float):
         raise ConfigError(f"{at} max-epsilon = {max_epsilon!r}: must be a number")
     sites = []
@@ -138,7 +139,8 @@ def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, m
         write_text_atomic(data, "".join(json.dumps(records[j], ensure_ascii=False) + "\n" for j in indices))
         if names is not None:
             logger.info("%s holds the %d records with %r", name, len(indices), names[i])
-        sites.append(SiteConfig(name=name, data_path=str(data), max_epsilon=float(max_epsilon)))
+        sites.append(SiteConfig.from_dict({"site-name": name, "data-path": str(data), "max-epsilon": float(max_epsilon),
+                                           **(site_keys or {})}))
     return sites
 
 
