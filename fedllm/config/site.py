@@ -25,6 +25,12 @@ path (``..``), a hidden file or unbounded.
 the coordinator's; this default is the site's protection against a run without DP. A simulated
 no-DP baseline sets ``require-dp = false`` in its scenario's ``[[site]]`` tables.
 
+``release-metrics`` defaults to "dp" for every reader: no exact metric computed on the site's
+records leaves it, and its held-out loss leaves only through the Gaussian mechanism
+(``metric-noise-multiplier``, ``metric-loss-bound``), paid for in its ledger
+(:mod:`fedllm.site.metric_release`). "exact" (today's unprotected metrics) must be written out; the
+shipped simulation scenarios, whose operator holds all the data, do so.
+
 Trust boundary: these settings are the site's own and are never merged into the run config; a
 site's ``max-epsilon`` can only tighten the run's ``privacy.max-epsilon``.
 """
