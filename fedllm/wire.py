@@ -2,7 +2,10 @@
 
 Only adapter tensors (under ``ARRAYS``) and these numeric metrics leave a site, plus the site's
 own name (``SITE``/``SITE_NAME``), which the coordinator knows anyway. Never text, token ids,
-file paths or per-example values.
+file paths or per-example values. Which of the metrics carry a value computed on the site's
+records is the site's own setting (``release-metrics``, :mod:`fedllm.site.metric_release`); a
+metric a site does not release is sent as -1 ("not defined"), and ``METRICS_RELEASE`` says which
+setting the site applied (``RELEASE_CODES``).
 """
 
 ARRAYS = "arrays"
@@ -29,6 +32,7 @@ EPSILON_CAP = "epsilon-cap"  # the cap the site enforces (its max-epsilon, tight
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 MAX_GRAD_NORM = "max-grad-norm"
+METRICS_RELEASE = "metrics-release"  # train and evaluate: the site's release-metrics, as RELEASE_CODES
 
 # site -> server (evaluate metrics)
 EVAL_LOSS = "eval-loss"
@@ -37,9 +41,10 @@ EVAL_TOKENS = "eval-tokens"
 
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES, TRAIN_LOSS, LOCAL_STEPS, EXAMPLES_SEEN, TOKENS, TRAIN_SECONDS,
-    EPSILON, DELTA, EPSILON_CAP, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM,
+    EPSILON, DELTA, EPSILON_CAP, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM, METRICS_RELEASE,
 )
-EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, PERPLEXITY, EVAL_TOKENS)
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, PERPLEXITY, EVAL_TOKENS, METRICS_RELEASE)
+RELEASE_CODES = {"exact": 0, "dp": 1, "none": 2}  # site's release-metrics -> the METRICS_RELEASE value
 
 # Error code a site uses to refuse a round that would cross its privacy cap. Flower's own codes
 # are 0-8; anything else is a failure (a crash, a timeout) and counts against

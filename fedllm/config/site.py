@@ -31,6 +31,12 @@ run's cap), ``max-delta`` is the largest δ the site accepts (0: automatic, the 
 that fails outright with that probability), ``require-dp`` as above. The site computes, enforces
 and records its ε at its own δ (:mod:`fedllm.site.policy`).
 
+``release-metrics`` defaults to "dp" for every reader: no exact metric computed on the site's
+records leaves it, and its held-out loss leaves only through the Gaussian mechanism
+(``metric-noise-multiplier``, ``metric-loss-bound``), paid for in its ledger
+(:mod:`fedllm.site.metric_release`). "exact" (today's unprotected metrics) must be written out; the
+shipped simulation scenarios, whose operator holds all the data, do so.
+
 Trust boundary: these settings are the site's own and are never merged into the run config; the
 run's ``privacy.max-epsilon`` can only tighten a site's ``max-epsilon``, never loosen it.
 """
@@ -84,6 +90,22 @@ def _finite_positive(value: float) -> str | None:
 def _delta_problem(value: float) -> str | None:
     return None if value == 0 or (math.isfinite(value) and 0 < value <= MAX_DELTA_LIMIT) else f"must be {_DELTA_RULE}"
 
+RELEASE_MODES = ("dp", "none", "exact")
+_RELEASE_RULE = ('"dp" (metrics computed on the site\'s records leave only noised and accounted, the default), '
+                 '"none" (only what aggregation needs) or "exact" (unprotected: the site\'s exact train and '
+                 'held-out metrics)')
+_METRIC_SIGMA_RULE = ("a finite number > 0 (noise multiplier of the Gaussian mechanism that releases the held-out "
+                      "loss under release-metrics = \"dp\"; 20 costs ε ≈ 0.17 per release alone at δ = 1e-5)")
+_LOSS_BOUND_RULE = "a finite number > 0 (nats: each held-out record's mean token loss is clipped to [0, this])"
+
+
+def _release_mode(value: str) -> str | None:
+    return None if value in RELEASE_MODES else f"must be {_RELEASE_RULE}"
+
+
+def _positive_with_rule(rule: str) -> Check:
+    return lambda value: None if math.isfinite(value) and value > 0 else f"must be {rule}"
+
 
 _CAP_RULE = ("a finite number > 0: the site's own cap on its cumulative ε, at its own δ (max-delta); "
              "e.g. max-epsilon = 8.0")
@@ -119,6 +141,12 @@ class SiteConfig:
     data_columns: str = _key("data-columns", default="",  # which column holds which field; "": same names
                              rule='"FIELD=COLUMN, ..." or ""', check=columns_problem)
     max_delta: float = _key("max-delta", default=0.0, rule=_DELTA_RULE, check=_delta_problem)
+    # which numbers computed on the site's records may leave it (fedllm.site.metric_release)
+    release_metrics: str = _key("release-metrics", default="dp", rule=_RELEASE_RULE, check=_release_mode)
+    metric_noise_multiplier: float = _key("metric-noise-multiplier", default=20.0, rule=_METRIC_SIGMA_RULE,
+                                          check=_positive_with_rule(_METRIC_SIGMA_RULE))
+    metric_loss_bound: float = _key("metric-loss-bound", default=10.0, rule=_LOSS_BOUND_RULE,
+                                    check=_positive_with_rule(_LOSS_BOUND_RULE))
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:

@@ -90,7 +90,7 @@ class RunHistory:
             "sites-trained": len(sites),
             wire.NUM_EXAMPLES: sum(int(m[wire.NUM_EXAMPLES]) for m in sites.values()),
             wire.TRAIN_LOSS: _weighted(sites, wire.TRAIN_LOSS, wire.NUM_EXAMPLES),
-            wire.TOKENS: sum(int(m[wire.TOKENS]) for m in sites.values()),
+            wire.TOKENS: sum(int(m[wire.TOKENS]) for m in sites.values() if m[wire.TOKENS] >= 0),  # -1: not released
             "max-epsilon": max(epsilons) if epsilons else None,
         }
         self._round(server_round)["train"] = {
@@ -103,7 +103,9 @@ class RunHistory:
                         rejected: dict[str, str] | None = None) -> dict[str, Any]:
         """One round's held-out evaluation per site and aggregated (token-weighted); ``rejected``:
         site → reason for evaluate replies that failed validation (``screening.triage_replies``)."""
-        loss = _weighted(sites, wire.EVAL_LOSS, wire.EVAL_TOKENS)
+        # token-weighted where every site released its token count; else (release-metrics = "dp") by examples
+        by_tokens = all(m.get(wire.EVAL_TOKENS, -1) >= 0 for m in sites.values() if m.get(wire.EVAL_LOSS, -1) >= 0)
+        loss = _weighted(sites, wire.EVAL_LOSS, wire.EVAL_TOKENS if by_tokens else wire.NUM_EXAMPLES)
         aggregate = {wire.EVAL_LOSS: loss, wire.PERPLEXITY: math.exp(loss) if loss is not None else None,
                      wire.NUM_EXAMPLES: sum(int(m[wire.NUM_EXAMPLES]) for m in sites.values())}
         self._round(server_round)["evaluate"] = {"sites": sites, "rejected": dict(rejected or {}), "failed": failed,

@@ -114,7 +114,7 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
             log.info("resuming run %s at round %d/%d (rounds 1-%d completed before)", fed.run_id or run_id,
                      first_round, rounds, state.server_round)
         else:
-            eval_tasks = strategy.configure_evaluate(0, arrays, federation)
+            eval_tasks = _evaluate_tasks(strategy, 0, arrays, federation, history.data["run-id"])
             _evaluate(history, 0, _send(federation, eval_tasks, timeout), names, config)
         for server_round in range(first_round, rounds + 1):
             start = time.perf_counter()
@@ -139,7 +139,7 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
                                        rejected=triage.rejected, failed=triage.failed,
                                        seconds=time.perf_counter() - start)
             save_adapter(peft_model, _torch_state(arrays), out / "checkpoints" / f"round-{server_round}")
-            eval_tasks = strategy.configure_evaluate(server_round, arrays, federation)
+            eval_tasks = _evaluate_tasks(strategy, server_round, arrays, federation, history.data["run-id"])
             eval_agg = _evaluate(history, server_round, _send(federation, eval_tasks, timeout), names, config)
             history.save()
             save_server_state(out, server_round=server_round, arrays=arrays, strategy=strategy, names=names,
@@ -198,6 +198,17 @@ def _refusal_kinds(triage: Triage) -> str:
 def _refusal_text(triage: Triage) -> str:
     """Each refusing site with its own stated reason."""
     return "; ".join(f"{name}: {reason}" for name, reason in sorted(triage.refused.items()))
+
+
+def _evaluate_tasks(strategy: Strategy, server_round: int, arrays: Arrays, federation: Federation,
+                    run_id: str) -> list[Task]:
+    """The strategy's evaluate tasks, each carrying the server round and the run id: a site answers
+    at most one evaluation per (run, server round) (``fedllm.site.metric_release``)."""
+    tasks = strategy.configure_evaluate(server_round, arrays, federation)
+    for task in tasks:
+        task.config[wire.SERVER_ROUND] = server_round
+        task.config[wire.RUN_ID] = run_id
+    return tasks
 
 
 def _same_dtypes(new: Arrays, old: Arrays) -> Arrays:

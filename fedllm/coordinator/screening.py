@@ -77,7 +77,7 @@ def validate_update(arrays: Arrays, reference: Arrays, *, require_change: bool =
 def validate_metrics(metrics: Mapping[str, Any], *, kind: str) -> None:
     """Raise ``InvalidUpdateError`` unless ``metrics`` holds exactly the agreed keys for ``kind``
     (``wire.TRAIN_METRIC_KEYS`` / ``wire.EVALUATE_METRIC_KEYS``), each a finite int or float (a
-    site sends -1 for "not defined"), with ``num-examples`` an int > 0 for train and >= 0 for
+    site sends -1 for "not defined" or not released), ``metrics-release`` one of ``wire.RELEASE_CODES``, with ``num-examples`` an int > 0 for train and >= 0 for
     evaluate (a site without held-out data, ``data.eval-fraction = 0``, evaluates 0 examples)."""
     expected = wire.TRAIN_METRIC_KEYS if kind == "train" else wire.EVALUATE_METRIC_KEYS
     got = list(metrics.keys())
@@ -94,6 +94,10 @@ def validate_metrics(metrics: Mapping[str, Any], *, kind: str) -> None:
                                      "expected one number")
         if not math.isfinite(value):
             raise InvalidUpdateError(f"metrics: {key!r} is {value!r}, expected a finite number (-1 for not defined)")
+    if metrics[wire.METRICS_RELEASE] not in wire.RELEASE_CODES.values():
+        raise InvalidUpdateError(f"metrics: {wire.METRICS_RELEASE!r} is {metrics[wire.METRICS_RELEASE]!r}, expected one "
+                                 f"of {sorted(wire.RELEASE_CODES.values())} (the site's release-metrics: "
+                                 + ", ".join(f"{code} = {mode}" for mode, code in wire.RELEASE_CODES.items()) + ")")
     examples = metrics[wire.NUM_EXAMPLES]
     least = 1 if kind == "train" else 0
     if not isinstance(examples, int) or examples < least:

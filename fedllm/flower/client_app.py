@@ -107,5 +107,19 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    config = msg.content.get(wire.CONFIG)
+    if not isinstance(config, ConfigRecord) or wire.SERVER_ROUND not in config:  # at most once per server round
+        return Message(Error(code=wire.BUDGET_REFUSED, reason=(
+            f"the evaluate message carries no {wire.SERVER_ROUND!r}: a site evaluates at most once per server round "
+            "and refuses an evaluation it cannot place in one")), reply_to=msg)
     site = site_runtime(context)
-    return _reply(msg, site, site.evaluate(_record(msg, wire.ARRAYS, ArrayRecord).to_torch_state_dict()))
+    try:
+        metrics = site.evaluate(_record(msg, wire.ARRAYS, ArrayRecord).to_torch_state_dict(),
+                                run_id=str(config.get(wire.RUN_ID, "") or context.run_id),
+                                server_round=int(_scalar(config[wire.SERVER_ROUND])))
+    except SitePolicyError as exc:  # the run is outside this site's privacy policy: nothing evaluated or recorded
+        log.warning("%s", exc)
+        return Message(Error(code=wire.POLICY_REFUSED, reason=str(exc)), reply_to=msg)
+    except BudgetExceededError as exc:  # over the cap, or a second evaluation in one round
+        return Message(Error(code=wire.BUDGET_REFUSED, reason=str(exc)), reply_to=msg)
+    return _reply(msg, site, metrics)

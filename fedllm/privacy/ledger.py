@@ -2,9 +2,10 @@
 
 One JSON file per site (per dataset), kept at the site. It survives rounds, runs and restarts:
 every run on the same data spends from the same budget, and Flower's per-run ``Context.state``
-cannot hold that (docs/notes/dp-lora.md P13). Each :class:`LedgerEntry` records one release (one round's
-adapter update): run, round, steps, sample rate q, noise multiplier σ, clipping norm C, δ, the
-accountant, the number of examples and the cumulative ε after it.
+cannot hold that (docs/notes/dp-lora.md P13). Each :class:`LedgerEntry` records one release
+(one round's adapter update, or held-out metrics released with the Gaussian mechanism,
+``release = "metrics"``): run, round, steps, sample rate q, noise multiplier σ, clipping norm C,
+δ, the accountant, the number of examples and the cumulative ε after it.
 
 * The cumulative ε is always recomputed from the whole history (all entries, composed by
   :func:`~fedllm.privacy.accounting.epsilon_for`), never taken from one round's ε.
@@ -315,12 +316,17 @@ class PrivacyLedger:
         max_grad_norm: float, target_delta: float, num_examples: int, accountant: str = "prv",
         central_dp: dict[str, Any] | None = None,
         site_max_delta: float | None = None, site_max_epsilon: float | None = None,
+        release: str = "update",
     ) -> LedgerEntry:
         """Append one release with its cumulative ε (from the whole history, at ``target_delta``) and
         rewrite the file atomically. ``central_dp``: required in (and only in) a central-DP ledger
         (``ledger_chain``: m, N, sampling, clipping). ``site_max_delta`` / ``site_max_epsilon``: the
         site's privacy policy (its δ and cap), recorded in the entry so that ``fedllm ledger verify``
-        can flag an entry at a larger δ than the site's."""
+        can flag an entry at a larger δ than the site's.
+
+        ``release``: "update" (a round's adapter update) or "metrics" (held-out metrics released
+        with the Gaussian mechanism: ``steps`` = 1, ``sample_rate`` = 1, ``max_grad_norm`` = the
+        loss bound, ``num_examples`` = the held-out records; :mod:`fedllm.site.metric_release`)."""
         self.require_writable()
         if (central_dp is not None) != (self.kind == "central-dp"):
             raise PrivacyParameterError(f"a {self.kind} ledger's entries {'need' if central_dp is None else 'have no'} "
@@ -339,6 +345,8 @@ class PrivacyLedger:
             raw["site_max_delta"] = site_max_delta
         if site_max_epsilon is not None:
             raw["site_max_epsilon"] = site_max_epsilon
+        if release != "update":
+            raw["release"] = release
         try:
             entry = parse_entry(raw)
         except FieldError as exc:
@@ -404,7 +412,7 @@ class PrivacyLedger:
             return [*lines, "no releases recorded", "cumulative ε = 0.00 (nothing released)"]
         header = ("run", "round", "steps", "q", "σ", "C", "δ", "accountant", "cumulative ε")
         rows = [
-            (e.run_id, str(e.server_round), str(e.steps), f"{e.sample_rate:.4g}", f"{e.noise_multiplier:.4g}",
+            (e.run_id, str(e.server_round) + (" (metrics)" if e.release == "metrics" else ""), str(e.steps), f"{e.sample_rate:.4g}", f"{e.noise_multiplier:.4g}",
              f"{e.max_grad_norm:g}", f"{e.target_delta:g}", e.accountant,
              "inf (no DP)" if math.isinf(e.epsilon) else f"{e.epsilon:.2f}")
             for e in self._entries

@@ -71,6 +71,10 @@ class LedgerEntry:
     # the site's privacy policy when it recorded the entry (issue 13); None in entries written before
     site_max_delta: float | None = None  # the site's δ: the entry's ε, and every total, are at most at this δ
     site_max_epsilon: float | None = None  # the site's own cap on its cumulative ε
+    # what was released: "update" (a round's adapter update; the field is then left out of the
+    # stored entry, so entries written before it existed hash alike) or "metrics" (held-out metrics
+    # released with the Gaussian mechanism, fedllm.site.metric_release: 1 step, q = 1)
+    release: str = "update"
 
     @property
     def event(self) -> DPEvent:
@@ -143,9 +147,11 @@ _CENTRAL_EXPECTED = ("an object {sites_per_round: m >= 1, total_sites: N >= m, s
                      "fixed-subset, clipping: fixed or adaptive}")
 
 
+RELEASES = ("update", "metrics")
 _OPTIONAL: dict[str, tuple[str, Callable[[Any], bool]]] = {  # may be absent (older entries); hashed when present
     "site_max_delta": ("a number in (0, 1)", lambda v: _is_real(v) and 0 < v < 1),
     "site_max_epsilon": ("a finite number > 0", lambda v: _is_real(v) and v > 0),
+    "release": (f"one of {', '.join(RELEASES)}", lambda v: v in RELEASES),
 }
 _FLOATS = ("sample_rate", "noise_multiplier", "max_grad_norm", "target_delta", "epsilon")
 _INTS = ("server_round", "steps", "num_examples")
@@ -165,6 +171,9 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
             raise FieldError(name, f"{expected} (the field is missing)", None)
         if not is_valid(raw[name]):
             raise FieldError(name, expected, raw[name])
+    for name, (expected, is_valid) in _OPTIONAL.items():
+        if name in raw and not is_valid(raw[name]):
+            raise FieldError(name, expected, raw[name])
     if integrity:
         for name, (expected, is_valid, required) in _INTEGRITY.items():
             if name not in raw:
@@ -175,12 +184,8 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
     central = raw.get("central_dp")
     if "central_dp" in raw and not _is_central_block(central):
         raise FieldError("central_dp", _CENTRAL_EXPECTED, central)
-    optional: dict[str, Any] = {}
-    for name, (expected, is_valid) in _OPTIONAL.items():
-        if name in raw:
-            if not is_valid(raw[name]):
-                raise FieldError(name, expected, raw[name])
-            optional[name] = float(raw[name])
+    optional: dict[str, Any] = {name: (raw[name] if name == "release" else float(raw[name]))
+                                for name in _OPTIONAL if name in raw}
     fields = {name: raw[name] for name in _FIELDS}
     floats = {name: (math.inf if fields[name] == "inf" else float(fields[name])) for name in _FLOATS}
     if central is not None:
@@ -191,9 +196,12 @@ def parse_entry(raw: Any, *, integrity: bool = False) -> LedgerEntry:
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
     """The entry's own fields as JSON values (ε = ∞ as ``"inf"``)."""
-    # a site's entry without central_dp or policy fields is hashed exactly as before those fields existed
+    # a site's entry without the optional fields (central_dp, the policy, a non-update release) is
+    # hashed exactly as before those fields existed
     data = {name: value for name, value in asdict(entry).items()
             if not ((name in _OPTIONAL or name == "central_dp") and value is None)}
+    if entry.release == "update":
+        del data["release"]
     if math.isinf(entry.epsilon):
         data["epsilon"] = "inf"
     return data

@@ -24,7 +24,7 @@ from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.files import write_text_atomic
 from fedllm.reports.numbers import epsilon_from_wire, format_count, format_epsilon, format_g
-from fedllm.reports.privacy_statement import privacy_statement
+from fedllm.reports.privacy_statement import metrics_release_by_site, privacy_statement
 
 LICENSE = "other"  # the adapter inherits its base model's licence and its training data's terms
 TAGS = ("fedllm", "lora", "differential-privacy", "federated-learning")
@@ -60,7 +60,11 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
     if model_id:
         front.append(f"base_model: {model_id}")
     front += ["library_name: peft", f"license: {LICENSE}", "tags:", *[f"- {t}" for t in TAGS], "---", ""]
+    modes = metrics_release_by_site(history, {s.name: s.release_metrics for s in sites or ()})
     rows = _site_rows(history, sites)
+    for r in rows:  # a count a site did not release exactly is not shown (dp: weight 1 and a noisy count)
+        if modes.get(r["site"], "exact") != "exact":
+            r["train"] = r["held-out"] = None
     run_id = history.get("run-id", "?")
     trained = [r for r in history.get("rounds", []) if r.get("round", 0) > 0 and "train" in r]
     shown = _model_name(config.model.name)
@@ -89,7 +93,8 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
         "```", "",
         "## Training data", "",
         "The data stayed at the sites. What the coordinator knows about it: how many records each site trained "
-        "on and held out for evaluation (as the sites reported them), and their file type. No content, no paths.", "",
+        "on and held out for evaluation (as the sites reported them; \"-\": not released, the site's "
+        "release-metrics is not \"exact\"), and their file type. No content, no paths.", "",
         "| site | training records | held-out records | file type | record format |",
         "|---|---|---|---|---|",
     ]
@@ -117,7 +122,7 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
     out.append(privacy_statement(
         accountant=config.privacy.accountant, sites_without_dp=no_dp,
         all_without_dp=not config.privacy.enabled or (bool(rows) and len(no_dp) == len(rows)),
-        central_dp=central).rstrip("\n"))
+        central_dp=central, metrics_release=modes).rstrip("\n"))
     out += ["", "For the full audit (ε under three accountants, ledger verification): `fedllm audit RUN_DIR`.", ""]
     return "\n".join(out)
 

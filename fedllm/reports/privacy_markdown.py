@@ -59,7 +59,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             privacy_statement(accountant=report["accountant"],
                               sites_without_dp=[s["site"] for s in sites if s["no-dp"]],
                               all_without_dp=bool(sites) and all(s["no-dp"] for s in sites),
-                              central_dp=report.get("central-dp")).rstrip("\n"), ""]
+                              central_dp=report.get("central-dp"),
+                              metrics_release={s["site"]: s["metrics-release"] for s in report["sites"]
+                                               if s.get("metrics-release", "unknown") != "unknown"}).rstrip("\n"), ""]
     out += ["## How the numbers were computed", "",
             "* **PRV** (enforced unless the run chose RDP): Opacus `PRVAccountant`, reporting its upper bound "
             "(estimate + discretisation margin, 0.01 unless widened for very long histories).",
@@ -110,12 +112,28 @@ def _central_markdown(report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _metrics_sentence(s: Mapping[str, Any]) -> str:
+    """What the site's metrics let leave (its release-metrics) and its held-out releases."""
+    mode, count = s.get("metrics-release", "unknown"), s.get("metric-releases", 0)
+    paid = (f" {count} held-out release{'s' if count != 1 else ''} (Gaussian mechanism, q = 1, one step each) "
+            f"{'are' if count != 1 else 'is'} in its ledger and in its ε." if count else "")
+    if mode == "exact":
+        return ("* Metrics: release-metrics = \"exact\": **exact, unprotected** train and held-out metrics left this "
+                "site (train loss, examples seen, tokens, seconds, held-out loss, perplexity, counts)." + paid)
+    if mode == "dp":
+        return ("* Metrics: release-metrics = \"dp\": no exact train metric left this site; its held-out loss left "
+                "only noised." + paid)
+    if mode == "none":
+        return "* Metrics: release-metrics = \"none\": nothing beyond aggregation's weight left this site." + paid
+    return "* Metrics: not known (the site sent no reply in this run)." + paid
+
+
 def _site_markdown(s: Mapping[str, Any], tol: Mapping[str, float]) -> list[str]:
     e, ledger = s["epsilon"], s["ledger"]
     earlier = s["releases"] - s["releases-this-run"]
     rounds = ", ".join(map(str, s["rounds-this-run"])) or "none"
     out = [f"### {s['site']}", ""]
-    if not s["releases"]:
+    if not s["releases"] and not s.get("metric-releases"):
         refused = "; ".join(f"round {r['round']}: {r['reason'].rstrip('.')}" for r in s["refused-rounds"])
         return out + ["* Nothing released from this site's data: ε = 0.",
                       f"* Refused rounds: {refused or 'none'}.",
@@ -129,6 +147,7 @@ def _site_markdown(s: Mapping[str, Any], tol: Mapping[str, float]) -> list[str]:
     out.append(f"* Steps: {s['steps']} in total. Sample rate q: {format_list(s['sample-rates'], '.4g')}. "
                f"Noise multiplier σ: {format_list(s['noise-multipliers'], '.4g')}. "
                f"Clipping norm C: {format_list(s['max-grad-norms'], 'g')}.")
+    out.append(_metrics_sentence(s))
     verdict = ("δ ≪ 1/n" if s["delta-ok"] else
                f"**warning: δ is not ≪ 1/n** (δ·n > {format_g(tol['delta-times-n'])}); "
                f"choose δ well below 1/{s['num-examples']}")

@@ -46,7 +46,7 @@ from fedllm.files import write_text_atomic
 from fedllm.reports.epsilon_plot import write_epsilon_plot
 from fedllm.reports.numbers import epsilon_from_wire, epsilon_to_json, format_epsilon, format_g, to_float
 from fedllm.reports.privacy_markdown import ledger_word, render_markdown
-from fedllm.reports.privacy_statement import MEANINGLESS_SITE_EPSILON
+from fedllm.reports.privacy_statement import MEANINGLESS_SITE_EPSILON, metrics_release_by_site
 
 if TYPE_CHECKING:
     from fedllm.config import SiteConfig
@@ -59,7 +59,8 @@ DELTA_N_LIMIT = 0.01  # "δ ≪ 1/n" when δ·n <= this
 FILES = ("privacy-report.md", "privacy-report.json", "epsilon.png")
 
 _LEDGER_FIELDS = ("run_id", "server_round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
-                  "target_delta", "accountant", "epsilon", "num_examples", "site_max_delta", "site_max_epsilon")
+                  "target_delta", "accountant", "epsilon", "num_examples", "site_max_delta", "site_max_epsilon",
+                  "release")
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,13 +113,14 @@ def build_privacy_report(run_dir: Path | str, *, public_keys: Mapping[str, Any] 
         raise FedLLMError(f"--public-key for unknown site(s) {', '.join(unknown)}; sites in this run: "
                           f"{', '.join(sorted(names)) or 'none'}")
 
+    modes = metrics_release_by_site(history, {n: c.release_metrics for n, c in site_configs.items()})
     sites = []
     for name in sorted(names):
         site_cfg = site_configs.get(name)
         ledger_path = Path(site_cfg.ledger_path) if site_cfg and site_cfg.ledger_path else ledger_dir / f"{name}.json"
         sites.append(_site_report(name, run_dir=run_dir, ledger_path=ledger_path, history=history, config=config,
                                   site_cfg=site_cfg,
-                                  public_key=public_keys.get(name)))
+                                  public_key=public_keys.get(name), metrics_release=modes.get(name, "unknown")))
     central = _central_report(history)
     problems = [f"site {s['site']}: {p}" for s in sites for p in s["problems"]]
     return {
@@ -175,7 +177,7 @@ def _site_policy(entries: list[dict], trained: Mapping[int, Mapping[str, Any]], 
 
 
 def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, config: dict,
-                 site_cfg: SiteConfig | None, public_key: Any) -> dict[str, Any]:
+                 site_cfg: SiteConfig | None, public_key: Any, metrics_release: str = "unknown") -> dict[str, Any]:
     from fedllm.privacy.accounting import (
         DPEvent,
         epsilon_for,
@@ -205,24 +207,27 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
                     "target_delta": float(m.get(wire.DELTA, config["privacy.target-delta"])),
                     "accountant": config["privacy.accountant"], "epsilon": epsilon_from_wire(m.get(wire.EPSILON)),
                     "num_examples": int(m.get(wire.NUM_EXAMPLES, 0))} for rnd, m in sorted(trained.items())]
+    everything = entries  # the ε composes every release: adapter updates and held-out metric releases
+    metric_entries = [e for e in entries if e.get("release", "update") == "metrics"]
+    entries = [e for e in entries if e.get("release", "update") == "update"]
     this_run = [e for e in entries if e["run_id"] == run_id]
     # every ε of this report is at the site's own δ, against the site's own cap (issue 13)
     delta, delta_source, cap, cap_source = _site_policy(entries, trained, site_cfg, run_cap,
                                                         float(config["privacy.target-delta"]))
-    above = [i for i, e in enumerate(entries, start=1) if e["target_delta"] > delta * (1 + 1e-9)]
+    above = [i for i, e in enumerate(everything, start=1) if e["target_delta"] > delta * (1 + 1e-9)]
     if above:
         problems.append(f"{len(above)} ledger entr{'y was' if len(above) == 1 else 'ies were'} (first: entry "
                         f"{above[0]}) recorded at a δ larger than the site's own δ={delta:g}: their recorded ε "
                         "understates the spend; ε here is recomputed at the site's δ")
-    accountant = entries[-1]["accountant"] if entries else config["privacy.accountant"]
+    accountant = everything[-1]["accountant"] if everything else config["privacy.accountant"]
     n = max((e["num_examples"] for e in entries), default=0)
-    events = [DPEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+    events = [DPEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in everything]
     eps = {"prv": epsilon_for(events, target_delta=delta, accountant="prv"),
            "rdp": epsilon_for(events, target_delta=delta, accountant="rdp"),
            "pld": epsilon_pld_dp_accounting(events, target_delta=delta)}
     enforced = eps[accountant]
-    recorded = entries[-1]["epsilon"] if entries else 0.0
-    recorded_delta = entries[-1]["target_delta"] if entries else delta
+    recorded = everything[-1]["epsilon"] if everything else 0.0
+    recorded_delta = everything[-1]["target_delta"] if everything else delta
     at_recorded = enforced if recorded_delta == delta else epsilon_for(events, target_delta=recorded_delta,
                                                                        accountant=accountant)
     recompute_ok = source != "ledger" or _close(recorded, at_recorded)
@@ -241,17 +246,21 @@ def _site_report(name: str, *, run_dir: Path, ledger_path: Path, history: dict, 
         by_round = {e["server_round"]: e for e in this_run}
         for rnd, metrics in sorted(trained.items()):
             entry, reported = by_round.get(rnd), epsilon_from_wire(metrics.get(wire.EPSILON))
+            not_sent = metrics.get(wire.METRICS_RELEASE) == wire.RELEASE_CODES["none"]  # ε -1: not released
             if entry is None:
                 problems.append(f"the coordinator received an update for round {rnd} but the ledger has no entry "
                                 f"for run {run_id} round {rnd}: that release is not accounted for")
-            elif entry["target_delta"] == delta and not _close(reported, entry["epsilon"]):
+            elif entry["target_delta"] == delta and not not_sent and not _close(reported, entry["epsilon"]):
                 problems.append(f"round {rnd}: the site reported ε={format_epsilon(reported)} "
                                 f"to the coordinator but its ledger records ε={format_epsilon(entry['epsilon'])}")
-    first = next((i for i, e in enumerate(entries) if e["run_id"] == run_id), 0)
-    start = entries[first - 1]["epsilon"] if first > 0 else 0.0  # spent by earlier runs
+    first = next((i for i, e in enumerate(everything) if e["run_id"] == run_id), 0)
+    start = everything[first - 1]["epsilon"] if first > 0 else 0.0  # spent by earlier runs
     report.update({
         "source": source,
         "releases": len(entries),
+        "metrics-release": metrics_release,
+        "metric-releases": len(metric_entries),
+        "metric-releases-this-run": len([e for e in metric_entries if e["run_id"] == run_id]),
         "runs": len({e["run_id"] for e in entries}),
         "releases-this-run": len(this_run),
         "rounds-this-run": [e["server_round"] for e in this_run],

@@ -5,7 +5,8 @@ docs/configuration.md#scenario-partition):
 
 * every method: ``data`` (a file or saved dataset folder, relative to the scenario folder),
   ``num-sites``, ``method``, ``seed`` (default 0), ``data-columns``, ``max-epsilon`` (required:
-  the same cap for every site), ``max-delta`` (default 0: each site's automatic δ);
+  the same cap for every site), ``max-delta`` (default 0: each site's automatic δ),
+  ``release-metrics`` (the same setting for every site; default "dp");
 * ``dirichlet``: ``partition-by`` (a column of the data), ``alpha`` (default 0.5),
   ``min-partition-size`` (default 1), ``self-balancing`` (default false);
 * ``natural-id``: ``partition-by``, the column whose values name the sites' true owners; one site
@@ -36,7 +37,7 @@ from fedllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "max-delta")
+COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "max-delta", "release-metrics")
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("partition-by", "alpha", "min-partition-size", "self-balancing"),
@@ -68,7 +69,7 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
     if method not in METHOD_KEYS:
         raise ConfigError(f"{at} method {method!r}: use {_or(METHOD_KEYS)}")
     _check_keys(table, method, at)
-    _policy_problem({k: table[k] for k in ("max-epsilon", "max-delta") if k in table}, at)  # before reading data
+    _policy_problem({k: table[k] for k in ("max-epsilon", "max-delta", "release-metrics") if k in table}, at)  # before reading data
     for key in ("data",) if method == "natural-id" else ("data", "num-sites"):
         if key not in table:
             raise ConfigError(f"{at} needs '{key}'")
@@ -124,7 +125,7 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
     except partition.PartitionError as exc:
         raise ConfigError(f"{at} method {method!r} cannot split {source.name} ({len(records)} records) into "
                           f"{num_sites or 'its'} sites: {exc}; change {REMEDY[method]}") from None
-    return _write_sites(parts, records, output, policy={k: table[k] for k in ("max-epsilon", "max-delta") if k in table},
+    return _write_sites(parts, records, output, policy={k: table[k] for k in ("max-epsilon", "max-delta", "release-metrics") if k in table},
                         at=at,
                         names=sorted({str(v) for v in values}) if method == "natural-id" else None)
 

@@ -22,6 +22,11 @@ Order of a training round (``train_round``):
 4. the release is written to the ledger (atomically), and only then is the update returned (and
    kept in the site's release cache).
 
+What leaves besides the update is the site's ``release-metrics`` (``fedllm.site.metric_release``):
+under "dp" (default) no exact data-dependent train metric, and a held-out loss released with the
+Gaussian mechanism and recorded in the ledger like a round; evaluation is answered at most once per
+server round of a run.
+
 A round asked again with the same run, round and global adapter (the coordinator died before the
 round completed and resumed, ``fedllm run --resume``) re-sends the cached update instead of
 training again: it was already released and recorded, so re-sending it costs no privacy.
@@ -54,6 +59,7 @@ from fedllm.model.lora import get_adapter_state, set_adapter_state, shared_model
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
+from fedllm.site import metric_release
 from fedllm.site.policy import SitePolicy
 from fedllm.site.resend_store import ReleaseCache, adapter_digest
 from fedllm.site.training import DPSettings, StepInfo, evaluate_loss, train_local
@@ -93,6 +99,7 @@ class SiteRuntime:
         self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)
         self.ledger_path = ledger_path
         self.release_cache = ReleaseCache(ledger_path.parent, site=site.name)  # the last update sent, kept at the site
+        self.evaluations = metric_release.EvaluationLog(ledger_path.parent, site=site.name)  # once per round
         self.signing_key = load_private_key(site.signing_key) if site.signing_key else None
         self.open_ledger().require_writable()  # refuse now, before any round: other data, broken chain, wrong key
         # the site's own privacy policy (cap, δ, require-dp); its automatic δ needs the number of training records
@@ -117,7 +124,7 @@ class SiteRuntime:
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         for entry in ledger.entries:
-            if entry.run_id == run_id and entry.noise_multiplier > 0:
+            if entry.run_id == run_id and entry.noise_multiplier > 0 and entry.release == "update":
                 return entry.noise_multiplier
         if run_id not in self._sigma:
             remaining = (self.config.num_server_rounds - server_round + 1) * self.config.train.local_steps
@@ -139,7 +146,8 @@ class SiteRuntime:
         digest = adapter_digest(adapter)
         cached = self.release_cache.lookup(run_id=run_id, server_round=server_round, input_digest=digest)
         if cached is not None and len(ledger.entries) >= cached.ledger_entries and any(
-                e.run_id == run_id and e.server_round == server_round for e in ledger.entries):
+                e.run_id == run_id and e.server_round == server_round and e.release == "update"
+                for e in ledger.entries):
             log.info("%s | re-sending the update this site already released for this round and global adapter "
                      "(recorded in its ledger; no new privacy spend)", prefix)
             return RoundOutcome(adapter=cached.adapter, metrics=cached.metrics)
@@ -178,7 +186,7 @@ class SiteRuntime:
                  result.seconds, result.train_loss, entry.epsilon, delta)
         outcome = RoundOutcome(
             adapter=get_adapter_state(self.model, trainable_only=True),
-            metrics={
+            metrics=metric_release.train_metrics(self.site.release_metrics, {  # what leaves: the site's setting
                 wire.NUM_EXAMPLES: len(self.train_examples),
                 wire.TRAIN_LOSS: _finite(result.train_loss),
                 wire.LOCAL_STEPS: steps,
@@ -191,21 +199,56 @@ class SiteRuntime:
                 wire.NOISE_MULTIPLIER: sigma,
                 wire.SAMPLE_RATE: sample_rate,
                 wire.MAX_GRAD_NORM: p.max_grad_norm,
-            },
+            }),
         )
         # only after the spend is recorded: a re-sent update must never be one whose spend is not in the ledger
         self.release_cache.store(run_id=run_id, server_round=server_round, input_digest=digest,
                                  adapter=outcome.adapter, metrics=outcome.metrics, ledger_entries=len(ledger.entries))
         return outcome
 
-    def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float | int]:
-        """Held-out loss and perplexity of ``adapter`` on this site's evaluation split."""
-        set_adapter_state(self.model, adapter)
-        res = evaluate_loss(self.model, self.eval_examples, batch_size=self.config.train.eval_batch_size,
-                            pad_id=self.tokenizer.pad_token_id, device=self.site.device,
-                            fast_path=self.config.train.fast_path)
-        return {wire.NUM_EXAMPLES: res.num_examples, wire.EVAL_LOSS: _finite(res.loss),
-                wire.PERPLEXITY: _finite(res.perplexity), wire.EVAL_TOKENS: res.tokens}
+    def evaluate(self, adapter: dict[str, torch.Tensor], *, run_id: str, server_round: int) -> dict[str, float | int]:
+        """Held-out loss and perplexity of ``adapter`` as the site's ``release-metrics`` allows
+        (``fedllm.site.metric_release``), at most once per (run, server round): asked again with the
+        same adapter, the answer already sent; with another, ``BudgetExceededError``. Under "dp" the
+        release is recorded in the ledger before it leaves, and refused past the site's cap."""
+        self.policy.check_run(self.config.privacy)  # a run outside the site's policy gets no answer at all
+        mode, digest = self.site.release_metrics, adapter_digest(adapter)
+        answered = self.evaluations.lookup(run_id=run_id, server_round=server_round)
+        if answered is not None:
+            if answered.input_digest != digest:
+                raise metric_release.refuse_second_evaluation(self.name, run_id=run_id, server_round=server_round)
+            log.info("[round %d] site %s | re-sending the evaluation already answered for this round (no new spend)",
+                     server_round, self.name)
+            return answered.metrics
+        if mode == "none":
+            metrics = metric_release.no_evaluate_metrics()
+        else:
+            ledger = self.open_ledger()
+            if metric_release.metric_release_recorded(ledger, run_id=run_id, server_round=server_round):
+                raise metric_release.refuse_second_evaluation(self.name, run_id=run_id, server_round=server_round)
+            p, s = self.config.privacy, self.site
+            if mode == "dp":  # refused before evaluating when the release would cross the cap
+                metric_release.check_metric_release(
+                    ledger, run_id=run_id, server_round=server_round, noise_multiplier=s.metric_noise_multiplier,
+                    target_delta=self.policy.delta, max_epsilon=self.cap, accountant=p.accountant)
+            set_adapter_state(self.model, adapter)
+            res = evaluate_loss(self.model, self.eval_examples, batch_size=self.config.train.eval_batch_size,
+                                pad_id=self.tokenizer.pad_token_id, device=self.site.device,
+                                fast_path=self.config.train.fast_path)
+            if mode == "exact":
+                metrics = metric_release.exact_evaluate_metrics(num_examples=res.num_examples, loss=res.loss,
+                                                                perplexity=res.perplexity, tokens=res.tokens)
+            else:
+                release = metric_release.release_held_out_loss(
+                    res.record_losses, noise_multiplier=s.metric_noise_multiplier, loss_bound=s.metric_loss_bound,
+                    rng=metric_release.os_entropy_rng())
+                metric_release.record_metric_release(  # recorded before the answer leaves
+                    ledger, run_id=run_id, server_round=server_round, noise_multiplier=s.metric_noise_multiplier,
+                    loss_bound=s.metric_loss_bound, num_examples=res.num_examples, target_delta=self.policy.delta,
+                    max_epsilon=self.cap, accountant=p.accountant, site_max_epsilon=self.policy.max_epsilon)
+                metrics = metric_release.dp_evaluate_metrics(release)
+        self.evaluations.store(run_id=run_id, server_round=server_round, input_digest=digest, metrics=metrics)
+        return metrics
 
 
 def _finite(value: float) -> float:

@@ -79,12 +79,14 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Held-out loss (mean NLL per response token) and perplexity."""
+    """Held-out loss (mean NLL per response token) and perplexity; ``record_losses``: each
+    record's own mean token loss (what :mod:`fedllm.site.metric_release` clips and noises)."""
 
     loss: float
     perplexity: float
     tokens: int
     num_examples: int
+    record_losses: tuple[float, ...] = ()
 
 
 def fresh_generator() -> torch.Generator:
@@ -339,10 +341,14 @@ def evaluate_loss(
         fast.keep_freed_memory()
     model.eval()
     total, count = 0.0, 0
+    per_record: list[float] = []
     for start in range(0, len(examples), batch_size):
         ids, mask, labels = collate(examples[start:start + batch_size], pad_id, device)
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-        total += float((sequence_losses(model, ids, mask, labels, fast=fast) * counts).sum())
+        losses = sequence_losses(model, ids, mask, labels, fast=fast)
+        total += float((losses * counts).sum())
         count += int(counts.sum())
+        per_record += [float(v) for v in losses.detach().float().cpu()]
     loss = total / max(count, 1)
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, num_examples=len(examples))
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, num_examples=len(examples),
+                      record_losses=tuple(per_record))

@@ -229,7 +229,11 @@ class RuntimeFederation:
             site = self.runtimes[task.node_id]
             adapter = {k: torch.tensor(v) for k, v in task.arrays.items()}
             if task.kind == "evaluate":
-                replies.append(Reply(task.node_id, site=site.name, metrics=site.evaluate(adapter)))
+                try:
+                    replies.append(Reply(task.node_id, site=site.name, metrics=site.evaluate(
+                        adapter, run_id="run-1", server_round=int(task.config[wire.SERVER_ROUND]))))
+                except SitePolicyError as exc:
+                    replies.append(Reply(task.node_id, error_code=wire.POLICY_REFUSED, error_reason=str(exc)))
                 continue
             try:
                 out = site.train_round(run_id="run-1", server_round=int(task.config[wire.SERVER_ROUND]),
@@ -263,8 +267,9 @@ def test_a_run_that_every_site_refused_fails_with_the_sites_reasons(tmp_path, da
         run_federation(fed, make_strategy, config, run_id="run-1")
     text = str(exc.value)
     assert text.startswith("no site trained: every site refused every round up to round 1")
-    assert "cardiology: Site 'cardiology' refuses this run: privacy.enabled = false" in text
-    assert "oncology: Site 'oncology' refuses this run: privacy.enabled = false" in text
+    # every reply was a refusal (no site name reached the coordinator): each reason names its site
+    assert "Site 'cardiology' refuses this run: privacy.enabled = false" in text
+    assert "Site 'oncology' refuses this run: privacy.enabled = false" in text
     history = json.loads((tmp_path / "run" / "history.json").read_text(encoding="utf-8"))
     assert history["status"] == "failed" and "no site trained" in history["error"]
     assert not (tmp_path / "run" / "adapter").exists()  # no untrained adapter exported as a result

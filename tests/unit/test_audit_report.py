@@ -86,14 +86,16 @@ def make_run(root: Path, *, sites: dict = SITES, overrides: dict | None = None, 
                 wire.NUM_EXAMPLES: n_train, wire.TRAIN_LOSS: 2.0, wire.LOCAL_STEPS: 6, wire.EXAMPLES_SEEN: 48,
                 wire.TOKENS: 4800, wire.TRAIN_SECONDS: 10.0,
                 wire.EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0, wire.DELTA: delta,
-                wire.NOISE_MULTIPLIER: sigma, wire.SAMPLE_RATE: q, wire.MAX_GRAD_NORM: 1.0}
+                wire.NOISE_MULTIPLIER: sigma, wire.SAMPLE_RATE: q, wire.MAX_GRAD_NORM: 1.0,
+                wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
         if refused:
             rounds[refused]["train"]["refused"][name] = (
                 f"Site '{name}' would exceed its privacy budget: spent ε=3.73, this round +0.53, cap 4.00 "
                 "(δ=1e-05, prv). Refusing to train; raise privacy.max-epsilon or stop the run.")
         for r in range(4):
             rounds[r]["evaluate"]["sites"][name] = {wire.NUM_EXAMPLES: n_held, wire.EVAL_LOSS: 2.5,
-                                                    wire.PERPLEXITY: 12.18, wire.EVAL_TOKENS: 900}
+                                                    wire.PERPLEXITY: 12.18, wire.EVAL_TOKENS: 900,
+                                                    wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
     history = {"run-id": RUN_ID, "status": "completed", "num-server-rounds": 3, "started": "2026-11-28T10:00:00Z",
                "rounds": rounds, "finished": "2026-11-28T10:05:00Z"}
     if central_dp is not None:
@@ -370,7 +372,8 @@ def test_model_card_front_matter_and_no_paths(demo_run, tmp_path):
     for site in sites:
         assert f"| {site.name} |" in text
     # the same statement text as the report
-    assert privacy_statement(accountant="prv", central_dp=None).rstrip("\n") in text
+    exact = {site.name: "exact" for site in sites}  # what the demo run's sites reported
+    assert privacy_statement(accountant="prv", central_dp=None, metrics_release=exact).rstrip("\n") in text
 
 
 def test_model_card_without_site_configs_or_dp(tmp_path):
@@ -386,3 +389,33 @@ def test_model_card_without_site_configs_or_dp(tmp_path):
     assert "| solo | 100 | 10 | not known to the coordinator |" in text
     assert "**Differential privacy was disabled for this run (`privacy.enabled = false`).**" in text
     assert "**What is guaranteed.** Nothing." in text
+
+
+def test_a_dp_site_is_not_stated_unprotected_and_its_held_out_releases_are_audited(tmp_path):
+    from fedllm.site.metric_release import record_metric_release
+
+    run = make_run(tmp_path, sites={**one_site(), "open": (100, 10, 1.0, 8.0, 2, None, False)})
+    ledger = PrivacyLedger.open(run / "ledgers" / "solo.json", site="solo", dataset_fingerprint=_fingerprint("solo"))
+    spent = ledger.entries[-1].epsilon
+    final = record_metric_release(ledger, run_id=RUN_ID, server_round=2, noise_multiplier=20.0, loss_bound=10.0,
+                                  num_examples=10, target_delta=DELTA, max_epsilon=8.0).epsilon
+
+    def as_dp(history):  # what a site with release-metrics = "dp" sent
+        for r in history["rounds"]:
+            for part in ("train", "evaluate"):
+                if "solo" in r.get(part, {}).get("sites", {}):
+                    r[part]["sites"]["solo"][wire.METRICS_RELEASE] = wire.RELEASE_CODES["dp"]
+
+    edit_json(run / "history.json", as_dp)
+    report = build_privacy_report(run)
+    assert report["ok"], report["problems"]  # the held-out release is not taken for round 2's update
+    solo = next(s for s in report["sites"] if s["site"] == "solo")
+    assert (solo["metrics-release"], solo["releases"], solo["metric-releases"], solo["steps"]) == ("dp", 2, 1, 12)
+    assert final > spent and solo["epsilon"]["enforced"] == pytest.approx(final)  # composed into its ε
+    text = render_markdown(report)
+    assert "of `open` (release-metrics = \"exact\"" in text and "`solo`" not in text.split("**What is not guaranteed.**")[1].split("Nothing is exempt")[0]
+    assert "1 held-out release (Gaussian mechanism" in text
+    config, history, sites = _card_inputs(run)
+    card = render_model_card(config=config, history=history, sites=sites)
+    assert "The metrics of `open` (release-metrics = \"exact\"" in card and "Nothing is exempt for `solo`" in card
+    assert "| solo | - | - |" in card  # its counts were not released exactly

@@ -177,7 +177,7 @@ def test_with_the_fast_path_off_none_of_it_runs(tmp_path, monkeypatch, fast_path
     start = get_adapter_state(site.model, trainable_only=True)
     outcome = site.train_round(run_id="r", server_round=1, adapter=start)
     assert any(not torch.equal(outcome.adapter[k], start[k]) for k in start)
-    site.evaluate(outcome.adapter)
+    site.evaluate(outcome.adapter, run_id="r", server_round=1)
     model = site.model
     assert not fastpath.is_enabled(model)
     assert not [m for m in model.modules()

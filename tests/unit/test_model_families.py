@@ -47,7 +47,8 @@ def test_family_runs_a_federated_dp_round_and_exports_a_loadable_adapter(family,
     for i, half in enumerate((RECORDS[:8], RECORDS[8:])):
         data = tmp_path / f"site{i}.jsonl"
         write_jsonl(data, half)
-        site = SiteRuntime(config, SiteConfig(name=f"site{i}", data_path=str(data), max_epsilon=10.0),
+        site = SiteRuntime(config, SiteConfig(name=f"site{i}", data_path=str(data), max_epsilon=10.0,
+                                                 release_metrics="exact"),
                            ledger_path=tmp_path / f"site{i}.json", simulated=False)
         start = get_adapter_state(site.model, trainable_only=True)
         outcome = site.train_round(run_id="r", server_round=1, adapter=start)
@@ -317,7 +318,8 @@ def _dp_step_at_a_site(family: str, tmp_path, *, fast_path: bool, start: dict | 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "site.jsonl"
     write_jsonl(data, RECORDS)
-    site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data), max_epsilon=10.0), ledger_path=tmp_path / "ledger.json",
+    site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data), max_epsilon=10.0,
+                                              release_metrics="exact"), ledger_path=tmp_path / "ledger.json",
                        simulated=False)
     if start is None:
         g = torch.Generator().manual_seed(5)

@@ -57,7 +57,8 @@ class FakeFederation:
     def _answer(self, task: Task) -> Reply:
         name, server_round = self.names[task.node_id], int(task.config[wire.SERVER_ROUND])
         if task.kind == "evaluate":
-            metrics = {wire.NUM_EXAMPLES: 4, wire.EVAL_LOSS: 2.0, wire.PERPLEXITY: math.exp(2.0), wire.EVAL_TOKENS: 40}
+            metrics = {wire.NUM_EXAMPLES: 4, wire.EVAL_LOSS: 2.0, wire.PERPLEXITY: math.exp(2.0), wire.EVAL_TOKENS: 40,
+                       wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
             return Reply(task.node_id, site=name, metrics=metrics)
         if server_round == self.kill_at:
             raise _Killed(f"coordinator killed while sending round {server_round}")

@@ -37,14 +37,16 @@ def _train_metrics(**overrides) -> dict:
     """Exactly what ``SiteRuntime.train_round`` sends."""
     metrics = {wire.NUM_EXAMPLES: 10, wire.TRAIN_LOSS: 1.5, wire.LOCAL_STEPS: 4, wire.EXAMPLES_SEEN: 40,
                wire.TOKENS: 900, wire.TRAIN_SECONDS: 2.5, wire.EPSILON: 0.8, wire.DELTA: 1e-5, wire.EPSILON_CAP: 8.0,
-               wire.NOISE_MULTIPLIER: 1.1, wire.SAMPLE_RATE: 0.1, wire.MAX_GRAD_NORM: 1.0}
+               wire.NOISE_MULTIPLIER: 1.1, wire.SAMPLE_RATE: 0.1, wire.MAX_GRAD_NORM: 1.0,
+               wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
     metrics.update(overrides)
     return {k: v for k, v in metrics.items() if v is not None}
 
 
 def _eval_metrics(**overrides) -> dict:
     """Exactly what ``SiteRuntime.evaluate`` sends."""
-    metrics = {wire.NUM_EXAMPLES: 8, wire.EVAL_LOSS: 2.0, wire.PERPLEXITY: math.exp(2.0), wire.EVAL_TOKENS: 300}
+    metrics = {wire.NUM_EXAMPLES: 8, wire.EVAL_LOSS: 2.0, wire.PERPLEXITY: math.exp(2.0), wire.EVAL_TOKENS: 300,
+               wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
     metrics.update(overrides)
     return {k: v for k, v in metrics.items() if v is not None}
 
