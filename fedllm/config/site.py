@@ -54,7 +54,7 @@ DEVICES_TEXT = '"cpu", "cuda", "cuda:N" or "mps"'
 
 Check = Callable[[Any], "str | None"]  # why a value (already of the field's type) is bad; None: fine
 _REQUIRED = dataclasses.MISSING
-_KINDS: dict[str, type] = {"str": str, "float": float, "bool": bool}
+_KINDS: dict[str, type] = {"str": str, "float": float, "bool": bool, "int": int}
 
 
 def _key(key: str, *, rule: str, check: Check | None = None, default: Any = _REQUIRED, path: bool = False) -> Any:
@@ -75,6 +75,17 @@ def _finite_non_negative(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else f"must be {_CAP_RULE}"
 
 
+def _eval_fraction_problem(value: float) -> str | None:
+    return None if 0.0 <= value <= 0.5 else f"must be {_EVAL_FRACTION_RULE}"
+
+
+def _count_problem(value: int) -> str | None:
+    return None if value >= 0 else f"must be {_MAX_EVAL_RULE}"
+
+
+_EVAL_FRACTION_RULE = ("a number in [0, 0.5]: the share of the site's records it holds out for evaluation, chosen by "
+                       "a keyed hash of each record with the site's split key (0: no held-out evaluation)")
+_MAX_EVAL_RULE = "an integer >= 0: at most this many held-out records (0: no cap)"
 _CAP_RULE = "a finite number >= 0 (the site's own cap on its cumulative ε; 0 = the run's privacy.max-epsilon)"
 
 
@@ -95,6 +106,9 @@ class SiteConfig:
                             rule="true (refuse runs without differential privacy, the default) or false")
     data_columns: str = _key("data-columns", default="",  # which column holds which field; "": same names
                              rule='"FIELD=COLUMN, ..." or ""', check=columns_problem)
+    # the held-out split is the site's (fedllm.site.holdout): fixed for its ledger's lifetime
+    eval_fraction: float = _key("eval-fraction", default=0.1, rule=_EVAL_FRACTION_RULE, check=_eval_fraction_problem)
+    max_eval_examples: int = _key("max-eval-examples", default=64, rule=_MAX_EVAL_RULE, check=_count_problem)
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:
@@ -153,6 +167,9 @@ def _typed(value: Any, kind: type) -> tuple[bool, Any]:
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else None
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return ok, value if ok else None
     return isinstance(value, kind), value
 
 

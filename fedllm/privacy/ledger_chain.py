@@ -10,8 +10,8 @@ is (:func:`parse_entry`) and how entries are chained and signed (:func:`chain_en
   floats are written with Python's shortest round-trip ``repr``, so a value read back hashes
   exactly as it was written.
 * **Genesis hash**: SHA-256 (hex) of the canonical ``{"format", "site", "dataset-fingerprint"}``
-  of the header. It is entry 1's ``prev-hash``, so editing the site name or the fingerprint in
-  the header breaks the chain at entry 1.
+  of the header, plus ``"held-out-split"`` when the header records the site's split policy. It is entry 1's ``prev-hash``, so editing the site name or the fingerprint in
+  the header (or its held-out split policy) breaks the chain at entry 1.
 * **Entry hash**: SHA-256 (hex) of the canonical entry without ``entry-hash`` and
   ``signature`` (so it covers ``prev-hash``, the dataset fingerprint and ``migrated``).
 * **Signatures**: Ed25519 over ``b"fedllm-privacy-ledger/v2 entry " + entry-hash`` for each
@@ -160,9 +160,13 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def genesis_hash(*, site: str, dataset_fingerprint: str | None) -> str:
-    """Entry 1's ``prev-hash``: the hash of the header fields that name the ledger."""
-    return _sha256(canonical({"format": LEDGER_FORMAT, "site": site, "dataset-fingerprint": dataset_fingerprint}))
+def genesis_hash(*, site: str, dataset_fingerprint: str | None, held_out_split: dict[str, Any] | None = None) -> str:
+    """Entry 1's ``prev-hash``: the hash of the header fields that name the ledger (with the site's
+    held-out split policy when the header records one; older ledgers have none)."""
+    header: dict[str, Any] = {"format": LEDGER_FORMAT, "site": site, "dataset-fingerprint": dataset_fingerprint}
+    if held_out_split is not None:
+        header["held-out-split"] = held_out_split
+    return _sha256(canonical(header))
 
 
 def entry_hash(entry: LedgerEntry, *, prev_hash: str, dataset_fingerprint: str | None, migrated: bool) -> str:
@@ -181,6 +185,20 @@ def entry_message(entry_hash_hex: str) -> bytes:
 def head_message(site: str, entries: int, last_hash: str) -> bytes:
     """What the header's ``head-signature`` signs."""
     return _HEAD_DOMAIN + canonical({"site": site, "entries": entries, "entry-hash": last_hash}).encode("ascii")
+
+
+def held_out_split_problem(value: Any) -> str | None:
+    """What is wrong with a header's ``held-out-split`` (None: fine)."""
+    if not isinstance(value, dict) or set(value) != {"eval-fraction", "max-eval-examples", "split-key-id"}:
+        return "expected {\"eval-fraction\", \"max-eval-examples\", \"split-key-id\"}"
+    if not (_is_real(value["eval-fraction"]) and 0 <= value["eval-fraction"] <= 1):
+        return "eval-fraction: expected a number in [0, 1]"
+    if not _is_count(value["max-eval-examples"]):
+        return "max-eval-examples: expected an integer >= 0"
+    key_id = value["split-key-id"]
+    if not (isinstance(key_id, str) and len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)):
+        return "split-key-id: expected 16 lowercase hex digits"
+    return None
 
 
 def chain_entry(entry: LedgerEntry, *, prev_hash: str, dataset_fingerprint: str | None, migrated: bool,

@@ -5,7 +5,8 @@ docs/configuration.md#scenario-partition):
 
 * every method: ``data`` (a file or saved dataset folder, relative to the scenario folder),
   ``num-sites``, ``method``, ``seed`` (default 0), ``data-columns``, ``max-epsilon`` (the same
-  cap for every site);
+  cap for every site), ``eval-fraction`` and ``max-eval-examples`` (every site's held-out policy,
+  as in a site file);
 * ``dirichlet``: ``partition-by`` (a column of the data), ``alpha`` (default 0.5),
   ``min-partition-size`` (default 1), ``self-balancing`` (default false);
 * ``natural-id``: ``partition-by``, the column whose values name the sites' true owners; one site
@@ -36,7 +37,9 @@ from fedllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon")
+COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "eval-fraction",
+               "max-eval-examples")
+_SITE_POLICY_KEYS = ("eval-fraction", "max-eval-examples")  # passed to every site as site keys
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("partition-by", "alpha", "min-partition-size", "self-balancing"),
@@ -124,11 +127,12 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
         raise ConfigError(f"{at} method {method!r} cannot split {source.name} ({len(records)} records) into "
                           f"{num_sites or 'its'} sites: {exc}; change {REMEDY[method]}") from None
     return _write_sites(parts, records, output, max_epsilon=table.get("max-epsilon", 0.0), at=at,
-                        names=sorted({str(v) for v in values}) if method == "natural-id" else None)
+                        names=sorted({str(v) for v in values}) if method == "natural-id" else None,
+                        policy={k: table[k] for k in _SITE_POLICY_KEYS if k in table})
 
 
 def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, max_epsilon: Any, at: str,
-                 names: list[str] | None) -> list[SiteConfig]:
+                 names: list[str] | None, policy: dict[str, Any] | None = None) -> list[SiteConfig]:
     if isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float):
         raise ConfigError(f"{at} max-epsilon = {max_epsilon!r}: must be a number")
     sites = []
@@ -138,7 +142,11 @@ def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, m
         write_text_atomic(data, "".join(json.dumps(records[j], ensure_ascii=False) + "\n" for j in indices))
         if names is not None:
             logger.info("%s holds the %d records with %r", name, len(indices), names[i])
-        sites.append(SiteConfig(name=name, data_path=str(data), max_epsilon=float(max_epsilon)))
+        try:
+            sites.append(SiteConfig.from_dict({"site-name": name, "data-path": str(data),
+                                               "max-epsilon": float(max_epsilon), **(policy or {})}))
+        except ConfigError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
     return sites
 
 

@@ -36,7 +36,6 @@ r = 4
 alpha = 8
 [data]
 max-length = 64
-eval-fraction = 0.2
 [train]
 local-steps = 3
 batch-size = 4
@@ -148,6 +147,7 @@ def _prepare(fed: Federation, sites: list[str], *, extra: str = "") -> Path:
         shutil.copy(fed.tmp / "certs" / "ca.crt", folder / "ca.crt")
         (fed.tmp / f"{name}.toml").write_text(
             f'site-name = "{name}"\ndata-path = "site-{name}/data.jsonl"\nledger-path = "site-{name}/ledger.json"\n'
+            'eval-fraction = 0.2\n'
             f'[connection]\nroot-certificates = "site-{name}/ca.crt"\nauth-key = "site-{name}/node.key"\n')
     (fed.tmp / "run.toml").write_text(RUN_TOML + extra)
     return registered

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from fedllm.cli.main import build_parser
-from fedllm.config import SITE_KEYS, RunConfig, SiteConfig
+from fedllm.config import SITE_KEYS, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.loading import load_records
-from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.deploy.site_check import (
     FAILED,
     OK,
@@ -34,6 +33,7 @@ from fedllm.deploy.site_check import (
 from fedllm.deploy.site_file import CONNECTION_KEYS, load_site_file
 from fedllm.errors import ConfigError, DataError
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.site.holdout import split_key_path, split_records
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "tiny-random-llama"
@@ -242,13 +242,17 @@ def _text_site(tmp_path: Path, lengths: list[int], extra: str = "") -> Path:
 def test_check_reports_records_split_and_token_lengths(tmp_path: Path) -> None:
     lengths = list(range(10, 60))  # the byte tokenizer: n ASCII characters + EOS = n + 1 tokens
     site_file = load_site_file(_text_site(tmp_path, lengths))
+    key_file = split_key_path(site_file.site.ledger_path, "alpha")  # the site's split key, beside its ledger
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text("ab" * 32 + "\n")
     report = check_site(site_file, model=TINY, max_length=40, data_format="auto", sample=200)
     checks = _by_name(report)
     assert checks["data"].values["records"] == 50
-    run = RunConfig()
-    train, held = split_holdout(range(50), eval_fraction=run.data.eval_fraction,
-                                seed=stable_seed(run.data.seed, "alpha"), max_eval=run.data.max_eval_examples)
-    assert (checks["split"].values["train"], checks["split"].values["held-out"]) == (len(train), len(held)) == (45, 5)
+    split = split_records([{"text": "x" * n} for n in lengths], key=bytes.fromhex("ab" * 32), eval_fraction=0.1,
+                          max_eval=64)  # the site's defaults
+    assert (checks["split"].values["train"], checks["split"].values["held-out"]) == (
+        len(split.train), len(split.held_out))
+    assert len(split.held_out) >= 1 and len(split.train) + len(split.held_out) == 50
     assert checks["split"].status == OK
     tokens = checks["tokens"].values
     assert (tokens["sampled"], tokens["min"], tokens["max"]) == (50, 11, 60)
