@@ -399,9 +399,8 @@ class PrivacyLedger:
         return text + f"; signed by {key_id(self._public_key)} (check: fedllm ledger verify FILE --public-key SITE.pub)"
 
     def _split_lines(self) -> list[str]:
-        if self._split is None:
-            return ["held-out split: none recorded (an older ledger: bound to the whole data file)"] if self._entries \
-                else []
+        if self._split is None:  # unbound tool ledgers, and ledgers from before sites owned their split
+            return []
         s = self._split
         return [f"held-out split: eval-fraction {s['eval-fraction']:g}, max-eval-examples {s['max-eval-examples']}, "
                 f"split key {s['split-key-id']} (the dataset fingerprint is that of the training subset)"]

@@ -326,6 +326,7 @@ def _dp_step_at_a_site(family: str, tmp_path, *, fast_path: bool, start: dict | 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "site.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (tmp_path / "site.split-key").write_text("5a" * 32)  # one split key: the same training records on and off
     site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data)), ledger_path=tmp_path / "ledger.json",
                        simulated=False)
     if start is None:
