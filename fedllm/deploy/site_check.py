@@ -295,7 +295,7 @@ def _check_ledger(report: SiteCheckReport, path: Path, site_name: str, fingerpri
         report.add("ledger", FAILED, str(exc), cap=cap)
         return
     values = {"entries": result.entries, "epsilon": _json_number(result.final_epsilon), "cap": cap}
-    if result.entries and result.held_out_split != held_out_split:
+    if result.entries and (result.held_out_split is None or result.held_out_split != held_out_split):
         if held_out_split is None and result.held_out_split is not None:
             text = (f"{path} was written under the split key {split_key_path_text(path, site_name)}, which is "
                     "missing: restore it from a backup (the site refuses to train without it)")

@@ -2,7 +2,8 @@
 
 The top-level keys are the site's Flower *node config*, the site schema of
 :mod:`fedllm.config.site` (``SITE_KEYS``: ``site-name``, ``data-path``, ``ledger-path``,
-``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``), checked by its one
+``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``, ``eval-fraction``,
+``max-eval-examples``), checked by its one
 validator. An optional ``[connection]`` table holds what ``fedllm site start`` needs to reach the
 coordinator: ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``.
 This module adds the file-level work only: paths, files that must exist, the connection, and

@@ -7,6 +7,7 @@ A scenario folder holds:
   - ``[[site]]`` tables with the keys of a site file (the site schema, :mod:`fedllm.config.site`):
     ``site-name``, ``data-path`` (a file or saved dataset folder, relative to the scenario folder)
     and optionally ``max-epsilon`` (the site's own cap, which can only tighten the run's),
+    ``eval-fraction`` / ``max-eval-examples`` (the site's own held-out split),
     ``device``, ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``), ``require-dp``
     (default true: set false for a no-DP baseline), ``ledger-path``, ``signing-key``; checked by
     the schema's one validator, every problem of every entry reported at once;
