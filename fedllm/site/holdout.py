@@ -70,6 +70,11 @@ class HoldoutSplit:
     held_out: list[int]
 
 
+def fresh_split_key() -> bytes:
+    """A new split key: 32 bytes from the operating system's entropy pool."""
+    return os.urandom(KEY_BYTES)
+
+
 def split_key_path(ledger_path: Path | str, site: str) -> Path:
     """Where the split key of ``site`` lives: beside its ledger."""
     return Path(ledger_path).parent / f"{site}{KEY_SUFFIX}"
@@ -110,7 +115,7 @@ def load_or_create_split_key(path: Path | str) -> bytes:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(os.urandom(KEY_BYTES).hex() + "\n")
+            handle.write(fresh_split_key().hex() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         with contextlib.suppress(FileExistsError):
