@@ -90,10 +90,11 @@ def bench_round_vs_plain_loop(round_steps: int, threads: int) -> dict:
         run = RunConfig.from_flat({
             "num-server-rounds": 2, "output-dir": str(out), "simulation.sites-file": str(out / "sites.json"),
             "simulation.client-cpus": threads, "train.local-steps": round_steps, "train.batch-size": BATCH,
-            "data.max-length": SEQ + 64, "data.eval-fraction": 0.0, "strategy.fraction-evaluate": 0.0,
+            "data.max-length": SEQ + 64, "strategy.fraction-evaluate": 0.0,
             "strategy.min-evaluate-sites": 0, "privacy.target-epsilon": 8.0,
         })
-        history = run_simulation(run, [SiteConfig(name="bench", data_path=str(data))], echo=lambda _: None)
+        bench_site = SiteConfig(name="bench", data_path=str(data), eval_fraction=0.0)  # no held-out split
+        history = run_simulation(run, [bench_site], echo=lambda _: None)
         rounds = {r["round"]: r for r in history["rounds"] if r.get("train")}
         site = {k: rounds[k]["train"]["sites"]["bench"] for k in rounds}
         # the same steps in a plain loop: same data, same sampling rate, same σ, no Flower, model loaded
@@ -102,7 +103,7 @@ def bench_round_vs_plain_loop(round_steps: int, threads: int) -> dict:
         from fedllm.site.runtime import load_site_examples
 
         model, tok2 = shared_model(run)
-        train, _ = load_site_examples(run, SiteConfig(name="bench", data_path=str(data)), tok2)
+        train, _ = load_site_examples(run, bench_site, tok2, split_key=bytes(32))  # eval-fraction 0: key unused
         dp = DPSettings(site[1]["noise-multiplier"], 1.0)
         kw = dict(steps=round_steps, batch_size=BATCH, learning_rate=2e-3, pad_id=tok2.pad_token_id, dp=dp)
         train_local(model, train, **{**kw, "steps": 1})  # warm-up, as the site's first round had
@@ -138,7 +139,8 @@ torch.set_num_threads({threads})
 run = RunConfig.from_flat(json.loads({json.dumps(json.dumps(run.to_flat()))}))
 start = time.perf_counter()
 model, tok = shared_model(run)
-train, _ = load_site_examples(run, SiteConfig(name="bench", data_path={str(data)!r}), tok)
+train, _ = load_site_examples(run, SiteConfig(name="bench", data_path={str(data)!r}, eval_fraction=0.0), tok,
+                              split_key=bytes(32))
 res = train_local(model, train, steps={steps}, batch_size={BATCH}, learning_rate=2e-3, pad_id=tok.pad_token_id,
                   dp=DPSettings({sigma!r}, 1.0))
 print(json.dumps({{"cold-plain-loop-s": round(time.perf_counter() - start, 2), "cold-plain-tokens": res.tokens}}))

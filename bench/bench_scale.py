@@ -35,8 +35,6 @@ RUN_TOML = """num-server-rounds = {rounds}
 dtype = "bfloat16"
 [data]
 max-length = 128
-eval-fraction = 0.2
-max-eval-examples = 2
 [train]
 local-steps = 2
 batch-size = 4
@@ -56,7 +54,8 @@ client-cpus = 1
 
 def _scenario(folder: Path, records: Path, sites: int, rounds: int) -> Path:
     folder.mkdir(parents=True)
-    (folder / "sites.toml").write_text(f'[partition]\ndata = "{records}"\nnum-sites = {sites}\nmethod = "iid"\nseed = 0\n')
+    (folder / "sites.toml").write_text(f'[partition]\ndata = "{records}"\nnum-sites = {sites}\nmethod = "iid"\nseed = 0\n'
+                                       'eval-fraction = 0.2\nmax-eval-examples = 2\n')
     (folder / "run.toml").write_text(RUN_TOML.format(rounds=rounds, fraction=SAMPLED / sites, sampled=SAMPLED, sites=sites))
     return folder
 

@@ -290,7 +290,9 @@ def bench_quality(steps: int, site: str, seeds: list[int]) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "site.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in records))
-            train, held = load_site_examples(config, SiteConfig(name=site, data_path=str(data)), tok)
+            train, held = load_site_examples(config, SiteConfig(name=site, data_path=str(data), eval_fraction=0.1,
+                                                                max_eval_examples=64), tok,
+                                             split_key=bytes(32))  # a fixed key: the same split on every run
         q = config.train.batch_size / len(train)
         sigma = noise_multiplier_for(target_epsilon=6.0, target_delta=1e-5, sample_rate=q, steps=steps, accountant="prv")
         losses = []

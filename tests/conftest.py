@@ -10,18 +10,21 @@ import pytest
 @pytest.fixture
 def seeded_randomness(monkeypatch):
     """Every draw fedllm makes from OS entropy (Poisson sampling, DP noise, the canary audit's canaries,
-    inclusion vector, controls and membership sample, the server's central-DP noise) taken from fixed
-    seeds instead, so a test whose assertion is a statistical decision (the audit's alarms at
-    α = 0.001, a noise mean within 4 standard errors) gives the same answer on every run. The
+    inclusion vector, controls and membership sample, the server's central-DP noise, a new site's
+    split key) taken from fixed seeds instead, so a test whose assertion is a statistical decision
+    (the audit's alarms at α = 0.001, a noise mean within 4 standard errors) gives the same answer on
+    every run. The
     mechanism is unchanged: only where its randomness comes from."""
     import numpy as np
     import torch
 
     from fedllm.audit import canaries
     from fedllm.flower import strategies as strategy
+    from fedllm.site import holdout
     from fedllm.site import training as train
 
     seeds = itertools.count(1)
     monkeypatch.setattr(canaries, "os_entropy_rng", lambda: np.random.default_rng(next(seeds)))
     monkeypatch.setattr(train, "fresh_generator", lambda: torch.Generator().manual_seed(next(seeds)))
     monkeypatch.setattr(strategy, "os_entropy_seed", lambda: next(seeds))
+    monkeypatch.setattr(holdout, "fresh_split_key", lambda: bytes(range(32)))  # the same held-out split

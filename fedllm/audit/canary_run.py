@@ -203,14 +203,14 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
          echo: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from fedllm.data.fingerprint import dataset_fingerprint
     from fedllm.data.formatting import tokenize_record, tokenize_records
     from fedllm.data.loading import load_records
     from fedllm.model.loading import is_quantized, load_model_and_tokenizer
     from fedllm.model.lora import apply_lora
     from fedllm.privacy.accounting import DPEvent, epsilon_for
     from fedllm.privacy.ledger import PrivacyLedger
-    from fedllm.site.runtime import load_site_examples
+    from fedllm.site.holdout import policy_for, site_split_key
+    from fedllm.site.runtime import load_site_examples, training_fingerprint
     from fedllm.site.training import DPSettings, train_local
 
     start_time = time.perf_counter()
@@ -229,7 +229,9 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     if not is_quantized(model):
         model.to(device)
     records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
-    real_train, held_out = load_site_examples(config, site, tokenizer, records=records)
+    ledger_path = output / "ledger" / f"{site.name}.json"
+    split_key = site_split_key(ledger_path, site.name)  # the site's own split, keyed beside the audit's ledger
+    real_train, held_out = load_site_examples(config, site, tokenizer, records=records, split_key=split_key)
     done("load")
     max_length = config.data.max_length
 
@@ -255,8 +257,9 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
                 canary_examples=len(inserted), epsilon_theory=theory)
 
     done("setup")
-    ledger = PrivacyLedger.open(output / "ledger" / f"{site.name}.json", site=site.name,
-                                dataset_fingerprint=dataset_fingerprint(records))  # what the spend was on
+    ledger = PrivacyLedger.open(ledger_path, site=site.name,  # what the spend was on: the training subset
+                                dataset_fingerprint=training_fingerprint(site, records, split_key),
+                                held_out_split=policy_for(site, split_key).to_json())
     run_id = f"canary-audit-{secrets.token_hex(4)}"
     ledger.check(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, target_delta=delta,
                  max_epsilon=mech["cap"] if mech["dp_claimed"] else 0.0, accountant=config.privacy.accountant)
@@ -318,7 +321,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
 
 def _mia_section(model: Any, members: Sequence[Any], nonmembers: Sequence[Any], loglik) -> dict[str, Any]:
     if not nonmembers:
-        return {"skipped": "the site holds out no records (data.eval-fraction = 0)"}
+        return {"skipped": "the site holds out no records (its eval-fraction = 0)"}
     rng = fedllm.audit.canaries.os_entropy_rng()
     size = min(len(members), max(MIA_MIN_MEMBERS, len(nonmembers)), MIA_MAX_MEMBERS)  # balanced: AUC's CI is
     chosen = sorted(rng.choice(len(members), size=size, replace=False).tolist())  # set by the smaller group

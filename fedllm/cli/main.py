@@ -91,8 +91,12 @@ def _check_sites(config, sites) -> None:
 
     _echo(f"Checking the model ({config.model.name}) and {len(sites)} sites' data ...")
     _, tokenizer = load_model_and_tokenizer(config.model)
+    from fedllm.site.holdout import site_split_key
+
+    ledger_dir = Path(config.privacy.ledger_dir or Path(config.output_dir) / "ledgers")  # as the ClientApp's
     for site in sites:
-        train, held = load_site_examples(config, site, tokenizer)
+        ledger = Path(site.ledger_path) if site.ledger_path else ledger_dir / f"{site.name}.json"
+        train, held = load_site_examples(config, site, tokenizer, split_key=site_split_key(ledger, site.name))
         if len(train) < 1:
             raise FedLLMError(f"site {site.name}: no training records left after the held-out split ({site.data_path})")
         _echo(f"  {site.name}: {len(train)} train / {len(held)} held-out examples")
@@ -137,6 +141,28 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_fingerprint(args: argparse.Namespace, path: Path) -> str:
+    """The fingerprint ``ledger verify --data`` checks: the training subset the site's split (the
+    policy the ledger records, and the split key: ``--split-key`` or beside the ledger) leaves."""
+    from fedllm.data.fingerprint import dataset_fingerprint
+    from fedllm.data.loading import load_records
+    from fedllm.site.holdout import read_split_key, split_key_id, split_key_path, split_records
+
+    records = load_records(args.data, format=args.data_format, columns=args.data_columns)
+    header = json.loads(path.read_text(encoding="utf-8"))
+    policy = header.get("held-out-split") if isinstance(header, dict) else None
+    if not isinstance(policy, dict):  # an older ledger: bound to the whole data file
+        return dataset_fingerprint(records)
+    key = read_split_key(args.split_key or split_key_path(path, str(header.get("site", ""))))
+    if split_key_id(key) != policy.get("split-key-id"):
+        raise FedLLMError(f"the split key {args.split_key or split_key_path(path, str(header.get('site', '')))} has "
+                          f"id {split_key_id(key)}, but the ledger was written under the split key "
+                          f"{policy.get('split-key-id')}: give the site's split key with --split-key")
+    split = split_records(records, key=key, eval_fraction=float(policy["eval-fraction"]),
+                          max_eval=int(policy["max-eval-examples"]))
+    return dataset_fingerprint([records[i] for i in split.train])
+
+
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     """``fedllm ledger verify FILE``: exit 0 if everything checks, 1 on any problem, 2 on unreadable input."""
     from fedllm.privacy.ledger import verify_ledger
@@ -146,11 +172,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         raise FedLLMError(f"{path}: no such ledger file")
     data_fingerprint = None
     if args.data:
-        from fedllm.data.fingerprint import dataset_fingerprint
-        from fedllm.data.loading import load_records
-
-        data_fingerprint = dataset_fingerprint(load_records(args.data, format=args.data_format,
-                                                                  columns=args.data_columns))
+        data_fingerprint = _training_fingerprint(args, path)
     result = verify_ledger(path, public_key=args.public_key, dataset_fingerprint=data_fingerprint,
                            max_delta=args.max_delta, max_epsilon=args.max_epsilon)
     if args.json:
@@ -278,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "signatures must be by this key")
     ver.add_argument("--data", metavar="PATH",
                      help="the site's data (file or saved dataset folder): the ledger must be bound "
-                          "to exactly this data")
+                          "to exactly this data's training subset (the site's held-out split, see --split-key)")
     ver.add_argument("--data-format", default="auto", choices=("auto", "instruction", "chat", "sharegpt", "text"),
                      help="with --data: how to read the records (the run's data.format; default auto)")
     ver.add_argument("--data-columns", default="", metavar="FIELD=COLUMN,...",
@@ -289,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--max-epsilon", type=float, default=None, metavar="EPS",
                      help="the site's cap (its max-epsilon): a cumulative ε above it at the site's δ is a problem "
                           "(default: the site policy recorded in the ledger)")
+    ver.add_argument("--split-key", metavar="FILE",
+                     help="with --data: the site's split key (default: SITE.split-key beside the ledger); the "
+                          "ledger is bound to the training subset the site's held-out split leaves")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     ver.set_defaults(func=cmd_ledger_verify)
     keygen = led_sub.add_parser("keygen", help="create a site's Ed25519 key pair for signing its ledger")

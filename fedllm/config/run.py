@@ -59,9 +59,6 @@ class DataConfig:
 
     format: str = "auto"
     max_length: int = 256
-    eval_fraction: float = 0.1
-    max_eval_examples: int = 64
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,8 +207,6 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("lora.alpha", 1, math.inf, True),
     ("lora.dropout", 0.0, 0.99, True),
     ("data.max-length", 8, 1_000_000, True),
-    ("data.eval-fraction", 0.0, 0.9, True),
-    ("data.max-eval-examples", 0, math.inf, True),
     ("train.local-steps", 1, math.inf, True),
     ("train.batch-size", 1, math.inf, True),
     ("train.learning-rate", 0.0, 10.0, False),
@@ -280,11 +275,30 @@ def _coerce(key: str, value: Any, default: Scalar, problems: list[str]) -> Any:
     return default
 
 
+# Former run keys that are now the site's own (STYLE.md §3): a run config that sets one is refused.
+SITE_OWNED_KEYS: dict[str, str] = {
+    "data.eval-fraction": "eval-fraction",
+    "data.max-eval-examples": "max-eval-examples",
+    "data.seed": "the split key",
+}
+
+
+def _site_owned_problem(key: str, value: Any) -> str:
+    site_key = SITE_OWNED_KEYS[key]
+    where = ("kept beside the site's ledger (created by the site, never chosen by the run)" if key == "data.seed"
+             else "in the site file / sites.toml [[site]]")
+    return (f"{key} = {value!r}: no longer a run setting: which records a site holds out for evaluation is the "
+            f"site's own decision ({site_key} {where}); remove {key} from the run config")
+
+
 def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
     defaults = defaults_flat()
     problems: list[str] = []
     values: dict[str, Any] = dict(defaults)
     for key, value in flat.items():
+        if key in SITE_OWNED_KEYS:
+            problems.append(_site_owned_problem(key, value))
+            continue
         if key not in defaults:
             close = difflib.get_close_matches(key, defaults, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -66,7 +66,7 @@ DEVICES_TEXT = '"cpu", "cuda", "cuda:N" or "mps"'
 
 Check = Callable[[Any], "str | None"]  # why a value (already of the field's type) is bad; None: fine
 _REQUIRED = dataclasses.MISSING
-_KINDS: dict[str, type] = {"str": str, "float": float, "bool": bool}
+_KINDS: dict[str, type] = {"str": str, "float": float, "bool": bool, "int": int}
 
 
 def _key(key: str, *, rule: str, check: Check | None = None, default: Any = _REQUIRED, path: bool = False) -> Any:
@@ -97,6 +97,19 @@ _RELEASE_RULE = ('"dp" (metrics computed on the site\'s records leave only noise
 _METRIC_SIGMA_RULE = ("a finite number > 0 (noise multiplier of the Gaussian mechanism that releases the held-out "
                       "loss under release-metrics = \"dp\"; 20 costs ε ≈ 0.17 per release alone at δ = 1e-5)")
 _LOSS_BOUND_RULE = "a finite number > 0 (nats: each held-out record's mean token loss is clipped to [0, this])"
+
+
+def _eval_fraction_problem(value: float) -> str | None:
+    return None if 0.0 <= value <= 0.5 else f"must be {_EVAL_FRACTION_RULE}"
+
+
+def _count_problem(value: int) -> str | None:
+    return None if value >= 0 else f"must be {_MAX_EVAL_RULE}"
+
+
+_EVAL_FRACTION_RULE = ("a number in [0, 0.5]: the share of the site's records it holds out for evaluation, chosen by "
+                       "a keyed hash of each record with the site's split key (0: no held-out evaluation)")
+_MAX_EVAL_RULE = "an integer >= 0: at most this many held-out records (0: no cap)"
 
 
 def _release_mode(value: str) -> str | None:
@@ -147,6 +160,9 @@ class SiteConfig:
                                           check=_positive_with_rule(_METRIC_SIGMA_RULE))
     metric_loss_bound: float = _key("metric-loss-bound", default=10.0, rule=_LOSS_BOUND_RULE,
                                     check=_positive_with_rule(_LOSS_BOUND_RULE))
+    # the held-out split is the site's (fedllm.site.holdout): fixed for its ledger's lifetime
+    eval_fraction: float = _key("eval-fraction", default=0.1, rule=_EVAL_FRACTION_RULE, check=_eval_fraction_problem)
+    max_eval_examples: int = _key("max-eval-examples", default=64, rule=_MAX_EVAL_RULE, check=_count_problem)
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> SiteConfig:
@@ -210,6 +226,9 @@ def _typed(value: Any, kind: type) -> tuple[bool, Any]:
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else None
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return ok, value if ok else None
     return isinstance(value, kind), value
 
 

@@ -1,12 +1,14 @@
 """A fingerprint of a site's dataset, to bind its privacy ledger to the data the budget was spent on.
 
-``dataset_fingerprint(records)`` is computed from the site's loaded records, as
+``dataset_fingerprint(records)`` is computed from loaded records, as
 :func:`fedllm.data.loading.load_records` returns them (normalised to ``{"messages": [...]}`` or
-``{"text": ...}``), before tokenization. So it:
+``{"text": ...}``), before tokenization. A site's ledger is bound to the fingerprint of its
+**training subset**: the records its own held-out split (:mod:`fedllm.site.holdout`, keyed by the
+site's split key) leaves for training. Records held out for evaluation are never trained on and
+are not part of it. The fingerprint:
 
-* covers every record of the site's data file: the training records *and* the ones the run holds
-  out for evaluation (which ones are held out depends on ``data.eval-fraction`` and ``data.seed``,
-  which do not change what the data is);
+* covers every record it is given (a site gives it its training subset; ``fedllm ledger verify
+  --data`` recomputes that subset with the site's split key);
 * does not depend on the model, tokenizer, ``data.max-length`` or the run configuration: the same
   data trained under another model is the same dataset and spends from the same budget;
 * does not depend on the order of the records, nor on the file type (a JSON Lines file and the
@@ -31,10 +33,16 @@ FINGERPRINT_PREFIX = "sha256:"
 _DOMAIN = b"fedllm-dataset-fingerprint/v1\n"
 
 
+def canonical_record_bytes(record: Mapping[str, Any]) -> bytes:
+    """One normalised record's canonical JSON (``sort_keys``, no spaces, ``ensure_ascii``): the
+    bytes that identify its content (fingerprints, the site's keyed held-out split)."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return text.encode("ascii")
+
+
 def record_digest(record: Mapping[str, Any]) -> str:
     """SHA-256 hex digest of one record's canonical JSON."""
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    return hashlib.sha256(canonical_record_bytes(record)).hexdigest()
 
 
 def dataset_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:

@@ -1,42 +1,17 @@
-"""Split data reproducibly: a site's train/held-out split, and one dataset into N simulated sites.
+"""Split one dataset into N simulated sites, reproducibly.
 
-The site split (``split_holdout``) is a seeded permutation. The split into simulated sites uses
-Flower Datasets' partitioners (``flwr_datasets.partitioner``: IID, Dirichlet, natural id, shard,
+(A site's own train/held-out split is keyed by the site's secret: :mod:`fedllm.site.holdout`.)
+The split into simulated sites uses Flower Datasets' partitioners (``flwr_datasets.partitioner``: IID, Dirichlet, natural id, shard,
 pathological), imported when first needed; each is deterministic for a given seed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import warnings
 from collections.abc import Sequence
 from typing import TypeVar
 
-import numpy as np
-
 T = TypeVar("T")
-
-
-def stable_seed(*parts: object) -> int:
-    """A 32-bit seed from any values, stable across processes (unlike ``hash``)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def split_holdout(items: Sequence[T], *, eval_fraction: float, seed: int, max_eval: int = 0) -> tuple[list[T], list[T]]:
-    """(train, held-out). At least one record is held out when ``eval_fraction > 0`` and at least
-    one stays for training; ``max_eval > 0`` caps the held-out count."""
-    n = len(items)
-    order = np.random.default_rng(seed).permutation(n)
-    n_eval = 0
-    if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(1, math.floor(n * eval_fraction)), n - 1)
-        if max_eval > 0:
-            n_eval = min(n_eval, max_eval)
-    held = sorted(order[:n_eval].tolist())
-    train = sorted(order[n_eval:].tolist())
-    return [items[i] for i in train], [items[i] for i in held]
 
 
 # -------------------------------------------------------------------- one dataset -> simulated sites

@@ -7,17 +7,20 @@ checks, in order:
 * **device**: the configured device exists on this machine;
 * **data**: every record loads (:func:`fedllm.data.loading.load_records`; a bad record is a
   ``DataError`` naming file, record and field), and their number;
-* **split**: the train / held-out sizes under the run's default ``data.*`` settings, as the site
-  computes them (``fedllm.site.runtime.load_site_examples``); a warning when there are fewer training
-  records than ``train.batch-size`` (the sample rate q would be 1: no amplification by subsampling);
+* **split**: the train / held-out sizes under the site's own held-out policy (``eval-fraction``,
+  ``max-eval-examples``) and its split key beside the ledger (:mod:`fedllm.site.holdout`; when the
+  key does not exist yet, a preview with a throwaway key: the site creates its key when it first
+  trains); a warning when there are fewer training records than ``train.batch-size`` (the sample
+  rate q would be 1: no amplification by subsampling);
 * **tokens**: token lengths of an evenly spaced sample of records with ``--model``'s tokenizer:
   min / median / p95 / max, how many ``--max-length`` truncates, and a failure for any record
   that would keep no response token (the site would refuse its data);
 * **signing key**: loads as an Ed25519 private key when set;
 * **ledger**: absent (a new one will be created), or verified completely
-  (:func:`fedllm.privacy.ledger.verify_ledger`) against this data's fingerprint and, when the site
-  has a signing key, its public key, and against the site's privacy policy: its cumulative ε at the
-  site's own δ against the site's own cap; an entry recorded at a larger δ fails the check;
+  (:func:`fedllm.privacy.ledger.verify_ledger`) against the fingerprint of this data's training
+  subset, its recorded held-out split against the site's, and, when the site has a signing key,
+  its public key, and against the site's privacy policy: its cumulative ε at the site's own δ
+  against the site's own cap; an entry recorded at a larger δ fails the check;
 * **privacy policy**: the site's cap (``max-epsilon``, required) and δ (``max-delta``, or the
   automatic min(1e-5, 1/(10·n)) for its n training records), and ``require-dp``;
 * **root certificates**, **auth key**: the CA certificate parses (PEM X.509) and is valid now; the
@@ -149,7 +152,11 @@ def check_site(site_file: SiteFile, *, model: str, max_length: int, data_format:
     fingerprint = dataset_fingerprint(records)
     report.add("data", OK, f"{len(records)} records ({kind_text}); fingerprint {fingerprint[:19]}…",
                records=len(records), fingerprint=fingerprint)
-    _check_split(report, site.name, len(records))
+    split_key = _check_split(report, site, records)
+    if split_key is not None:  # the ledger is bound to the training subset
+        from fedllm.site.runtime import training_fingerprint
+
+        fingerprint = training_fingerprint(site, records, split_key)
     trained = next((c.values.get("train") for c in report.checks if c.name == "split"), None)
     delta = site.delta(int(trained) if trained is not None else len(records))  # the site's own δ
     report.add("privacy policy", OK, f"cap ε {cap:g} at δ {delta:.3g} ("
@@ -159,7 +166,8 @@ def check_site(site_file: SiteFile, *, model: str, max_length: int, data_format:
                **{"require-dp": site.require_dp})
     _check_tokens(report, records, load_tokenizer(model), model=model, max_length=max_length, sample=sample)
     public_key = _check_signing_key(report, site.signing_key)
-    _check_ledger(report, Path(site.ledger_path), site.name, fingerprint, public_key, cap, delta)
+    _check_ledger(report, Path(site.ledger_path), site.name, fingerprint, public_key, cap, delta,
+                  held_out_split=_site_split_policy(site, split_key))
     _check_root_certificates(report, conn.root_certificates)
     _check_auth_key(report, conn.auth_key)
     return report
@@ -185,16 +193,30 @@ def _check_device(report: SiteCheckReport, device: str) -> None:
         report.add("device", OK, device, device=device)
 
 
-def _check_split(report: SiteCheckReport, site_name: str, count: int) -> None:
-    from fedllm.data.partition import split_holdout, stable_seed
+def _check_split(report: SiteCheckReport, site: Any, records: list) -> bytes | None:
+    """The split under the site's own policy and key; returns the key (None: no key file yet)."""
+    import os
 
+    from fedllm.site.holdout import read_split_key, split_key_path, split_records
+
+    key_path = split_key_path(site.ledger_path, site.name)
+    key: bytes | None = None
+    if key_path.exists():
+        try:
+            key = read_split_key(key_path)
+        except LedgerError as exc:
+            report.add("split", FAILED, str(exc))
+            return None
+    split = split_records(records, key=key or os.urandom(32), eval_fraction=site.eval_fraction,
+                          max_eval=site.max_eval_examples)
+    train, held = split.train, split.held_out
     run = RunConfig()
-    train, held = split_holdout(range(count), eval_fraction=run.data.eval_fraction,
-                                seed=stable_seed(run.data.seed, site_name), max_eval=run.data.max_eval_examples)
     batch = run.train.batch_size
     values = {"train": len(train), "held-out": len(held), "batch-size": batch}
-    text = (f"{len(train)} train / {len(held)} held out (data.eval-fraction {run.data.eval_fraction:g}, "
-            f"data.max-eval-examples {run.data.max_eval_examples})")
+    text = (f"{len(train)} train / {len(held)} held out (eval-fraction {site.eval_fraction:g}, "
+            f"max-eval-examples {site.max_eval_examples}, "
+            + (f"split key {key_path})" if key else f"a preview: the split key {key_path} is created when the site "
+               "first trains, and the counts may differ by a few records)"))
     if not held:
         text += "; no held-out record: the site reports no evaluation loss (it needs at least 2 records)"
     if len(train) < batch:
@@ -206,6 +228,13 @@ def _check_split(report: SiteCheckReport, site_name: str, count: int) -> None:
     else:
         report.add("split", OK, f"{text}; q = {batch}/{len(train)} = {batch / len(train):.3g} at train.batch-size "
                    f"{batch}", **values)
+    return key
+
+
+def _site_split_policy(site: Any, key: bytes | None) -> dict[str, Any] | None:
+    from fedllm.site.holdout import policy_for
+
+    return policy_for(site, key).to_json() if key is not None else None
 
 
 def _check_tokens(report: SiteCheckReport, records: list, tokenizer: Any, *, model: str, max_length: int,
@@ -263,7 +292,7 @@ def _check_signing_key(report: SiteCheckReport, path: str) -> Any:
 
 
 def _check_ledger(report: SiteCheckReport, path: Path, site_name: str, fingerprint: str, public_key: Any,
-                  cap: float, delta: float) -> None:
+                  cap: float, delta: float, *, held_out_split: dict[str, Any] | None = None) -> None:
     from fedllm.privacy.ledger import verify_ledger
 
     if not path.exists():
@@ -276,6 +305,20 @@ def _check_ledger(report: SiteCheckReport, path: Path, site_name: str, fingerpri
         report.add("ledger", FAILED, str(exc), cap=cap)
         return
     values = {"entries": result.entries, "epsilon": _json_number(result.final_epsilon), "cap": cap, "delta": delta}
+    if result.entries and (result.held_out_split is None or result.held_out_split != held_out_split):
+        if held_out_split is None and result.held_out_split is not None:
+            text = (f"{path} was written under the split key {split_key_path_text(path, site_name)}, which is "
+                    "missing: restore it from a backup (the site refuses to train without it)")
+        else:
+            from fedllm.privacy.ledger import PrivacyLedger
+
+            try:  # the site's own refusal, with its message (what changed; what to do)
+                PrivacyLedger.open(path, site=result.site, held_out_split=held_out_split or {"split-key-id": None})
+                text = f"{path}: its held-out split differs from the site's"
+            except LedgerError as exc:
+                text = str(exc)
+        report.add("ledger", FAILED, text, **values)
+        return
     if result.site != site_name:
         report.add("ledger", FAILED, f"{path} belongs to site {result.site!r}, not '{site_name}': give this site its "
                    "own ledger-path", **values)
@@ -291,6 +334,12 @@ def _check_ledger(report: SiteCheckReport, path: Path, site_name: str, fingerpri
         report.add("ledger", WARNING, f"{spent}; the budget is spent: the site will refuse to train", **values)
     else:
         report.add("ledger", OK, spent, **values)
+
+
+def split_key_path_text(ledger_path: Path, site_name: str) -> str:
+    from fedllm.site.holdout import split_key_path
+
+    return str(split_key_path(ledger_path, site_name))
 
 
 def _check_root_certificates(report: SiteCheckReport, path: str) -> None:

@@ -2,7 +2,8 @@
 
 The top-level keys are the site's Flower *node config*, the site schema of
 :mod:`fedllm.config.site` (``SITE_KEYS``: ``site-name``, ``data-path``, ``ledger-path``,
-``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``, ``max-delta``), checked by its one
+``max-epsilon``, ``device``, ``signing-key``, ``require-dp``, ``data-columns``, ``max-delta``, ``eval-fraction``,
+``max-eval-examples``), checked by its one
 validator. An optional ``[connection]`` table holds what ``fedllm site start`` needs to reach the
 coordinator: ``server``, ``root-certificates``, ``auth-key``, ``runtime-port``, ``state-dir``, and
 which fedllm version it runs (``fedllm-version``, see :mod:`fedllm.flower.fab_check`).

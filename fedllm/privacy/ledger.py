@@ -33,6 +33,11 @@ Integrity (format version 2; the chain is :mod:`fedllm.privacy.ledger_chain`, th
 * **Optionally signed.** A site with a signing key (Ed25519, :mod:`fedllm.privacy.signing`)
   signs every new entry's hash and the head; its public key goes into the header at the first
   signature. Once a ledger is signed, only that key may write to it.
+* **Split-bound.** The header records the site's held-out split policy (``held-out-split``:
+  eval-fraction, max-eval-examples and the id of the site's split key, :mod:`fedllm.site.holdout`),
+  covered by the genesis hash, and the fingerprint is that of the site's training subset. A site
+  opening its ledger under another split policy is refused, as is a ledger with entries but no
+  split policy (written before sites owned their split: bound to the whole data file).
 * :func:`verify_ledger` (``fedllm ledger verify``) checks all of that and recomputes every
   cumulative ε from the recorded parameters.
 
@@ -139,7 +144,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, *, site: str, entries: Sequence[LedgerEntry] = (),
                  dataset_fingerprint: str | None = None, signing_key: Ed25519PrivateKey | None = None,
-                 kind: str = "site") -> None:
+                 kind: str = "site", held_out_split: dict[str, Any] | None = None) -> None:
         if not isinstance(site, str) or not site:
             raise PrivacyParameterError(f"site must be a non-empty string, got {site!r}")
         if dataset_fingerprint is not None and not is_fingerprint(dataset_fingerprint):
@@ -160,10 +165,12 @@ class PrivacyLedger:
         self._migrated: dict[str, Any] | None = None  # header note of a version-1 conversion
         self._to_migrate = 0  # version-1 entries still to be chained at the next write
         self._disk_digest: str | None = None  # SHA-256 of the file as last read or written
+        self._split = held_out_split  # the site's held-out split policy, recorded in the header
 
     @classmethod
     def open(cls, path: Path | str, *, site: str, dataset_fingerprint: str | None = None,
-             signing_key: Ed25519PrivateKey | None = None, kind: str | None = "site") -> PrivacyLedger:
+             signing_key: Ed25519PrivateKey | None = None, kind: str | None = "site",
+             held_out_split: dict[str, Any] | None = None) -> PrivacyLedger:
         """Load the ledger at ``path`` (validated, chain checked), or an empty one if there is no file yet.
 
         ``dataset_fingerprint``: the site's data; a ledger bound to other data is a ``LedgerError``
@@ -171,6 +178,8 @@ class PrivacyLedger:
         a ``LedgerError``. ε values are not recomputed here (:func:`verify_ledger` does that).
         ``kind``: ``"site"`` or ``"central-dp"`` (the coordinator's); a file of the other kind is a
         ``LedgerError``; None takes the file's kind (for tools that show any ledger).
+        ``held_out_split``: the site's split policy (:mod:`fedllm.site.holdout`); a ledger with entries
+        written under another policy, or under none (an older ledger), is a ``LedgerError``.
         """
         if kind is None:
             kind = "site"
@@ -178,9 +187,9 @@ class PrivacyLedger:
                 with contextlib.suppress(OSError, ValueError, AttributeError):
                     kind = str(json.loads(Path(path).read_text(encoding="utf-8")).get("kind", "site"))
         ledger = cls(Path(path), site=site, dataset_fingerprint=dataset_fingerprint, signing_key=signing_key,
-                     kind=kind)
+                     kind=kind, held_out_split=held_out_split)
         if ledger.path.exists():
-            ledger._load(dataset_fingerprint)
+            ledger._load(dataset_fingerprint, held_out_split)
         if signing_key is not None and ledger._public_key is not None:
             from fedllm.privacy.signing import key_id, public_key_text
 
@@ -191,7 +200,7 @@ class PrivacyLedger:
                     "it: set the site's signing-key to that key's file.")
         return ledger
 
-    def _load(self, dataset_fingerprint: str | None) -> None:
+    def _load(self, dataset_fingerprint: str | None, held_out_split: dict[str, Any] | None = None) -> None:
         data, digest = read_document(self.path)
         if data["site"] != self.site:
             raise LedgerError(
@@ -208,6 +217,10 @@ class PrivacyLedger:
             hint = RESTORE_ADVICE if inspection.field_problem else RESTORE_CHAIN_ADVICE
             raise LedgerError(f"Privacy ledger {self.path}: {text}. {hint}")
         self._entries = tuple(inspection.entries)  # type: ignore[arg-type] # all parsed: no problems
+        if held_out_split is not None and self._entries:
+            self._check_split(inspection.held_out_split, held_out_split)
+        if inspection.held_out_split is not None:
+            self._split = inspection.held_out_split
         self._version_read = data["version"]
         self._disk_digest = digest
         if data["version"] == 1:
@@ -233,6 +246,32 @@ class PrivacyLedger:
             )
         self._fingerprint = stored_fp
 
+    def _check_split(self, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
+        """LedgerError unless this ledger's entries were recorded under the site's current split."""
+        if recorded is None:
+            raise LedgerError(
+                f"Privacy ledger {self.path} of site '{self.site}' was written before sites owned their held-out "
+                "split: it records no split policy, its binding was to the whole data file, and which records were "
+                "held out was set by the run (data.eval-fraction, data.seed). fedllm now binds a ledger to the "
+                "training subset of the site's own keyed split (eval-fraction, max-eval-examples and the split key "
+                "beside the ledger). Refusing to train on it. Keep this ledger (never delete it: it is the spend on "
+                "every record of that file). To train again, give the site a new ledger-path: a new ledger is a new "
+                "privacy history, which does not count the spend recorded here (ε so far: 'fedllm ledger show "
+                f"{self.path}'); account for it yourself, or train only on data that shares no record with the old.")
+        if recorded == current:
+            return
+        names = {"eval-fraction": "eval-fraction", "max-eval-examples": "max-eval-examples",
+                 "split-key-id": "split key (id)"}
+        changed = "; ".join(f"{names[k]} {recorded.get(k)!r} when the ledger was written, now {current.get(k)!r}"
+                            for k in names if recorded.get(k) != current.get(k))
+        raise LedgerError(
+            f"Privacy ledger {self.path} of site '{self.site}' was written under another held-out split: {changed}. "
+            "Refusing to train: the split is fixed for a ledger's lifetime (another split would move records "
+            "between training and held-out under one privacy history). Restore the site's eval-fraction and "
+            f"max-eval-examples, and its split key file ({self.site}.split-key beside the ledger), to the recorded "
+            "values. To use the new split instead, give the site a new ledger-path: a new ledger is a new privacy "
+            "history, which does not count the spend recorded in this one (keep it; never delete a ledger).")
+
     # -- reading ---------------------------------------------------------------------------------
 
     @property
@@ -243,6 +282,11 @@ class PrivacyLedger:
     def dataset_fingerprint(self) -> str | None:
         """The fingerprint of the data this ledger is bound to (None: not bound)."""
         return self._fingerprint
+
+    @property
+    def held_out_split(self) -> dict[str, Any] | None:
+        """The site's held-out split policy the ledger records (None: none recorded)."""
+        return self._split
 
     @property
     def public_key(self) -> str | None:
@@ -355,7 +399,7 @@ class PrivacyLedger:
         document = ledger_document(
             entries, site=self.site, dataset_fingerprint=self._fingerprint, stored=self._stored,
             to_migrate=self._to_migrate, migrated=self._migrated, public_key=self._public_key,
-            signing_key=self._signing_key, kind=self.kind)
+            signing_key=self._signing_key, kind=self.kind, held_out_split=self._split)
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _folder_lock(self.path.parent):
@@ -402,12 +446,19 @@ class PrivacyLedger:
 
         return text + f"; signed by {key_id(self._public_key)} (check: fedllm ledger verify FILE --public-key SITE.pub)"
 
+    def _split_lines(self) -> list[str]:
+        if self._split is None:  # unbound tool ledgers, and ledgers from before sites owned their split
+            return []
+        s = self._split
+        return [f"held-out split: eval-fraction {s['eval-fraction']:g}, max-eval-examples {s['max-eval-examples']}, "
+                f"split key {s['split-key-id']} (the dataset fingerprint is that of the training subset)"]
+
     def summary_lines(self) -> list[str]:
         """Human-readable table for ``fedllm ledger show``: one row per release, then the total."""
         title = (f"Central-DP ledger of coordinator '{self.site}' (site-level ε: one site is the unit of privacy)"
                  if self.kind == "central-dp" else f"Privacy ledger of site '{self.site}'")
         lines = [f"{title}: {self.path}",
-                 f"dataset: {_short(self._fingerprint)}", self.integrity_line()]
+                 f"dataset: {_short(self._fingerprint)}", *self._split_lines(), self.integrity_line()]
         if not self._entries:
             return [*lines, "no releases recorded", "cumulative ε = 0.00 (nothing released)"]
         header = ("run", "round", "steps", "q", "σ", "C", "δ", "accountant", "cumulative ε")

@@ -10,8 +10,8 @@ is (:func:`parse_entry`) and how entries are chained and signed (:func:`chain_en
   floats are written with Python's shortest round-trip ``repr``, so a value read back hashes
   exactly as it was written.
 * **Genesis hash**: SHA-256 (hex) of the canonical ``{"format", "site", "dataset-fingerprint"}``
-  of the header. It is entry 1's ``prev-hash``, so editing the site name or the fingerprint in
-  the header breaks the chain at entry 1.
+  of the header, plus ``"held-out-split"`` when the header records the site's split policy. It is entry 1's ``prev-hash``, so editing the site name or the fingerprint in
+  the header (or its held-out split policy) breaks the chain at entry 1.
 * **Entry hash**: SHA-256 (hex) of the canonical entry without ``entry-hash`` and
   ``signature`` (so it covers ``prev-hash``, the dataset fingerprint and ``migrated``).
 * **Kinds**: a site's ledger (``"kind"`` absent from the header, or ``"site"``), and the
@@ -216,13 +216,17 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def genesis_hash(*, site: str, dataset_fingerprint: str | None, kind: str = "site") -> str:
-    """Entry 1's ``prev-hash``: the hash of the header fields that name the ledger (its kind too,
-    unless it is a site's ledger, whose genesis is unchanged from before kinds existed)."""
-    named: dict[str, Any] = {"format": LEDGER_FORMAT, "site": site, "dataset-fingerprint": dataset_fingerprint}
+def genesis_hash(*, site: str, dataset_fingerprint: str | None, kind: str = "site",
+                 held_out_split: dict[str, Any] | None = None) -> str:
+    """Entry 1's ``prev-hash``: the hash of the header fields that name the ledger: its kind too,
+    unless it is a site's ledger, and the site's held-out split policy when the header records one
+    (ledgers from before kinds and splits existed keep their genesis)."""
+    header: dict[str, Any] = {"format": LEDGER_FORMAT, "site": site, "dataset-fingerprint": dataset_fingerprint}
     if kind != "site":
-        named["kind"] = kind
-    return _sha256(canonical(named))
+        header["kind"] = kind
+    if held_out_split is not None:
+        header["held-out-split"] = held_out_split
+    return _sha256(canonical(header))
 
 
 def entry_hash(entry: LedgerEntry, *, prev_hash: str, dataset_fingerprint: str | None, migrated: bool) -> str:
@@ -241,6 +245,20 @@ def entry_message(entry_hash_hex: str) -> bytes:
 def head_message(site: str, entries: int, last_hash: str) -> bytes:
     """What the header's ``head-signature`` signs."""
     return _HEAD_DOMAIN + canonical({"site": site, "entries": entries, "entry-hash": last_hash}).encode("ascii")
+
+
+def held_out_split_problem(value: Any) -> str | None:
+    """What is wrong with a header's ``held-out-split`` (None: fine)."""
+    if not isinstance(value, dict) or set(value) != {"eval-fraction", "max-eval-examples", "split-key-id"}:
+        return "expected {\"eval-fraction\", \"max-eval-examples\", \"split-key-id\"}"
+    if not (_is_real(value["eval-fraction"]) and 0 <= value["eval-fraction"] <= 1):
+        return "eval-fraction: expected a number in [0, 1]"
+    if not _is_count(value["max-eval-examples"]):
+        return "max-eval-examples: expected an integer >= 0"
+    key_id = value["split-key-id"]
+    if not (isinstance(key_id, str) and len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)):
+        return "split-key-id: expected 16 lowercase hex digits"
+    return None
 
 
 def chain_entry(entry: LedgerEntry, *, prev_hash: str, dataset_fingerprint: str | None, migrated: bool,

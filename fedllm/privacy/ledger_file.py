@@ -6,6 +6,7 @@ Format::
     {"format": "fedllm-privacy-ledger", "version": 2, "site": "cardiology",
      "kind": "central-dp" (the coordinator's central-DP ledger only; absent for a site's),
      "dataset-fingerprint": "sha256:…", "public-key": "<base64>" (signed ledgers only),
+     "held-out-split": {"eval-fraction": 0.1, "max-eval-examples": 64, "split-key-id": "<16 hex>"},
      "head": {"entries": 2, "entry-hash": "…"}, "head-signature": "…" (signed only),
      "entries": [{"run_id": …, …, "epsilon": …, "dataset-fingerprint": "sha256:…",
                   "prev-hash": "…", "entry-hash": "…", "signature": "…" (signed only)}, …]}
@@ -100,12 +101,14 @@ def ledger_document(
     entries: Sequence[LedgerEntry], *, site: str, dataset_fingerprint: str | None,
     stored: Sequence[dict[str, Any]], to_migrate: int, migrated: dict[str, Any] | None,
     public_key: str | None, signing_key: Ed25519PrivateKey | None, kind: str = "site",
+    held_out_split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The version-2 file for ``entries``: the first ``len(stored)`` kept exactly as stored, new ones
     chained (and signed with ``signing_key``). ``to_migrate``: how many leading entries come from a
     version-1 file (marked ``migrated``, with a header note unless ``migrated`` already is one).
     ``public_key``: the header's (None: unsigned so far; set from ``signing_key`` when given).
-    ``kind``: ``"site"`` (no ``kind`` in the header) or ``"central-dp"`` (the coordinator's)."""
+    ``kind``: ``"site"`` (no ``kind`` in the header) or ``"central-dp"`` (the coordinator's).
+    ``held_out_split``: the site's split policy (the header records it; older ledgers have none)."""
     key = signing_key
     if key is not None and public_key is None:
         from fedllm.privacy.signing import public_key_text
@@ -114,7 +117,7 @@ def ledger_document(
     if to_migrate and migrated is None:
         migrated = {"from-version": 1, "entries": to_migrate,
                     "time": datetime.now(UTC).isoformat(timespec="seconds")}
-    prev = genesis_hash(site=site, dataset_fingerprint=dataset_fingerprint, kind=kind)
+    prev = genesis_hash(site=site, dataset_fingerprint=dataset_fingerprint, kind=kind, held_out_split=held_out_split)
     chained: list[dict[str, Any]] = []
     for index, entry in enumerate(entries):
         if index < len(stored):
@@ -128,6 +131,8 @@ def ledger_document(
     if kind != "site":
         document["kind"] = kind
     document["dataset-fingerprint"] = dataset_fingerprint
+    if held_out_split is not None:
+        document["held-out-split"] = held_out_split
     if public_key is not None:
         document["public-key"] = public_key
     if migrated is not None:

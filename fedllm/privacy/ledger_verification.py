@@ -25,6 +25,7 @@ from fedllm.privacy.ledger_chain import (
     entry_message,
     genesis_hash,
     head_message,
+    held_out_split_problem,
     parse_entry,
 )
 from fedllm.privacy.ledger_file import read_document
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 EPSILON_RTOL = 1e-6  # recorded vs recomputed cumulative ε (the accountants are deterministic)
 
-_HEADER_KEYS = ("format", "version", "site", "kind", "dataset-fingerprint", "public-key", "migrated", "head",
+_HEADER_KEYS = ("format", "version", "site", "kind", "dataset-fingerprint", "held-out-split", "public-key", "migrated", "head",
                 "head-signature", "entries")
 
 
@@ -83,6 +84,7 @@ class LedgerVerification:
     kind: str = "site"  # "central-dp": the coordinator's ledger of site-level releases
     site_delta: float | None = None  # the site's δ policy (given, or last recorded); final_epsilon is at it
     site_max_epsilon: float | None = None  # the site's cap (given, or last recorded)
+    held_out_split: dict[str, Any] | None = None  # the site's split policy (None: an older ledger without one)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (kebab-case keys, ε = ∞ as ``"inf"``)."""
@@ -109,6 +111,7 @@ class Inspection:
     site: str
     kind: str = "site"
     dataset_fingerprint: str | None = None
+    held_out_split: dict[str, Any] | None = None
     public_key: str | None = None
     entries: list[LedgerEntry | None] = field(default_factory=list)
     found: list[_Problem] = field(default_factory=list)
@@ -157,7 +160,7 @@ class Inspection:
             target_delta=(self.site_delta if self.site_delta is not None else last.target_delta) if last else None,
             accountant=last.accountant if last else None, site=self.site, version=self.version,
             key_id=from_key, notes=list(self.notes), kind=self.kind, site_delta=self.site_delta,
-            site_max_epsilon=self.site_max_epsilon,
+            site_max_epsilon=self.site_max_epsilon, held_out_split=self.held_out_split,
         )
 
 
@@ -187,7 +190,8 @@ def inspect_document(data: dict[str, Any], *, recompute_epsilon: bool,
     header_key_obj, verify_key, key_mismatch = _signature_keys(ins, public_key)
     fp = ins.dataset_fingerprint  # None when the header's is null, missing or malformed
     fp_ok = "dataset-fingerprint" in data and (data["dataset-fingerprint"] is None or is_fingerprint(fp))
-    genesis = genesis_hash(site=ins.site, dataset_fingerprint=fp, kind=ins.kind)
+    genesis = genesis_hash(site=ins.site, dataset_fingerprint=fp, kind=ins.kind,
+                           held_out_split=data.get("held-out-split"))
     expected_prev: str | None = genesis if fp_ok else None
     seen: dict[str, int] = {}
     first_signed: int | None = None
@@ -295,6 +299,13 @@ def _check_header(data: dict[str, Any], ins: Inspection) -> None:
                 "field")
     else:
         ins.dataset_fingerprint = fp
+    split = data.get("held-out-split")
+    if split is not None:
+        why = held_out_split_problem(split)
+        if why:
+            ins.add(None, f"header field 'held-out-split': {why}, got {split!r}", "field")
+        else:
+            ins.held_out_split = split
     key = data.get("public-key")
     if key is not None:
         from fedllm.privacy.signing import public_key_from_text

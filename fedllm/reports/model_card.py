@@ -179,8 +179,8 @@ def _config_lines(config: RunConfig) -> list[str]:
         f"* Local training per round: {t.local_steps} steps, expected batch {t.batch_size} (Poisson sampling), "
         f"optimizer {t.optimizer}, learning rate {format_g(t.learning_rate)}, "
         f"weight decay {format_g(t.weight_decay)}; "
-        f"max length {config.data.max_length} tokens; held-out share {format_g(config.data.eval_fraction)} "
-        f"(at most {config.data.max_eval_examples} records).",
+        f"max length {config.data.max_length} tokens; held-out records chosen by each site (its own "
+        f"eval-fraction and max-eval-examples, a keyed split the coordinator cannot move).",
         f"* LoRA: r = {lora.r}, alpha = {lora.alpha}, dropout {format_g(lora.dropout)}, target modules "
         f"`{lora.target_modules}`; FFA-LoRA (A frozen, only B trained and exchanged): "
         f"{'yes' if lora.freeze_a else 'no'}.",

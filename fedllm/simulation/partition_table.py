@@ -6,7 +6,8 @@ docs/configuration.md#scenario-partition):
 * every method: ``data`` (a file or saved dataset folder, relative to the scenario folder),
   ``num-sites``, ``method``, ``seed`` (default 0), ``data-columns``, ``max-epsilon`` (required:
   the same cap for every site), ``max-delta`` (default 0: each site's automatic δ),
-  ``release-metrics`` (the same setting for every site; default "dp");
+  ``release-metrics`` (the same setting for every site; default "dp"), ``eval-fraction`` and
+  ``max-eval-examples`` (every site's held-out policy, as in a site file);
 * ``dirichlet``: ``partition-by`` (a column of the data), ``alpha`` (default 0.5),
   ``min-partition-size`` (default 1), ``self-balancing`` (default false);
 * ``natural-id``: ``partition-by``, the column whose values name the sites' true owners; one site
@@ -37,7 +38,9 @@ from fedllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "max-delta", "release-metrics")
+COMMON_KEYS = ("data", "num-sites", "method", "seed", "data-columns", "max-epsilon", "max-delta", "release-metrics",
+               "eval-fraction", "max-eval-examples")
+_SITE_POLICY_KEYS = ("max-epsilon", "max-delta", "release-metrics", "eval-fraction", "max-eval-examples")
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("partition-by", "alpha", "min-partition-size", "self-balancing"),
@@ -69,7 +72,7 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
     if method not in METHOD_KEYS:
         raise ConfigError(f"{at} method {method!r}: use {_or(METHOD_KEYS)}")
     _check_keys(table, method, at)
-    _policy_problem({k: table[k] for k in ("max-epsilon", "max-delta", "release-metrics") if k in table}, at)  # before reading data
+    _policy_problem({k: table[k] for k in _SITE_POLICY_KEYS if k in table}, at)  # before reading data
     for key in ("data",) if method == "natural-id" else ("data", "num-sites"):
         if key not in table:
             raise ConfigError(f"{at} needs '{key}'")
@@ -125,7 +128,7 @@ def partition_sites(table: Any, folder: Path, output: Path, where: Path) -> list
     except partition.PartitionError as exc:
         raise ConfigError(f"{at} method {method!r} cannot split {source.name} ({len(records)} records) into "
                           f"{num_sites or 'its'} sites: {exc}; change {REMEDY[method]}") from None
-    return _write_sites(parts, records, output, policy={k: table[k] for k in ("max-epsilon", "max-delta", "release-metrics") if k in table},
+    return _write_sites(parts, records, output, policy={k: table[k] for k in _SITE_POLICY_KEYS if k in table},
                         at=at,
                         names=sorted({str(v) for v in values}) if method == "natural-id" else None)
 
@@ -140,7 +143,10 @@ def _write_sites(parts: list[list[int]], records: list[dict], output: Path, *, p
         write_text_atomic(data, "".join(json.dumps(records[j], ensure_ascii=False) + "\n" for j in indices))
         if names is not None:
             logger.info("%s holds the %d records with %r", name, len(indices), names[i])
-        sites.append(SiteConfig.from_dict({"site-name": name, "data-path": str(data), **policy}))
+        try:
+            sites.append(SiteConfig.from_dict({"site-name": name, "data-path": str(data), **policy}))
+        except ConfigError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
     return sites
 
 

@@ -8,6 +8,7 @@ A scenario folder holds:
     ``site-name``, ``data-path`` (a file or saved dataset folder, relative to the scenario folder),
     ``max-epsilon`` (required: the site's own cap, which the run's can only tighten), and optionally
     ``max-delta`` (the site's δ; default automatic),
+    ``eval-fraction`` / ``max-eval-examples`` (the site's own held-out split),
     ``device``, ``data-columns`` (its column mapping, ``"FIELD=COLUMN, ..."``), ``require-dp``
     (default true: set false for a no-DP baseline), ``ledger-path``, ``signing-key``; checked by
     the schema's one validator, every problem of every entry reported at once;

@@ -31,10 +31,12 @@ A round asked again with the same run, round and global adapter (the coordinator
 round completed and resumed, ``fedllm run --resume``) re-sends the cached update instead of
 training again: it was already released and recorded, so re-sending it costs no privacy.
 
-The ledger is bound to the site's data: the fingerprint of all the site's records
-(``fedllm.data.fingerprint``) is computed once, and a ledger written for other data makes the site
-refuse to train (``LedgerError``, naming both fingerprints), as does a ledger whose hash chain is
-broken. A site with a ``signing-key`` signs every entry it records.
+The held-out split is the site's own (``fedllm.site.holdout``: a keyed hash of each record with the
+split key kept beside the ledger, the site's ``eval-fraction`` and ``max-eval-examples``); no run
+key moves a record. The ledger is bound to the site's training subset: its fingerprint
+(``fedllm.data.fingerprint``) is computed once, and a ledger written for other data or under
+another split makes the site refuse to train (``LedgerError``, naming what differs), as does a
+ledger whose hash chain is broken. A site with a ``signing-key`` signs every entry it records.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ from fedllm.config import RunConfig, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.formatting import TokenizedExample, tokenize_records
 from fedllm.data.loading import Record, load_records
-from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.errors import BudgetExceededError
 from fedllm.model.loading import is_quantized
 from fedllm.model.lora import get_adapter_state, set_adapter_state, shared_model
@@ -60,20 +61,29 @@ from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.signing import load_private_key
 from fedllm.site import metric_release
+from fedllm.site.holdout import policy_for, site_split_key, split_records
 from fedllm.site.policy import SitePolicy
 from fedllm.site.resend_store import ReleaseCache, adapter_digest
 from fedllm.site.training import DPSettings, StepInfo, evaluate_loss, train_local
 
 log = logging.getLogger(__name__)
 
-def load_site_examples(config: RunConfig, site: SiteConfig, tokenizer: Any, *, records: list[Record] | None = None,
+def load_site_examples(config: RunConfig, site: SiteConfig, tokenizer: Any, *, split_key: bytes,
+                       records: list[Record] | None = None,
                        ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """A site's (train, held-out) tokenized examples; bad data raises ``DataError``."""
+    """A site's (train, held-out) tokenized examples, split by the site's own held-out policy and
+    ``split_key`` (``fedllm.site.holdout``); bad data raises ``DataError``."""
     if records is None:
         records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
     examples = tokenize_records(records, tokenizer, max_length=config.data.max_length, source=site.data_path)
-    return split_holdout(examples, eval_fraction=config.data.eval_fraction,
-                         seed=stable_seed(config.data.seed, site.name), max_eval=config.data.max_eval_examples)
+    split = split_records(records, key=split_key, eval_fraction=site.eval_fraction, max_eval=site.max_eval_examples)
+    return [examples[i] for i in split.train], [examples[i] for i in split.held_out]
+
+
+def training_fingerprint(site: SiteConfig, records: list[Record], split_key: bytes) -> str:
+    """The fingerprint of the records the site trains on (what its ledger is bound to)."""
+    split = split_records(records, key=split_key, eval_fraction=site.eval_fraction, max_eval=site.max_eval_examples)
+    return dataset_fingerprint([records[i] for i in split.train])
 
 
 @dataclass
@@ -95,8 +105,11 @@ class SiteRuntime:
         if config.train.fast_path:  # the attention kernel for this device and sequence length, with the fast layers
             fastpath.enable(self.model, device=site.device, max_length=config.data.max_length)
         records = load_records(site.data_path, format=config.data.format, columns=site.data_columns)
-        self.dataset_fingerprint = dataset_fingerprint(records)
-        self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records)
+        split_key = site_split_key(ledger_path, site.name)  # the site's own; beside its ledger
+        self.holdout_policy = policy_for(site, split_key)
+        self.dataset_fingerprint = training_fingerprint(site, records, split_key)
+        self.train_examples, self.eval_examples = load_site_examples(config, site, self.tokenizer, records=records,
+                                                                     split_key=split_key)
         self.ledger_path = ledger_path
         self.release_cache = ReleaseCache(ledger_path.parent, site=site.name)  # the last update sent, kept at the site
         self.evaluations = metric_release.EvaluationLog(ledger_path.parent, site=site.name)  # once per round
@@ -116,7 +129,7 @@ class SiteRuntime:
     def open_ledger(self) -> PrivacyLedger:
         """This site's ledger, checked: bound to this site's data, chain intact, signed by this site's key."""
         return PrivacyLedger.open(self.ledger_path, site=self.name, dataset_fingerprint=self.dataset_fingerprint,
-                                  signing_key=self.signing_key)
+                                  signing_key=self.signing_key, held_out_split=self.holdout_policy.to_json())
 
     def noise_multiplier(self, ledger: PrivacyLedger, *, run_id: str, server_round: int, sample_rate: float) -> float:
         """σ for this run: given, reused from this run's ledger entries, or calibrated."""

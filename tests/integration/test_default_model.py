@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_demo_federation_on_the_default_model(tmp_path):
     out = tmp_path / "run"
     res = simulate("demo", "--output", str(out), "--rounds", "1", "--set", "train.local-steps=1",
-                   "--set", "data.max-length=96", "--set", "data.max-eval-examples=4")
+                   "--set", "data.max-length=96")
     assert res.returncode == 0, res.stdout + res.stderr
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "completed"

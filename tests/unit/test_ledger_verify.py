@@ -286,9 +286,16 @@ def test_the_site_refuses_a_ledger_written_for_other_data(tmp_path, data_file, f
     config = RunConfig.from_flat({"model.name": "tiny-random-llama", "data.max-length": 64, "train.local-steps": 1,
                                   "train.batch-size": 2, "privacy.noise-multiplier": 1.0})
     private, public = generate_signing_key(tmp_path / "keys", site="cardiology")
-    site = SiteConfig(name="cardiology", data_path=str(data_file), max_epsilon=8.0, signing_key=str(private))
+    from fedllm.site.holdout import load_or_create_split_key, policy_for, split_key_path
+
+    # eval-fraction 0: the training subset is the whole file (the ``fingerprint`` fixture)
+    site = SiteConfig(name="cardiology", data_path=str(data_file), max_epsilon=8.0, signing_key=str(private),
+                      eval_fraction=0.0)
     other = dataset_fingerprint(RECORDS[:3])
-    wrong = _make_ledger(tmp_path / "wrong.json", other)
+    split = policy_for(site, load_or_create_split_key(split_key_path(tmp_path / "wrong.json", "cardiology")))
+    wrong = tmp_path / "wrong.json"  # under the site's own split policy, but for other data
+    ledger = PrivacyLedger.open(wrong, site="cardiology", dataset_fingerprint=other, held_out_split=split.to_json())
+    record_release(ledger)
     with pytest.raises(LedgerError) as info:
         SiteRuntime(config, site, ledger_path=wrong)
     assert fingerprint in str(info.value) and other in str(info.value) and "Refusing to train" in str(info.value)

@@ -318,8 +318,9 @@ def _dp_step_at_a_site(family: str, tmp_path, *, fast_path: bool, start: dict | 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "site.jsonl"
     write_jsonl(data, RECORDS)
+    (tmp_path / "site.split-key").write_text("5a" * 32)  # one split key: the same training records on and off
     site = SiteRuntime(config, SiteConfig(name="site", data_path=str(data), max_epsilon=10.0,
-                                              release_metrics="exact"), ledger_path=tmp_path / "ledger.json",
+                                          release_metrics="exact"), ledger_path=tmp_path / "ledger.json",
                        simulated=False)
     if start is None:
         g = torch.Generator().manual_seed(5)

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from fedllm.cli.main import build_parser
-from fedllm.config import SITE_KEYS, RunConfig, SiteConfig
+from fedllm.config import SITE_KEYS, SiteConfig
 from fedllm.data.fingerprint import dataset_fingerprint
 from fedllm.data.loading import load_records
-from fedllm.data.partition import split_holdout, stable_seed
 from fedllm.deploy.site_check import (
     FAILED,
     OK,
@@ -34,6 +33,7 @@ from fedllm.deploy.site_check import (
 from fedllm.deploy.site_file import CONNECTION_KEYS, load_site_file
 from fedllm.errors import ConfigError, DataError
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.site.holdout import split_key_path, split_records
 from tests.helpers import REPO, write_jsonl
 
 TINY = "tiny-random-llama"
@@ -238,13 +238,17 @@ def _text_site(tmp_path: Path, lengths: list[int], extra: str = "") -> Path:
 def test_check_reports_records_split_and_token_lengths(tmp_path: Path) -> None:
     lengths = list(range(10, 60))  # the byte tokenizer: n ASCII characters + EOS = n + 1 tokens
     site_file = load_site_file(_text_site(tmp_path, lengths))
+    key_file = split_key_path(site_file.site.ledger_path, "alpha")  # the site's split key, beside its ledger
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text("ab" * 32 + "\n")
     report = check_site(site_file, model=TINY, max_length=40, data_format="auto", sample=200)
     checks = _by_name(report)
     assert checks["data"].values["records"] == 50
-    run = RunConfig()
-    train, held = split_holdout(range(50), eval_fraction=run.data.eval_fraction,
-                                seed=stable_seed(run.data.seed, "alpha"), max_eval=run.data.max_eval_examples)
-    assert (checks["split"].values["train"], checks["split"].values["held-out"]) == (len(train), len(held)) == (45, 5)
+    split = split_records([{"text": "x" * n} for n in lengths], key=bytes.fromhex("ab" * 32), eval_fraction=0.1,
+                          max_eval=64)  # the site's defaults
+    assert (checks["split"].values["train"], checks["split"].values["held-out"]) == (
+        len(split.train), len(split.held_out))
+    assert len(split.held_out) >= 1 and len(split.train) + len(split.held_out) == 50
     assert checks["split"].status == OK
     tokens = checks["tokens"].values
     assert (tokens["sampled"], tokens["min"], tokens["max"]) == (50, 11, 60)
@@ -297,12 +301,39 @@ def test_fewer_training_records_than_the_batch_size_is_a_warning(tmp_path: Path)
     assert report.ok  # warnings do not fail the check
 
 
+def _site_ledger(site_file) -> PrivacyLedger:
+    """The site's ledger as the site opens it: bound to its training subset under its own split."""
+    from fedllm.site.holdout import policy_for, site_split_key
+    from fedllm.site.runtime import training_fingerprint
+
+    site = site_file.site
+    key = site_split_key(site.ledger_path, site.name)
+    return PrivacyLedger.open(site.ledger_path, site=site.name, held_out_split=policy_for(site, key).to_json(),
+                              dataset_fingerprint=training_fingerprint(site, load_records(site.data_path), key))
+
+
+def test_an_older_ledger_or_a_changed_split_fails_the_check(tmp_path: Path) -> None:
+    site_file = load_site_file(_text_site(tmp_path, list(range(10, 40)), 'max-epsilon = 3\n'))
+    records = load_records(site_file.site.data_path)
+    old = PrivacyLedger.open(site_file.site.ledger_path, site="alpha", dataset_fingerprint=dataset_fingerprint(records))
+    old.record(run_id="r", server_round=1, steps=5, sample_rate=0.1, noise_multiplier=2.0, max_grad_norm=1.0,
+               target_delta=1e-5, num_examples=30)  # bound to the whole file, no split recorded
+    ledger = _by_name(check_site(site_file, model=TINY, max_length=64, sample=5))["ledger"]
+    assert ledger.status == FAILED and "written before sites owned their held-out split" in ledger.detail
+    Path(site_file.site.ledger_path).unlink()
+    _site_ledger(site_file).record(run_id="r", server_round=1, steps=5, sample_rate=0.1, noise_multiplier=2.0,
+                                   max_grad_norm=1.0, target_delta=1e-5, num_examples=27)
+    assert _by_name(check_site(site_file, model=TINY, max_length=64, sample=5))["ledger"].status == OK
+    changed = load_site_file(_text_site(tmp_path, list(range(10, 40)), 'max-epsilon = 3\neval-fraction = 0.3\n'))
+    ledger = _by_name(check_site(changed, model=TINY, max_length=64, sample=5))["ledger"]
+    assert ledger.status == FAILED and "eval-fraction 0.1 when the ledger was written, now 0.3" in ledger.detail
+
+
 def test_ledger_absent_verified_and_for_other_data(tmp_path: Path) -> None:
     site_file = load_site_file(_text_site(tmp_path, [20] * 12, 'max-epsilon = 3\n'))
     ledger = _by_name(check_site(site_file, model=TINY, max_length=64, sample=5))["ledger"]
     assert ledger.status == OK and "a new ledger will be created" in ledger.detail
-    records = load_records(site_file.site.data_path)
-    book = PrivacyLedger.open(site_file.site.ledger_path, site="alpha", dataset_fingerprint=dataset_fingerprint(records))
+    book = _site_ledger(site_file)
     book.record(run_id="r", server_round=1, steps=5, sample_rate=0.1, noise_multiplier=2.0, max_grad_norm=1.0,
                 target_delta=1e-5, num_examples=11)
     ledger = _by_name(check_site(site_file, model=TINY, max_length=64, sample=5))["ledger"]
@@ -315,8 +346,7 @@ def test_ledger_absent_verified_and_for_other_data(tmp_path: Path) -> None:
 
 def test_a_spent_budget_is_a_warning(tmp_path: Path) -> None:
     site_file = load_site_file(_text_site(tmp_path, [20] * 12, 'max-epsilon = 0.5\n'))
-    records = load_records(site_file.site.data_path)
-    book = PrivacyLedger.open(site_file.site.ledger_path, site="alpha", dataset_fingerprint=dataset_fingerprint(records))
+    book = _site_ledger(site_file)
     book.record(run_id="r", server_round=1, steps=50, sample_rate=0.5, noise_multiplier=0.8, max_grad_norm=1.0,
                 target_delta=1e-5, num_examples=11)
     ledger = _by_name(check_site(site_file, model=TINY, max_length=64, sample=5))["ledger"]
