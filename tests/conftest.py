@@ -28,3 +28,15 @@ def seeded_randomness(monkeypatch):
     monkeypatch.setattr(train, "fresh_generator", lambda: torch.Generator().manual_seed(next(seeds)))
     monkeypatch.setattr(strategy, "os_entropy_seed", lambda: next(seeds))
     monkeypatch.setattr(holdout, "fresh_split_key", lambda: bytes(range(32)))  # the same held-out split
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower messages built outside a Flower process need a run id (Flower sets it at run time); used by the unit and security tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None

@@ -26,16 +26,7 @@ Z, S = 1.0, 1.0
 SHAPES = {"lora_B.a": (400, 250), "lora_B.b": (200, 250)}  # 150,000 coordinates: std error 0.18%
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    """Flower messages built outside a Flower process need a run id (as tests/unit/conftest.py)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 class _Nodes:

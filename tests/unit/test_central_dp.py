@@ -41,7 +41,7 @@ from fedllm.privacy.accounting import PrivacyParameterError
 from fedllm.privacy.site_level import site_level_epsilon
 from tests.helpers import REPO, FakeGrid, reply_message
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------ accounting

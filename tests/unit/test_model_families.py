@@ -23,7 +23,7 @@ RECORDS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"I
 FAMILIES = sorted(TINY_CONFIGS)
 
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 def _config(family: str, **overrides) -> RunConfig:

@@ -25,7 +25,7 @@ from fedllm.model import lora as model_lora
 from fedllm.privacy.site_level import site_level_epsilon
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 class _Killed(Exception):

@@ -20,7 +20,7 @@ from fedllm.coordinator.screening import Triage, triage_replies
 from fedllm.errors import RunFailedError
 from fedllm.flower.grid import FlowerFederation
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 class _Grid:

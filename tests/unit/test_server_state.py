@@ -26,7 +26,7 @@ from fedllm.flower.coordinator_strategy import FlowerStrategy
 from fedllm.flower.strategies import build_strategy, with_central_dp
 from tests.helpers import FakeNodes
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 SHAPES = {"model.q_proj.lora_B.weight": (6, 2), "model.v_proj.lora_B.weight": (4, 2)}

@@ -23,7 +23,7 @@ from fedllm.flower.grid import reply_from_message
 from fedllm.flower.strategies import build_strategy
 from tests.helpers import SMALL_ADAPTER, FakeGrid, FakeNodes, filled_adapter, reply_message
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 def _ar(arrays: dict) -> ArrayRecord:

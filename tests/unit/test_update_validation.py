@@ -26,7 +26,7 @@ from fedllm.flower.grid import record_from_arrays, reply_from_message
 from fedllm.flower.strategies import build_strategy
 from tests.helpers import SMALL_ADAPTER, filled_adapter, reply_message
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # tests/conftest.py
 
 
 def _ar(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
