@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -52,8 +53,33 @@ FLOWER_ENV = {
 }
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default; macOS uses 49152-65535, also above this
+    return low, high
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port on 127.0.0.1 that is free now and outside the ephemeral range.
+
+    A port the kernel picks (bind to 0) comes from the range it also gives to outgoing connections:
+    between picking it and the SuperLink or SuperNode binding it, any connection this machine opens
+    (gRPC, a site's SuperNode) may take it, and the process then fails with "address already in
+    use" (seen in CI). Ports below the ephemeral range are only ever taken by listeners."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(10000, low)) if low > 11000 else []
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no free port below the range: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

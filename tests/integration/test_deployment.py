@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.flower.processes import free_port
 from tests.helpers import SMOKE_DATA
 from tests.integration.test_simulation import _processes_with
 from tests.integration.wire import RecordingProxy, pushed_objects
@@ -44,12 +45,6 @@ max-epsilon = 6.0
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Federation:
@@ -175,7 +170,7 @@ def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_t
     fed = federation
     registered = _prepare(fed, ["a", "b", "c"], extra="[federation]\nround-timeout = 600.0\nmin-completed-sites = 2\n")
     assert sorted(p.name for p in registered.iterdir()) == ["a.pub", "b.pub", "c.pub"]
-    port = _free_port()
+    port = free_port()
     _start_server(fed, port)
 
     # a site whose key is not registered is refused and says so

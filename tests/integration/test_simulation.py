@@ -174,9 +174,14 @@ def test_central_dp_records_the_site_level_guarantee_every_round(tmp_path):
     assert "site-level ε 6.6" in res.stdout and "site-level ε 10.1" in res.stdout  # progress lines
     history = json.loads((out / "history.json").read_text())
     block = history["central-dp"]
-    assert {k: block[k] for k in block if k != "epsilon"} == {
+    ledger_path = out / "ledgers" / "_coordinator.json"
+    assert {k: block[k] for k in block if k not in ("epsilon", "cumulative-epsilon")} == {
         "enabled": True, "clipping": "adaptive", "noise-multiplier": 0.7, "clipping-norm": 0.1,
-        "sites-per-round": 3, "total-sites": 3, "rounds": 2, "sampling": "all", "delta": 1e-05, "accountant": "prv"}
+        "sites-per-round": 3, "total-sites": 3, "rounds": 2, "sampling": "all", "delta": 1e-05, "accountant": "prv",
+        "ledger": str(ledger_path), "ledger-releases": 2}
+    # a fresh coordinator ledger: this run's releases are all it holds, so both totals agree
+    assert block["cumulative-epsilon"] == pytest.approx(block["epsilon"])
+    assert len(json.loads(ledger_path.read_text())["entries"]) == 2
     from fedllm.privacy.site_level import site_level_epsilon
     per_round = [r["central-dp"] for r in history["rounds"] if r["round"] > 0]
     assert [r["sites"] for r in per_round] == [3, 3]

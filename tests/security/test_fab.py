@@ -238,14 +238,14 @@ def _hostile_app(folder: Path, *, marker: Path, replies: Path) -> Path:
 def test_a_hostile_fab_is_refused_at_a_real_site_before_any_of_its_code_is_imported(tmp_path: Path) -> None:
     import time
 
-    from fedllm.flower.processes import CONNECTION, Connection, flower_env, flwr_json
+    from fedllm.flower.processes import CONNECTION, Connection, flower_env, flwr_json, free_port
     from tests.helpers import SMOKE_DATA as SMOKE
-    from tests.integration.test_deployment import Federation, _free_port
+    from tests.integration.test_deployment import Federation
     from tests.integration.test_simulation import _processes_with
 
     fed = Federation(tmp_path)
     try:
-        port = _free_port()
+        port = free_port()
         server = fed.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--insecure",
                            "--state", "server-state")
         fed.wait_for(lambda: "listening on" in fed.log("server") or server.poll() is not None, "the coordinator")

@@ -123,3 +123,19 @@ def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(t
                                      f'signing-key = "{other}"\n')
     _preflight(load_site_file(tmp_path / "a.toml"))  # its own key: fine
     assert "1 releases" in capsys.readouterr().out
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_bindable():
+    # outgoing connections take ports from the ephemeral range; a listener's port picked there can be
+    # taken between picking and binding ("address already in use", seen in CI)
+    import socket
+
+    from fedllm.flower.processes import _ephemeral_range, free_port
+
+    low, _ = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1  # chosen at random, not one fixed port
+    for port in ports:
+        assert 10000 <= port < low
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
