@@ -61,6 +61,36 @@ class DataConfig:
     max_length: int = 256
 
 
+TASK_METRICS = ("exact-match", "choice", "rouge-l")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Task metrics on each site's held-out records, every round (``[evaluate]``; loss and
+    perplexity are always computed). ``metrics``: comma-separated, any of ``TASK_METRICS``:
+    ``exact-match`` (greedy generation of at most ``max-new-tokens`` tokens, normalized, against
+    the reference), ``choice`` (the option in ``choices`` the model finds most likely as the
+    response, no generation) and ``rouge-l`` (ROUGE-L F1 of the generation against the reference).
+    ``reference``: what of each record's response is the reference: ``"response"`` (all of it) or
+    ``"first-word"`` (label-style answers, e.g. PubMedQA's "yes. <conclusion>" -> "yes").
+    ``max-examples``: held-out records scored with task metrics per round (0: all of them)."""
+
+    metrics: str = ""
+    choices: str = ""
+    reference: str = "response"
+    max_new_tokens: int = 32
+    max_examples: int = 64
+    batch_size: int = 16
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.metrics.split(",") if m.strip())
+
+    @property
+    def choice_list(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.choices.split(",") if c.strip())
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The local DP-SGD loop run at each site every round."""
@@ -162,6 +192,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
@@ -198,6 +229,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.accountant": ("prv", "rdp"),
     "strategy.name": ("fedavg", "fedprox", "fedadam"),
     "central-dp.clipping": ("fixed", "adaptive"),
+    "evaluate.reference": ("response", "first-word"),
 }
 
 # (key, lower bound, upper bound, lower bound inclusive)
@@ -237,6 +269,9 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("federation.connect-timeout", 0.0, math.inf, True),
     ("federation.max-update-norm", 0.0, math.inf, True),
     ("simulation.client-cpus", 1, 1024, True),
+    ("evaluate.max-new-tokens", 1, 4096, True),
+    ("evaluate.max-examples", 0, math.inf, True),
+    ("evaluate.batch-size", 1, math.inf, True),
 )
 
 
@@ -296,6 +331,11 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
     problems: list[str] = []
     values: dict[str, Any] = dict(defaults)
     for key, value in flat.items():
+        if key in LIST_KEYS and isinstance(value, (list, tuple)):  # a TOML list in run.toml
+            if not all(isinstance(v, str) for v in value):
+                problems.append(f"{key} = {value!r}: expected a list of strings")
+                continue
+            value = ",".join(value)
         if key in SITE_OWNED_KEYS:
             problems.append(_site_owned_problem(key, value))
             continue
@@ -317,6 +357,7 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
             lo_txt = f"{'>=' if inclusive else '>'} {low:g}"
             hi_txt = "" if high == math.inf else f" and <= {high:g}"
             problems.append(f"{key} = {v!r}: must be {lo_txt}{hi_txt}")
+    problems += _evaluate_problems(values)
     if not values["lora.target-modules"].strip():
         problems.append("lora.target-modules = '': give 'all-linear' or comma-separated module names")
     calibrating = values["privacy.enabled"] and values["privacy.noise-multiplier"] == 0.0
@@ -334,6 +375,31 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     return _build(values)
+
+
+# keys whose value is a comma-separated list (Flower's config has no lists); a TOML list is joined
+LIST_KEYS = ("evaluate.metrics", "evaluate.choices", "lora.target-modules")
+
+
+def _evaluate_problems(values: Mapping[str, Any]) -> list[str]:
+    """The ``[evaluate]`` section: known metric names, no repeats, choices where ``choice`` needs them."""
+    problems = []
+    names = [m.strip() for m in str(values["evaluate.metrics"]).split(",") if m.strip()]
+    for name in names:
+        if name not in TASK_METRICS:
+            close = difflib.get_close_matches(name, TASK_METRICS, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"evaluate.metrics: {name!r} is not a task metric{hint}; choose from "
+                            f"{', '.join(TASK_METRICS)} (loss and perplexity are always computed)")
+    if len(set(names)) != len(names):
+        problems.append(f"evaluate.metrics = {values['evaluate.metrics']!r}: a metric is listed twice")
+    choices = [c.strip() for c in str(values["evaluate.choices"]).split(",") if c.strip()]
+    if "choice" in names and len(choices) < 2:
+        problems.append("evaluate.metrics has 'choice' but evaluate.choices lists fewer than 2 options: "
+                        "give the answers to choose from, e.g. choices = [\"yes\", \"no\", \"maybe\"]")
+    if len({c.lower() for c in choices}) != len(choices):
+        problems.append(f"evaluate.choices = {values['evaluate.choices']!r}: an option is listed twice")
+    return problems
 
 
 def _build(values: Mapping[str, Any]) -> RunConfig:
@@ -356,6 +422,9 @@ def _build(values: Mapping[str, Any]) -> RunConfig:
 def load_run_overrides(path: Path) -> dict[str, Any]:
     """A scenario's ``run.toml`` (nested tables or dotted keys) -> flat overrides, checked."""
     flat = flatten(read_toml(path))
+    for key in LIST_KEYS:  # Flower carries no lists: a TOML list becomes the comma-separated string
+        if isinstance(flat.get(key), list) and all(isinstance(v, str) for v in flat[key]):
+            flat[key] = ",".join(flat[key])
     try:
         RunConfig.from_flat(flat)
     except ConfigError as exc:

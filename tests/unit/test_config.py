@@ -284,3 +284,37 @@ def test_site_cap_must_be_a_non_negative_number(cap):
 def test_effective_max_epsilon_only_tightens(site_cap, expected):
     site = SiteConfig(name="a", data_path="/d.jsonl", max_epsilon=site_cap)
     assert site.effective_max_epsilon(PrivacyConfig(max_epsilon=10.0)) == expected
+
+
+def test_the_evaluate_section_takes_lists_or_comma_separated_strings(tmp_path):
+    from fedllm.config.run import load_run_overrides
+
+    run = tmp_path / "run.toml"
+    run.write_text('[evaluate]\nmetrics = ["exact-match", "choice"]\nchoices = ["yes", "no", "maybe"]\n'
+                   'reference = "first-word"\n')
+    flat = load_run_overrides(run)
+    assert flat["evaluate.metrics"] == "exact-match,choice"  # Flower's config carries no lists
+    config = RunConfig.from_flat(flat)
+    assert config.evaluate.metric_names == ("exact-match", "choice")
+    assert config.evaluate.choice_list == ("yes", "no", "maybe")
+    assert config.evaluate.reference == "first-word"
+    assert RunConfig().evaluate.metric_names == ()
+
+
+@pytest.mark.parametrize("section, expected", [
+    ('metrics = ["exact-macth"]', "'exact-macth' is not a task metric (did you mean 'exact-match'?)"),
+    ('metrics = ["choice"]', "'choice' but evaluate.choices lists fewer than 2 options"),
+    ('metrics = ["rouge-l", "rouge-l"]', "a metric is listed twice"),
+    ('choices = ["yes", "Yes"]', "an option is listed twice"),
+    ('reference = "first"', "evaluate.reference = 'first': must be one of response, first-word"),
+    ('metrics = [1, 2]', "evaluate.metrics = [1, 2]: expected a list of strings"),
+    ('max-new-tokens = 0', "evaluate.max-new-tokens = 0: must be >= 1"),
+])
+def test_a_bad_evaluate_section_names_the_file_key_and_fix(tmp_path, section, expected):
+    from fedllm.config.run import load_run_overrides
+
+    run = tmp_path / "run.toml"
+    run.write_text(f"[evaluate]\n{section}\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_overrides(run)
+    assert str(run) in str(err.value) and expected in str(err.value)
