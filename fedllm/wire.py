@@ -39,6 +39,15 @@ EVAL_LOSS = "eval-loss"
 PERPLEXITY = "perplexity"
 EVAL_TOKENS = "eval-tokens"
 
+# site -> server (evaluate metrics, optional): the run's task metrics (``[evaluate] metrics``), each a
+# mean over the scored held-out records in [0, 1], and how many records were scored
+EXACT_MATCH = "exact-match"
+CHOICE = "choice"
+ROUGE_L = "rouge-l"
+TASK_METRIC_KEYS = (EXACT_MATCH, CHOICE, ROUGE_L)
+TASK_EXAMPLES = "task-examples"
+OPTIONAL_EVALUATE_KEYS = (*TASK_METRIC_KEYS, TASK_EXAMPLES)
+
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES, TRAIN_LOSS, LOCAL_STEPS, EXAMPLES_SEEN, TOKENS, TRAIN_SECONDS,
     EPSILON, DELTA, EPSILON_CAP, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM, METRICS_RELEASE,

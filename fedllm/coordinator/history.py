@@ -101,13 +101,17 @@ class RunHistory:
 
     def record_evaluate(self, server_round: int, *, sites: dict[str, dict], failed: list[dict],
                         rejected: dict[str, str] | None = None) -> dict[str, Any]:
-        """One round's held-out evaluation per site and aggregated (token-weighted); ``rejected``:
+        """One round's held-out evaluation per site and aggregated (loss token-weighted, task metrics
+        weighted by the records each site scored, ``task-examples``); ``rejected``:
         site → reason for evaluate replies that failed validation (``screening.triage_replies``)."""
         # token-weighted where every site released its token count; else (release-metrics = "dp") by examples
         by_tokens = all(m.get(wire.EVAL_TOKENS, -1) >= 0 for m in sites.values() if m.get(wire.EVAL_LOSS, -1) >= 0)
         loss = _weighted(sites, wire.EVAL_LOSS, wire.EVAL_TOKENS if by_tokens else wire.NUM_EXAMPLES)
         aggregate = {wire.EVAL_LOSS: loss, wire.PERPLEXITY: math.exp(loss) if loss is not None else None,
                      wire.NUM_EXAMPLES: sum(int(m[wire.NUM_EXAMPLES]) for m in sites.values())}
+        for key in wire.TASK_METRIC_KEYS:  # task metrics: weighted by the records each site scored
+            if any(key in m for m in sites.values()):
+                aggregate[key] = _weighted(sites, key, wire.TASK_EXAMPLES)
         self._round(server_round)["evaluate"] = {"sites": sites, "rejected": dict(rejected or {}), "failed": failed,
                                                  "aggregate": aggregate}
         return aggregate

@@ -80,14 +80,16 @@ def validate_metrics(metrics: Mapping[str, Any], *, kind: str) -> None:
     site sends -1 for "not defined" or not released), ``metrics-release`` one of ``wire.RELEASE_CODES``, with ``num-examples`` an int > 0 for train and >= 0 for
     evaluate (a site without held-out data, ``data.eval-fraction = 0``, evaluates 0 examples)."""
     expected = wire.TRAIN_METRIC_KEYS if kind == "train" else wire.EVALUATE_METRIC_KEYS
+    optional = () if kind == "train" else wire.OPTIONAL_EVALUATE_KEYS  # the run's task metrics
     got = list(metrics.keys())
     missing = [k for k in expected if k not in got]
-    extra = sorted(k for k in got if k not in expected)
+    extra = sorted(k for k in got if k not in expected and k not in optional)
     if missing or extra:
         parts = ([f"missing {', '.join(repr(k) for k in missing)}"] if missing else []) + (
             [f"unexpected {', '.join(repr(k[:64]) for k in extra[:3])}"] if extra else [])
-        raise InvalidUpdateError(f"metrics: {'; '.join(parts)} (the {kind} metrics are exactly {list(expected)})")
-    for key in expected:
+        also = f", and optionally {list(optional)}" if optional else ""
+        raise InvalidUpdateError(f"metrics: {'; '.join(parts)} (the {kind} metrics are exactly {list(expected)}{also})")
+    for key in [*expected, *(k for k in optional if k in metrics)]:
         value = metrics[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidUpdateError(f"metrics: {key!r} is {type(value).__name__} {repr(value)[:80]}, "
@@ -98,6 +100,14 @@ def validate_metrics(metrics: Mapping[str, Any], *, kind: str) -> None:
         raise InvalidUpdateError(f"metrics: {wire.METRICS_RELEASE!r} is {metrics[wire.METRICS_RELEASE]!r}, expected one "
                                  f"of {sorted(wire.RELEASE_CODES.values())} (the site's release-metrics: "
                                  + ", ".join(f"{code} = {mode}" for mode, code in wire.RELEASE_CODES.items()) + ")")
+    for key in wire.TASK_METRIC_KEYS:  # a mean of per-record scores in [0, 1], or -1 (not released)
+        if key in metrics and metrics[key] != -1 and not 0 <= metrics[key] <= 1:
+            raise InvalidUpdateError(f"metrics: {key!r} is {metrics[key]!r}, expected a score in [0, 1] "
+                                     "(-1 for not released)")
+    if wire.TASK_EXAMPLES in metrics and (not isinstance(metrics[wire.TASK_EXAMPLES], int)
+                                          or metrics[wire.TASK_EXAMPLES] < -1):
+        raise InvalidUpdateError(f"metrics: {wire.TASK_EXAMPLES!r} is {metrics[wire.TASK_EXAMPLES]!r}, expected an "
+                                 "int >= 0 (-1 for not released)")
     examples = metrics[wire.NUM_EXAMPLES]
     least = 1 if kind == "train" else 0
     if not isinstance(examples, int) or examples < least:

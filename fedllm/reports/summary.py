@@ -1,6 +1,7 @@
 """Run history -> the end-of-run summary that ``fedllm simulate`` and ``fedllm run`` print.
 
-Per site: held-out loss and perplexity before and after, rounds trained and refused, ε spent at
+Per site: held-out loss and perplexity before and after, the run's task metrics (``[evaluate]``)
+before and after, rounds trained and refused, ε spent at
 the site's own δ against the site's own (effective) cap, as the site reported them;
 then the privacy line and where the run's files are. Pure (stdlib only; numbers written by
 :mod:`fedllm.reports.numbers`), so the CLI tests pin its text.
@@ -45,8 +46,27 @@ def site_table(history: dict[str, Any]) -> list[dict[str, Any]]:
             "delta": trains[-1][wire.DELTA] if trains else None,
             "cap": trains[-1].get(wire.EPSILON_CAP) if trains else None,  # the site's effective cap (older: absent)
             "noise-multiplier": trains[-1][wire.NOISE_MULTIPLIER] if trains else None,
+            "task-before": _task_metrics(before),
+            "task-after": _task_metrics(after),
         })
     return rows
+
+
+def _task_metrics(metrics: dict[str, Any] | None) -> dict[str, float | None]:
+    """The task metrics (``[evaluate]``) in one evaluate reply; None where not released (-1)."""
+    if not metrics:
+        return {}
+    return {key: (metrics[key] if metrics[key] >= 0 else None) for key in wire.TASK_METRIC_KEYS if key in metrics}
+
+
+def task_metric_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The task metrics any site reported, in ``wire.TASK_METRIC_KEYS`` order."""
+    seen = {key for r in rows for part in ("task-before", "task-after") for key in r[part]}
+    return [key for key in wire.TASK_METRIC_KEYS if key in seen]
+
+
+def _before_after(before: float | None, after: float | None) -> str:
+    return f"{format_metric(before, '.2f')}→{format_metric(after, '.2f')}"
 
 
 def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: bool, max_epsilon: float,
@@ -59,8 +79,9 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
     if history.get("stopped-early"):
         lines.append(f"Stopped early: {history['stopped-early']}")
     lines.append("")
-    header = (f"{'site':<24} {'loss before':>11} {'after':>7} {'ppl before':>10} {'after':>7} {'rounds':>6} "
-              f"{'ε spent':>8} {'cap':>6} {'δ':>8}")
+    tasks = task_metric_names(rows)
+    header = (f"{'site':<24} {'loss before':>11} {'after':>7} {'ppl before':>10} {'after':>7} "
+              + "".join(f"{name:>12} " for name in tasks) + f"{'rounds':>6} {'ε spent':>8} {'cap':>6} {'δ':>8}")
     lines += [header, "-" * len(header)]
     for r in rows:
         eps = "no DP" if not privacy_enabled else format_metric(r["epsilon"], ".2f")
@@ -69,7 +90,11 @@ def summary_text(history: dict[str, Any], *, output_dir: Path, privacy_enabled: 
         refused = f"  (refused round {', '.join(map(str, r['rounds-refused']))})" if r["rounds-refused"] else ""
         lines.append(f"{r['site']:<24} {format_loss(r['loss-before']):>11} {format_loss(r['loss-after']):>7} "
                      f"{format_perplexity(r['ppl-before']):>10} {format_perplexity(r['ppl-after']):>7} "
-                     f"{r['rounds-trained']:>6} {eps:>8} {cap:>6} {delta:>8}{refused}")
+                     + "".join(f"{_before_after(r['task-before'].get(n), r['task-after'].get(n)):>12} " for n in tasks)
+                     + f"{r['rounds-trained']:>6} {eps:>8} {cap:>6} {delta:>8}{refused}")
+    if tasks:
+        lines.append(f"Task metrics ({', '.join(tasks)}): before→after, mean over each site's scored held-out records "
+                     "(-: not released or nothing scored).")
     lines.append("")
     if privacy_enabled:
         trained = [r for r in rows if r["delta"]]

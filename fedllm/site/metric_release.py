@@ -34,6 +34,21 @@ audit report and the model card name the sites that did.
   the token-weighted mean an exact evaluation reports. With the defaults the noise on the mean
   is about 283 / n nats (n held-out records): a coarse signal, that is the price of the
   guarantee.
+* **Task metrics** (the run's ``[evaluate] metrics``: exact-match, choice, rouge-l; each record's
+  score is in [0, 1]): released in the same Gaussian mechanism, as more coordinates of one vector.
+  With k task metrics the site releases (S/B, n, M_1, …, M_k), M_j the sum of metric j over the
+  scored records (the first ``evaluate.max-examples`` held-out records). Adding or removing one
+  held-out record moves S/B and n by at most 1 each, and each M_j by at most 1 (the record's own
+  score, or the score of the record it pushes out of the first ``max-examples``), so the L2
+  sensitivity is √(2+k); every coordinate gets noise of standard deviation σ·√(2+k) (B·σ·√(2+k)
+  on the loss sum). That is the Gaussian mechanism with noise multiplier σ, the same ledger event
+  (σ, q = 1, 1 step) as the loss alone: task metrics cost no extra ε, they make every released
+  number noisier by √((2+k)/2). What leaves: each metric's noisy sum divided by the scored
+  count estimated from the released ñ (min(max(ñ, 1), max-examples)), clipped to [0, 1], and
+  ``task-examples`` = that estimate, rounded. With σ = 20 and one metric the noise on an accuracy
+  over n scored records is about 35 / n: meaningful only for a site with thousands of held-out
+  records. Under "exact" the means are sent as computed; under "none" they are -1 and nothing is
+  scored.
 * **Train metrics.** Released as they are: ``local-steps``, ``max-grad-norm`` (the run's
   settings, no record information) and ``delta`` (the site's policy). Released as the site's DP
   guarantee: ``epsilon``, ``noise-multiplier``, ``sample-rate``. They carry no record's content,
@@ -67,7 +82,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +119,16 @@ def clip_losses(losses: Sequence[float], *, loss_bound: float) -> np.ndarray:
     return np.clip(values, 0.0, loss_bound)
 
 
-def noise_stds(*, noise_multiplier: float, loss_bound: float) -> tuple[float, float]:
-    """Standard deviations of the noise on (the clipped loss sum, the record count): σ·√2·B and σ·√2."""
-    return noise_multiplier * SENSITIVITY * loss_bound, noise_multiplier * SENSITIVITY
+def sensitivity(num_task_metrics: int = 0) -> float:
+    """L2 sensitivity of (S/B, n, M_1, …, M_k) to adding or removing one held-out record: √(2 + k)."""
+    return math.sqrt(2.0 + num_task_metrics)
+
+
+def noise_stds(*, noise_multiplier: float, loss_bound: float, num_task_metrics: int = 0) -> tuple[float, float]:
+    """Standard deviations of the noise on (the clipped loss sum, the record count): σ·√(2+k)·B and
+    σ·√(2+k); each task-metric sum M_j gets σ·√(2+k), the count's."""
+    scale = noise_multiplier * sensitivity(num_task_metrics)
+    return scale * loss_bound, scale
 
 
 def metric_event(noise_multiplier: float) -> DPEvent:
@@ -130,23 +152,39 @@ class HeldOutRelease:
     num_examples: int  # round(max(noisy count, 0))
     noise_multiplier: float
     loss_bound: float
+    task: dict[str, float] = field(default_factory=dict)  # task metric -> noisy mean in [0, 1]
+    task_examples: int = 0  # the scored records, estimated from the noisy count and max_scored
 
 
 def release_held_out_loss(losses: Sequence[float], *, noise_multiplier: float, loss_bound: float,
-                          rng: np.random.Generator) -> HeldOutRelease:
-    """The Gaussian mechanism on (Σ clipped loss, count) (see the module docstring)."""
+                          rng: np.random.Generator, task_scores: Mapping[str, Sequence[float]] | None = None,
+                          max_scored: int = 0) -> HeldOutRelease:
+    """The Gaussian mechanism on (Σ clipped loss, count, Σ task score per task metric) (see the
+    module docstring). ``task_scores``: per task metric, one score in [0, 1] per scored record (the
+    first ``max_scored`` held-out records, 0: all); each sum moves by at most 1 when a held-out record
+    is added or removed (the record itself, or the one it pushes out of the first ``max_scored``),
+    so with k task metrics the vector has L2 sensitivity √(2+k) and every coordinate gets noise
+    σ·√(2+k) (times B for the loss sum): still one Gaussian mechanism with noise multiplier σ, the
+    same ledger event as the loss alone, at the price of more noise on each number."""
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
     if not (math.isfinite(loss_bound) and loss_bound > 0):
         raise ValueError(f"loss_bound must be a finite number > 0, got {loss_bound!r}")
+    task_scores = dict(task_scores or {})
     clipped = clip_losses(losses, loss_bound=loss_bound)
-    sum_std, count_std = noise_stds(noise_multiplier=noise_multiplier, loss_bound=loss_bound)
+    sum_std, count_std = noise_stds(noise_multiplier=noise_multiplier, loss_bound=loss_bound,
+                                    num_task_metrics=len(task_scores))
     noisy_sum = float(clipped.sum() + rng.normal(0.0, sum_std))
     noisy_count = float(len(clipped) + rng.normal(0.0, count_std))
     loss = min(max(noisy_sum / max(noisy_count, 1.0), 0.0), loss_bound)
+    scored = max(noisy_count, 1.0) if max_scored <= 0 else min(max(noisy_count, 1.0), float(max_scored))
+    task = {}
+    for name, scores in task_scores.items():
+        values = np.clip(np.nan_to_num(np.asarray(list(scores), dtype=np.float64), nan=0.0), 0.0, 1.0)
+        task[name] = min(max(float(values.sum() + rng.normal(0.0, count_std)) / scored, 0.0), 1.0)
     return HeldOutRelease(noisy_sum=noisy_sum, noisy_count=noisy_count, loss=loss, perplexity=math.exp(loss),
                           num_examples=max(0, round(noisy_count)), noise_multiplier=noise_multiplier,
-                          loss_bound=loss_bound)
+                          loss_bound=loss_bound, task=task, task_examples=round(scored) if task else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,23 +204,41 @@ def train_metrics(mode: str, exact: Mapping[str, float | int]) -> dict[str, floa
     return {**out, **code}
 
 
-def exact_evaluate_metrics(*, num_examples: int, loss: float, perplexity: float, tokens: int) -> dict[str, float | int]:
-    """Under "exact": the evaluation as computed (-1 for a non-finite value)."""
-    return {wire.NUM_EXAMPLES: num_examples, wire.EVAL_LOSS: _finite(loss), wire.PERPLEXITY: _finite(perplexity),
-            wire.EVAL_TOKENS: tokens, wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
+def exact_evaluate_metrics(*, num_examples: int, loss: float, perplexity: float, tokens: int,
+                           task: Mapping[str, float] | None = None, task_examples: int = 0) -> dict[str, float | int]:
+    """Under "exact": the evaluation as computed (-1 for a non-finite value), with the task metrics'
+    means (``task``: metric -> mean score) and how many records they scored."""
+    out: dict[str, float | int] = {
+        wire.NUM_EXAMPLES: num_examples, wire.EVAL_LOSS: _finite(loss), wire.PERPLEXITY: _finite(perplexity),
+        wire.EVAL_TOKENS: tokens, wire.METRICS_RELEASE: wire.RELEASE_CODES["exact"]}
+    return {**out, **_task_part(task, task_examples)}
 
 
 def dp_evaluate_metrics(release: HeldOutRelease) -> dict[str, float | int]:
-    """Under "dp": the noisy mean loss, its perplexity and the rounded noisy count; no token count."""
-    return {wire.NUM_EXAMPLES: release.num_examples, wire.EVAL_LOSS: release.loss,
-            wire.PERPLEXITY: release.perplexity, wire.EVAL_TOKENS: NOT_RELEASED,
-            wire.METRICS_RELEASE: wire.RELEASE_CODES["dp"]}
+    """Under "dp": the noisy mean loss, its perplexity, the rounded noisy count and the noisy task
+    metrics; no token count."""
+    out: dict[str, float | int] = {
+        wire.NUM_EXAMPLES: release.num_examples, wire.EVAL_LOSS: release.loss, wire.PERPLEXITY: release.perplexity,
+        wire.EVAL_TOKENS: NOT_RELEASED, wire.METRICS_RELEASE: wire.RELEASE_CODES["dp"]}
+    return {**out, **_task_part(release.task, release.task_examples)}
 
 
-def no_evaluate_metrics() -> dict[str, float | int]:
-    """Under "none": nothing (num-examples 0: the screening's "evaluated nothing")."""
-    return {wire.NUM_EXAMPLES: 0, wire.EVAL_LOSS: NOT_RELEASED, wire.PERPLEXITY: NOT_RELEASED,
-            wire.EVAL_TOKENS: NOT_RELEASED, wire.METRICS_RELEASE: wire.RELEASE_CODES["none"]}
+def no_evaluate_metrics(task_metrics: Sequence[str] = ()) -> dict[str, float | int]:
+    """Under "none": nothing (num-examples 0: the screening's "evaluated nothing"); the run's task
+    metrics, when it asks for some, as -1."""
+    out: dict[str, float | int] = {
+        wire.NUM_EXAMPLES: 0, wire.EVAL_LOSS: NOT_RELEASED, wire.PERPLEXITY: NOT_RELEASED,
+        wire.EVAL_TOKENS: NOT_RELEASED, wire.METRICS_RELEASE: wire.RELEASE_CODES["none"]}
+    if task_metrics:
+        out.update({name: NOT_RELEASED for name in task_metrics})
+        out[wire.TASK_EXAMPLES] = NOT_RELEASED
+    return out
+
+
+def _task_part(task: Mapping[str, float] | None, task_examples: int) -> dict[str, float | int]:
+    if not task:
+        return {}
+    return {**{name: _finite(value) for name, value in task.items()}, wire.TASK_EXAMPLES: int(task_examples)}
 
 
 def _finite(value: float) -> float:

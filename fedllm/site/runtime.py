@@ -45,7 +45,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,6 +65,9 @@ from fedllm.site.holdout import policy_for, site_split_key, split_records
 from fedllm.site.policy import SitePolicy
 from fedllm.site.resend_store import ReleaseCache, adapter_digest
 from fedllm.site.training import DPSettings, StepInfo, evaluate_loss, train_local
+
+if TYPE_CHECKING:
+    from fedllm.evaluation.task import TaskScores
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +236,9 @@ class SiteRuntime:
             log.info("[round %d] site %s | re-sending the evaluation already answered for this round (no new spend)",
                      server_round, self.name)
             return answered.metrics
+        tasks = self.config.evaluate.metric_names  # the run's task metrics on the held-out records
         if mode == "none":
-            metrics = metric_release.no_evaluate_metrics()
+            metrics = metric_release.no_evaluate_metrics(tasks)
         else:
             ledger = self.open_ledger()
             if metric_release.metric_release_recorded(ledger, run_id=run_id, server_round=server_round):
@@ -248,13 +252,19 @@ class SiteRuntime:
             res = evaluate_loss(self.model, self.eval_examples, batch_size=self.config.train.eval_batch_size,
                                 pad_id=self.tokenizer.pad_token_id, device=self.site.device,
                                 fast_path=self.config.train.fast_path)
+            scores = self.score_tasks() if tasks else None
             if mode == "exact":
-                metrics = metric_release.exact_evaluate_metrics(num_examples=res.num_examples, loss=res.loss,
-                                                                perplexity=res.perplexity, tokens=res.tokens)
+                means = scores.means() if scores is not None else {}
+                metrics = metric_release.exact_evaluate_metrics(
+                    num_examples=res.num_examples, loss=res.loss, perplexity=res.perplexity, tokens=res.tokens,
+                    task={name: means.get(name, metric_release.NOT_RELEASED) for name in tasks},
+                    task_examples=scores.num_scored if scores is not None else 0)
             else:
                 release = metric_release.release_held_out_loss(
                     res.record_losses, noise_multiplier=s.metric_noise_multiplier, loss_bound=s.metric_loss_bound,
-                    rng=metric_release.os_entropy_rng())
+                    rng=metric_release.os_entropy_rng(),
+                    task_scores=scores.per_record if scores is not None else None,
+                    max_scored=self.config.evaluate.max_examples)
                 metric_release.record_metric_release(  # recorded before the answer leaves
                     ledger, run_id=run_id, server_round=server_round, noise_multiplier=s.metric_noise_multiplier,
                     loss_bound=s.metric_loss_bound, num_examples=res.num_examples, target_delta=self.policy.delta,
@@ -262,6 +272,16 @@ class SiteRuntime:
                 metrics = metric_release.dp_evaluate_metrics(release)
         self.evaluations.store(run_id=run_id, server_round=server_round, input_digest=digest, metrics=metrics)
         return metrics
+
+    def score_tasks(self) -> TaskScores:
+        """The run's task metrics (``[evaluate]``) of the model as it is now, per scored held-out record."""
+        from fedllm.evaluation.task import score_task
+
+        scores = score_task(self.model, self.tokenizer, self.eval_examples, self.config.evaluate,
+                            device=self.site.device)
+        log.info("site %s | task metrics on %d held-out records in %.1fs", self.name, scores.num_scored,
+                 scores.seconds)
+        return scores
 
 
 def _finite(value: float) -> float:

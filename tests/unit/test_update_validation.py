@@ -171,6 +171,10 @@ def test_undefined_metrics_sent_as_minus_one_are_accepted():
         (_eval_metrics(**{wire.TRAIN_LOSS: 1.0}), "metrics: unexpected 'train-loss'"),
         (_eval_metrics(**{wire.EVAL_LOSS: math.inf}), "metrics: 'eval-loss' is inf"),
         (_eval_metrics(**{wire.NUM_EXAMPLES: -1}), "metrics: 'num-examples' is -1, expected an int >= 0"),
+        (_eval_metrics(**{wire.EXACT_MATCH: 1.5}), "metrics: 'exact-match' is 1.5, expected a score in [0, 1]"),
+        (_eval_metrics(**{wire.ROUGE_L: math.nan}), "metrics: 'rouge-l' is nan"),
+        (_eval_metrics(**{wire.TASK_EXAMPLES: 2.5}), "metrics: 'task-examples' is 2.5, expected an int >= 0"),
+        (_eval_metrics(**{"accuracy": 0.5}), "metrics: unexpected 'accuracy'"),
     ],
 )
 def test_evaluate_replies_are_validated_and_rejected_ones_are_kept(metrics, reason):
@@ -180,6 +184,12 @@ def test_evaluate_replies_are_validated_and_rejected_ones_are_kept(metrics, reas
     assert reason in triage.rejected["bad"]
     explicit = triage_replies(_replies(replies), reference=None, names={}, kind="evaluate")
     assert explicit.rejected == triage.rejected
+
+
+def test_task_metrics_are_optional_evaluate_keys_in_0_1_or_minus_one():
+    metrics = _eval_metrics(**{wire.EXACT_MATCH: 0.75, wire.CHOICE: -1, wire.ROUGE_L: 0.0, wire.TASK_EXAMPLES: 8})
+    triage = triage_replies(_replies([_evaluate(1, metrics=metrics)]), reference=None, names={})
+    assert triage.metrics == {"site1": metrics} and not triage.rejected
 
 
 def test_a_site_without_held_out_data_evaluates_zero_examples():
