@@ -58,6 +58,47 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedllm.config import RunConfig, parse_set_option
+    from fedllm.simulation.compare import SETTINGS, ComparePlan, parse_settings, run_compare
+    from fedllm.simulation.scenario import load_scenario, materialise_sites
+
+    scenario = load_scenario(args.scenario)
+    overrides = dict(scenario.run_overrides)
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    for item in args.set or []:
+        key, value = parse_set_option(item)
+        overrides[key] = value
+    config = RunConfig.from_flat(overrides)  # validate before anything is written
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: give 1 or more")
+    settings = parse_settings(args.settings) if args.settings else SETTINGS
+    output = Path(args.output or Path("runs") / f"compare-{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    resuming = (output / "sites").is_dir()
+    if output.exists() and any(output.iterdir()) and not resuming:
+        raise FedLLMError(f"output folder {output} is not empty and holds no fedllm compare; choose another --output")
+    created = not output.exists()
+    try:
+        sites = materialise_sites(scenario, output / "sites")
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    _echo(f"fedllm compare {scenario.name}: {len(sites)} sites, {config.num_server_rounds} rounds, "
+          f"settings {', '.join(settings)}, {args.seeds} seed(s), model {config.model.name} -> {output}"
+          + (" (resuming: finished runs are kept)" if resuming else ""))
+    start = time.perf_counter()
+    from fedllm.simulation.compare import markdown
+
+    report = run_compare(ComparePlan(config=config, sites=tuple(sites), output=output, seeds=args.seeds,
+                                     settings=settings), echo=_echo)
+    _echo(f"\nFinished in {time.perf_counter() - start:.0f}s.\n")
+    _echo(markdown(report))
+    _echo(f"Report: {output / 'compare.md'}, {output / 'compare.json'}, {output / 'compare.png'}")
+    return 0
+
+
 def _finalise_config(config, overrides: dict, output: Path, sites: list):
     """Add what only the simulate command knows: output paths and the number of sites (all
     virtual sites are online from the start, so the strategy waits for every one of them)."""
@@ -273,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full log")
     sim.set_defaults(func=cmd_simulate)
+
+    cmp_ = sub.add_parser("compare", help="is joining worth it? a scenario federated, each site alone, pooled "
+                                          "(DP and not) and the base model, on the same held-out records")
+    cmp_.add_argument("scenario", help="a scenario name (simulations/) or folder")
+    cmp_.add_argument("--rounds", type=int, help="override num-server-rounds")
+    cmp_.add_argument("--output", help="output folder (default runs/compare-<scenario>-<time>); run again with the "
+                                       "same folder to resume")
+    cmp_.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
+    cmp_.add_argument("--seeds", type=int, default=1, help="repeat every trained setting K times; the report gives "
+                                                           "the spread (default 1)")
+    cmp_.add_argument("--settings", help="a subset of federated,local,pooled,pooled-no-dp,base (default: all)")
+    cmp_.set_defaults(func=cmd_compare)
 
     bud = sub.add_parser("budget", help="plan DP: target ε -> noise multiplier, or noise multiplier -> ε")
     goal = bud.add_mutually_exclusive_group(required=True)

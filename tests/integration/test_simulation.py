@@ -30,14 +30,19 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
-def simulate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def fedllm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``fedllm ARGS`` in a subprocess; asserts that it left no process behind."""
     marker = f"FEDLLM_TEST_RUN={uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FEDLLM_TEST_RUN": marker.split("=", 1)[1]}
-    res = subprocess.run([sys.executable, "-m", "fedllm.cli.main", "simulate", *args], cwd=REPO, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "fedllm.cli.main", *args], cwd=REPO, capture_output=True,
                          text=True, timeout=timeout, env=env)
     leftover = _processes_with(marker)
     assert not leftover, f"processes left behind: {leftover}"
     return res
+
+
+def simulate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return fedllm("simulate", *args, timeout=timeout)
 
 
 def _ledger(path: Path) -> list[dict]:
