@@ -32,5 +32,6 @@ def test_the_wheel_holds_every_module_and_the_scenarios(tmp_path):
     assert modules - names == set()  # the package list in pyproject.toml misses none
     scenarios = {f"fedllm/scenarios/{p.relative_to(REPO / 'simulations').as_posix()}"
                  for p in (REPO / "simulations").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    assert {"fedllm/scenarios/demo/sites.toml", "fedllm/scenarios/smoke/data/smoke.jsonl"} <= scenarios
+    assert {"fedllm/scenarios/demo/sites.toml", "fedllm/scenarios/smoke/data/smoke.jsonl",
+            "fedllm/scenarios/bank/data/bank.jsonl", "fedllm/scenarios/bank/make_data.py"} <= scenarios
     assert scenarios - names == set()

@@ -266,7 +266,7 @@ def test_a_partition_that_leaves_a_site_empty_is_refused(tmp_path, table, keys):
 
 
 def test_shipped_scenarios_load():
-    for name in ("demo", "pubmedqa", "smoke"):
+    for name in ("demo", "pubmedqa", "bank", "smoke"):
         scenario = load_scenario(name)
         assert scenario.folder == SCENARIOS_DIR / name and scenario.run_overrides
     assert Path(__file__).resolve().parents[2] / "simulations" == SCENARIOS_DIR  # a checkout reads simulations/
