@@ -102,9 +102,10 @@ def add_use_commands(sub: argparse._SubParsersAction) -> None:
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", metavar="TEXT", help="one user message to answer")
     what.add_argument("--file", metavar="JSONL",
-                      help="a data file in any of fedllm's formats (instruction, chat, ShareGPT, text): each "
-                           "record's prompt (the conversation before its last assistant turn) is answered; one "
-                           "JSON line per record: record, prompt, generation, reference (the record's answer)")
+                      help="a data file in any of fedllm's formats (instruction, chat, ShareGPT, text; the answer "
+                           "may be missing): each record's prompt (the conversation before its last assistant turn) "
+                           "is answered; one JSON line per record: record, prompt, generation, reference (the "
+                           "record's answer, when it has one)")
     gen.add_argument("--out", metavar="FILE", help="with --file: write the JSON lines here (default stdout)")
     gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="at most N new tokens (default 256)")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T",

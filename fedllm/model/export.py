@@ -26,7 +26,6 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,17 +185,28 @@ def chat_prompt(tokenizer: Any, message: str) -> Prompt:
     return Prompt(render(tokenizer, [{"role": "user", "content": message}], add_generation_prompt=True))
 
 
-def record_prompts(tokenizer: Any, path: Path | str) -> Iterator[Prompt]:
-    """Each record of a data file (any of fedllm's formats, ``fedllm.data.loading.load_records``) as a
-    prompt: a conversation up to its last assistant turn (that turn is the reference), rendered with
-    the generation prompt; a conversation that ends with a user turn, whole (no reference); a
-    plain-text record, as it is (the model continues it)."""
-    from fedllm.data.formatting import render
-    from fedllm.data.loading import load_records
+_PENDING = "\x00fedllm: the answer to generate\x00"  # stands in for a prompt-only record's missing answer
 
-    for record in load_records(path):
+
+def record_prompts(tokenizer: Any, path: Path | str) -> list[Prompt]:
+    """Each record of a data file (any of fedllm's formats, ``fedllm.data.loading``) as a prompt: a
+    conversation up to its last assistant turn (that turn is the reference), rendered with the
+    generation prompt; a conversation that ends with a user turn, whole (no reference); a plain-text
+    record, as it is (the model continues it). Prompt-only records are accepted too: an instruction
+    without ``output``, a conversation without an assistant turn. Every record is checked before
+    any is answered (``DataError`` naming the file and record)."""
+    from fedllm.data.formatting import render
+    from fedllm.data.loading import normalise_record, read_raw
+
+    path = Path(path)
+    raw_records = read_raw(path)
+    if not raw_records:
+        raise DataError(f"{path}: no records; give a file with one prompt record per line")
+    prompts = []
+    for where, raw in raw_records:
+        record = normalise_record(_with_pending_answer(raw), where=f"{path}: {where}")
         if "text" in record:
-            yield Prompt(record["text"])
+            prompts.append(Prompt(record["text"]))
             continue
         messages = record["messages"]
         if messages[-1]["role"] == "assistant":
@@ -204,8 +214,26 @@ def record_prompts(tokenizer: Any, path: Path | str) -> Iterator[Prompt]:
         else:
             reference = None
         if not messages:
-            raise DataError(f"{path}: a record starts with an assistant turn: there is no prompt to answer")
-        yield Prompt(render(tokenizer, messages, add_generation_prompt=True), reference)
+            raise DataError(f"{path}: {where}: the conversation starts with its assistant turn: no prompt to answer")
+        prompts.append(Prompt(render(tokenizer, messages, add_generation_prompt=True),
+                              None if reference == _PENDING else reference))
+    return prompts
+
+
+def _with_pending_answer(raw: Any) -> Any:
+    """A prompt-only record completed with a placeholder answer, so that it reads like a training record."""
+    if not isinstance(raw, dict):
+        return raw
+    if "instruction" in raw and "output" not in raw and "messages" not in raw and "conversations" not in raw:
+        return {**raw, "output": _PENDING}
+    for key, role_key, roles, answer in (("messages", "role", ("assistant",), {"role": "assistant"}),
+                                         ("conversations", "from", ("gpt", "assistant", "bot"), {"from": "gpt"})):
+        turns = raw.get(key)
+        if isinstance(turns, list) and turns and all(isinstance(t, dict) for t in turns) and not any(
+                t.get(role_key) in roles for t in turns):
+            content = "content" if key == "messages" else "value"
+            return {**raw, key: [*turns, {**answer, content: _PENDING}]}
+    return raw
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,

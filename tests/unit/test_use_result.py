@@ -119,17 +119,25 @@ def test_generate_from_a_file_writes_one_json_line_per_record(run_dir, tmp_path,
     records = [{"instruction": "Define fever.", "output": "A raised temperature."},
                {"instruction": "Summarise", "input": "The patient is well.", "output": "Well."},
                {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"}]}]
+                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"}]},
+               {"instruction": "Only a question, no answer"},  # prompt-only records
+               {"conversations": [{"from": "human", "value": "And no answer here"}]},
+               {"text": "Plain text is continued:"}]
     data = write_jsonl(tmp_path / "prompts.jsonl", records)
     out = tmp_path / "generations.jsonl"
     assert main(["generate", str(run_dir), "--file", str(data), "--max-new-tokens", "6", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["record"] for r in rows] == [1, 2, 3]
-    assert [r.get("reference") for r in rows] == ["A raised temperature.", "Well.", None]
+    assert [r["record"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("reference") for r in rows] == ["A raised temperature.", "Well.", None, None, None, None]
+    assert all(isinstance(r["generation"], str) for r in rows)
     model, tokenizer = _adapted(run_dir / "adapter")
     first = render(tokenizer, [{"role": "user", "content": "Define fever."}], add_generation_prompt=True)
     assert rows[0]["prompt"] == first and rows[0]["generation"] == _greedy(model, tokenizer, first, 6)
     assert rows[2]["prompt"].endswith("Bye?<|im_end|>\n<|im_start|>assistant\n")
+    assert rows[3]["prompt"] == render(tokenizer, [{"role": "user", "content": "Only a question, no answer"}],
+                                       add_generation_prompt=True)
+    assert rows[4]["prompt"].endswith("And no answer here<|im_end|>\n<|im_start|>assistant\n")
+    assert rows[5]["prompt"] == "Plain text is continued:"
     # without --out: the same lines on stdout
     assert main(["generate", str(run_dir), "--file", str(data), "--max-new-tokens", "6"]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
@@ -156,3 +164,12 @@ def test_a_bad_run_folder_is_a_clear_error(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # exactly one of --prompt and --file
         main(["generate", str(run_dir)])
     assert exc.value.code == 2
+
+
+def test_a_malformed_prompt_record_names_the_file_and_record(run_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "fine"}, {"question": "what?"}])
+    out = tmp_path / "generations.jsonl"
+    assert main(["generate", str(run_dir), "--file", str(data), "--max-new-tokens", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: record 2" in err and "unrecognised record" in err and "[record 1]" not in err
+    assert not out.exists()
