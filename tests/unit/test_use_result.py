@@ -173,3 +173,20 @@ def test_a_malformed_prompt_record_names_the_file_and_record(run_dir, tmp_path, 
     err = capsys.readouterr().err
     assert f"{data}: record 2" in err and "unrecognised record" in err and "[record 1]" not in err
     assert not out.exists()
+
+
+def test_an_old_run_folder_uses_the_adapters_base_only_when_it_loads_offline(run_dir, tmp_path):
+    from fedllm.errors import ConfigError
+    from fedllm.model.export import resolve_run
+    from tests.helpers import edit_json, save_random_llama
+
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir / "adapter", old / "adapter")  # no run-config.toml, no config.toml
+    base = save_random_llama(tmp_path / "base", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    edit_json(old / "adapter" / "adapter_config.json", lambda c: c.update(base_model_name_or_path=str(base)))
+    assert resolve_run(old).model.name == str(base)
+    edit_json(old / "adapter" / "adapter_config.json", lambda c: c.update(base_model_name_or_path="org/not-cached"))
+    with pytest.raises(ConfigError, match="not available offline. Pass the run's model.name: --model NAME"):
+        resolve_run(old)
+    assert resolve_run(old, model_name=MODEL).model.name == MODEL
