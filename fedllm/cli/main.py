@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from fedllm import __version__
+from fedllm.cli.use_commands import add_use_commands
 from fedllm.errors import ConfigError, FedLLMError, RunFailedError
 
 
@@ -405,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
     _add_deployment_commands(sub)
+    add_use_commands(sub)
     return parser
 
 

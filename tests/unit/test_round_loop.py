@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedllm import wire
-from fedllm.config import RunConfig
+from fedllm.config import RunConfig, flatten, read_toml
 from fedllm.coordinator.checkpoint import load_server_state
 from fedllm.coordinator.protocol import Reply, Task
 from fedllm.coordinator.rounds import run_federation
@@ -116,6 +116,9 @@ def test_every_round_trains_aggregates_evaluates_and_exports(tmp_path):
     assert sent[key].dtype == np.float32
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert load_server_state(tmp_path).server_round == 3
+    # the run folder says which base model and settings it used (fedllm generate / export read it)
+    written = RunConfig.from_flat(flatten(read_toml(tmp_path / "run-config.toml")))
+    assert written.model.name == "tiny-random-llama" and written == _config(tmp_path)
 
 
 def test_a_fraction_of_the_sites_is_sampled_for_training(tmp_path):
