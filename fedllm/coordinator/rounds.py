@@ -87,7 +87,6 @@ def run_federation(federation: Federation, make_strategy: StrategyFactory, confi
         clear_server_state(out)  # a crash in round 1 must not resume from an older run's state
     resolved = to_toml(config, header=f"fedllm run {run_id}: fully resolved configuration")
     write_text_atomic(out / "config.toml", resolved)
-    write_text_atomic(out / "run-config.toml", resolved)  # the base model and settings fedllm generate/export use
     if state is not None:
         history = RunHistory.load(out / "history.json", keep_rounds=state.server_round, run_id=run_id)
     else:

@@ -1,9 +1,8 @@
 """Use a finished run: load its base model with its adapter, generate from it, export it.
 
 A run folder (``RUN_DIR``, the ``output-dir`` of ``fedllm simulate`` or ``fedllm run``) says which
-base model it trained on in ``run-config.toml`` (written by the coordinator at the start of the
-run; ``config.toml`` holds the same text, and is read for run folders written before
-``run-config.toml`` existed). For a folder with neither, the base is the adapter's own
+base model it trained on in ``config.toml`` (the fully resolved run configuration, written by the
+coordinator at the start of the run). For a folder without one, the base is the adapter's own
 ``base_model_name_or_path`` (``adapter/adapter_config.json``), but only when that loads offline;
 otherwise the error says to name it (``--model NAME``). ``model.name`` can always be overridden.
 
@@ -35,8 +34,7 @@ from fedllm.errors import ConfigError, DataError, FedLLMError, ModelError
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "run-config.toml"
-LEGACY_CONFIG_FILE = "config.toml"  # the same resolved configuration, in every run folder
+RUN_CONFIG_FILE = "config.toml"  # the resolved run configuration, in every run folder
 ADAPTER_DIR = "adapter"
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -90,8 +88,8 @@ def _check_adapter(adapter_dir: Path, run_dir: Path, *, given: bool) -> None:
 
 
 def _run_config(run_dir: Path) -> tuple[RunConfig | None, str]:
-    """The run's configuration from ``run-config.toml`` (or ``config.toml``); (None, "") if neither."""
-    for name in (RUN_CONFIG_FILE, LEGACY_CONFIG_FILE):
+    """The run's configuration from ``config.toml``; (None, "") without one."""
+    for name in (RUN_CONFIG_FILE,):
         path = run_dir / name
         if path.is_file():
             try:
@@ -277,7 +275,7 @@ def export_merged(run: RunModel, out: Path | str, *, dtype: str | None = None) -
 
 def export_adapter(run: RunModel, out: Path | str) -> Path:
     """Copy the adapter (PEFT format, its model card included) to ``out``, with the run's
-    ``run-config.toml`` beside it when the run folder has a configuration."""
+    ``config.toml`` beside it when the run folder has a configuration."""
     out = check_export_folder(out)
     with _staging(out) as tmp:
         shutil.copytree(run.adapter_dir, tmp, dirs_exist_ok=True)

@@ -117,7 +117,7 @@ def test_every_round_trains_aggregates_evaluates_and_exports(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert load_server_state(tmp_path).server_round == 3
     # the run folder says which base model and settings it used (fedllm generate / export read it)
-    written = RunConfig.from_flat(flatten(read_toml(tmp_path / "run-config.toml")))
+    written = RunConfig.from_flat(flatten(read_toml(tmp_path / "config.toml")))
     assert written.model.name == "tiny-random-llama" and written == _config(tmp_path)
 
 

@@ -1,6 +1,6 @@
 """Using a finished run (``fedllm generate``, ``fedllm export``) on a run folder built by hand the way
 the coordinator writes one: ``adapter/`` saved by ``save_adapter`` from a random FFA-LoRA (B ≠ 0, A
-frozen from ``lora.seed``), its model card, and ``run-config.toml`` naming the tiny random Llama."""
+frozen from ``lora.seed``), its model card, and ``config.toml`` naming the tiny random Llama."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
     peft_model = with_random_lora(model, LoraConfig())  # freeze-a (FFA-LoRA): A from lora.seed, B random
     save_adapter(peft_model, get_adapter_state(peft_model), run / "adapter")
     (run / "adapter" / "README.md").write_text(CARD, encoding="utf-8")
-    (run / "run-config.toml").write_text(to_toml(RunConfig.from_flat({"model.name": MODEL})), encoding="utf-8")
+    (run / "config.toml").write_text(to_toml(RunConfig.from_flat({"model.name": MODEL})), encoding="utf-8")
     return run
 
 
@@ -96,9 +96,9 @@ def test_export_refuses_a_non_empty_out_and_leaves_nothing_when_it_fails(run_dir
 def test_export_without_merge_copies_the_adapter_and_the_run_config(run_dir, tmp_path):
     out = tmp_path / "adapter-copy"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "run-config.toml"} <= {
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "config.toml"} <= {
         p.name for p in out.iterdir()}
-    assert "tiny-random-llama" in (out / "run-config.toml").read_text(encoding="utf-8")
+    assert "tiny-random-llama" in (out / "config.toml").read_text(encoding="utf-8")
     copied, _ = _adapted(out)
     original, _ = _adapted(run_dir / "adapter")
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_a_bad_run_folder_is_a_clear_error(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no adapter/adapter_config.json" in err and f"--adapter {unfinished / 'checkpoints' / 'round-2'}" in err
     assert not (tmp_path / "x").exists()
-    # the checkpoint, named with --adapter (no run-config.toml there: --model names the base)
+    # the checkpoint, named with --adapter (no config.toml there: --model names the base)
     assert main(["generate", str(unfinished), "--adapter", str(unfinished / "checkpoints" / "round-2"),
                  "--prompt", "hi", "--max-new-tokens", "2"]) == 2
     assert "--model NAME" in capsys.readouterr().err
@@ -181,7 +181,7 @@ def test_an_old_run_folder_uses_the_adapters_base_only_when_it_loads_offline(run
     from tests.helpers import edit_json, save_random_llama
 
     old = tmp_path / "old-run"
-    shutil.copytree(run_dir / "adapter", old / "adapter")  # no run-config.toml, no config.toml
+    shutil.copytree(run_dir / "adapter", old / "adapter")  # no config.toml
     base = save_random_llama(tmp_path / "base", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2)
     edit_json(old / "adapter" / "adapter_config.json", lambda c: c.update(base_model_name_or_path=str(base)))
