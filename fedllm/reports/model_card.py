@@ -102,6 +102,7 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
         out.append(f"| {r['site']} | {format_count(r['train'])} | {format_count(r['held-out'])} | {r['file-type']} | "
                    f"{RECORD_FORMATS.get(config.data.format, config.data.format)} |")
     out += ["", "## Training configuration", ""] + _config_lines(config) + [""]
+    out += _evaluation_lines(history)
     out += ["## Privacy", ""]
     if config.privacy.enabled:
         out += ["Each site's ε is its total over every release in its privacy ledger (all rounds of all runs on the "
@@ -125,6 +126,32 @@ def render_model_card(*, config: RunConfig, history: Mapping[str, Any],
         central_dp=central, metrics_release=modes).rstrip("\n"))
     out += ["", "For the full audit (ε under three accountants, ledger verification): `fedllm audit RUN_DIR`.", ""]
     return "\n".join(out)
+
+
+def _evaluation_lines(history: Mapping[str, Any]) -> list[str]:
+    """Held-out loss, perplexity and the task metrics per site, before (round 0) and after training,
+    as the sites released them ("-": not released)."""
+    from fedllm.reports.numbers import format_loss, format_metric, format_perplexity
+    from fedllm.reports.summary import site_table, task_metric_names
+
+    rows = site_table(dict(history))
+    if not any(r["loss-before"] is not None or r["loss-after"] is not None for r in rows):
+        return []
+    tasks = task_metric_names(rows)
+    out = ["## Evaluation", "",
+           "On each site's own held-out records (never trained on), as each site released the numbers (exact, "
+           "noisy under release-metrics = \"dp\", or not at all: \"-\"). Before: the base model (round 0); "
+           "after: the last evaluated round. Loss and perplexity: lower is better; task metrics: higher is better.", "",
+           "| site | held-out loss before | after | perplexity before | after |"
+           + "".join(f" {t} before | after |" for t in tasks),
+           "|---|---|---|---|---|" + "---|---|" * len(tasks)]
+    for r in rows:
+        cells = [format_loss(r["loss-before"]), format_loss(r["loss-after"]), format_perplexity(r["ppl-before"]),
+                 format_perplexity(r["ppl-after"])]
+        for t in tasks:
+            cells += [format_metric(r["task-before"].get(t), ".3f"), format_metric(r["task-after"].get(t), ".3f")]
+        out.append(f"| {r['site']} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def write_model_card(adapter_dir: Path | str, *, config: RunConfig, history: Mapping[str, Any],
