@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 
-
 @contextlib.contextmanager
 def evaluating(model: Any) -> Iterator[None]:
     """``model`` in eval mode without gradients for the block, then back in the mode it was in."""

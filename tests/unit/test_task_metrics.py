@@ -22,8 +22,8 @@ from fedllm.evaluation.metrics import (
     rouge_l,
 )
 from fedllm.evaluation.task import TaskScores, score_task, task_items
-from fedllm.model.lora import apply_lora
 from fedllm.model.loading import load_model_and_tokenizer
+from fedllm.model.lora import apply_lora
 from tests.helpers import with_random_lora
 
 CHOICES = ("yes", "no", "maybe")
