@@ -3,10 +3,11 @@ against one round of its local DP training, side by side in one run (the machine
 compare the ratios, not single timings).
 
 Setup as the pubmedqa scenario runs a site (``simulations/pubmedqa/run.toml``): the default model
-(SmolLM2-135M-Instruct, ``model.dtype = "auto"``: bf16 on a CPU with AVX-512 BF16 or AMX), LoRA with RunConfig's defaults and the fast path,
-``data.max-length`` 384, 2 threads (``simulation.client-cpus``). Records: one PubMedQA population site
-(``--site``, default geriatric) from ``../shared/data/pubmedqa`` (or ``$FEDLLM_PUBMEDQA_DIR``); its last ``--records`` records are
-the held-out ones, the rest train.
+(SmolLM2-135M-Instruct, ``model.dtype = "auto"``: bf16 on a CPU with AVX-512 BF16 or AMX), LoRA
+with RunConfig's defaults and the fast path, ``data.max-length`` 384, 2 threads
+(``simulation.client-cpus``). Records: one PubMedQA population site
+(``--site``, default geriatric) from ``../shared/data/pubmedqa`` (or ``$FEDLLM_PUBMEDQA_DIR``); its
+last ``--records`` records are the held-out ones, the rest train.
 
 * **train**: one round of ``fedllm.site.training.train_local`` as ``fedllm.site.runtime`` runs it:
   ``--steps`` (8) DP-SGD steps at expected batch 8, physical batch 4, σ = 1, C = 1.
@@ -114,7 +115,9 @@ def main() -> None:
     common = {"choices": "yes,no,maybe", "reference": "first-word", "max_new_tokens": 8,
               "max_examples": args.records, "batch_size": 16}
     exact = score_task(model, tokenizer, held_out, EvaluateConfig(metrics="exact-match", **common))
+    print(f"(exact-match done in {exact.seconds:.1f}s)", flush=True)
     choice = score_task(model, tokenizer, held_out, EvaluateConfig(metrics="choice", **common))
+    print(f"(choice done in {choice.seconds:.1f}s; training...)", flush=True)
     result = train_local(model, train, steps=args.steps, batch_size=config.train.batch_size, learning_rate=0.002,
                          pad_id=tokenizer.pad_token_id, dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
                          physical_batch_size=4, device="cpu", fast_path=True,

@@ -60,7 +60,8 @@ def check_settings(settings: EvaluateConfig) -> None:
     context); raises ``ConfigError``."""
     unknown = [m for m in settings.metric_names if m not in TASK_METRICS]
     if unknown:
-        raise ConfigError(f"evaluate.metrics: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(TASK_METRICS)}")
+        raise ConfigError(f"evaluate.metrics: unknown {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(TASK_METRICS)}")
     if "choice" in settings.metric_names and len(set(settings.choice_list)) < 2:
         raise ConfigError(f"evaluate.metrics has 'choice' but evaluate.choices = {settings.choices!r}; "
                           "give at least 2 distinct options, e.g. \"yes,no,maybe\"")
