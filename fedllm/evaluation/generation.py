@@ -105,6 +105,8 @@ def option_log_likelihoods(model: Any, tokenizer: Any, prompts: Sequence[Sequenc
     empty = [c for c, ids in zip(choices, options) if not ids]
     if empty:
         raise ValueError(f"options with no tokens: {empty!r}")
+    if all(len(o) == 1 for o in options):  # one token each (yes/no/maybe): one forward per prompt serves them all
+        return _single_token_options(model, tokenizer, prompts, [o[0] for o in options], batch_size, device)
     pairs = [(tuple(p) + o, len(o)) for p in prompts for o in options]
     scores = [0.0] * len(pairs)
     with evaluating(model):
@@ -122,3 +124,24 @@ def option_log_likelihoods(model: Any, tokenizer: Any, prompts: Sequence[Sequenc
             for row, index in enumerate(batch):
                 scores[index] = float(token_log_probs[row, -pairs[index][1]:].mean())
     return [scores[i * len(options):(i + 1) * len(options)] for i in range(len(prompts))]
+
+
+def _single_token_options(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], tokens: Sequence[int],
+                          batch_size: int, device: torch.device | str) -> list[list[float]]:
+    """``option_log_likelihoods`` when every option is one token: the log-probability of each option
+    token after the prompt's last token, from one forward per prompt (the same values as one forward per
+    (prompt, option) pair, whose last position's logits depend on the prompt only)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt: an option's first token needs a prompt token before it")
+    scores: list[list[float]] = [[] for _ in prompts]
+    index = torch.tensor(list(tokens), device=device)
+    with evaluating(model):
+        for batch in _batches_by_length([len(p) for p in prompts], batch_size):
+            ids, mask = left_pad([tuple(prompts[i]) for i in batch], _pad_id(tokenizer), device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=1).logits[:, -1]
+            chosen = torch.log_softmax(logits.float(), dim=-1)[:, index]
+            for row, i in enumerate(batch):
+                scores[i] = [float(v) for v in chosen[row]]
+    return scores

@@ -215,13 +215,16 @@ def _hand_option_log_likelihood(model, prompt, option_ids):
     return sum(float(log_probs[t, ids[0, t + 1]]) for t in positions) / n
 
 
-def test_option_log_likelihoods_equal_one_forward_pass_each(tiny):
+@pytest.mark.parametrize("choices, single", [(("y", "n", "m"), True), (CHOICES, False)])
+def test_option_log_likelihoods_equal_one_forward_pass_each(tiny, choices, single):
     model, tok = tiny
+    # one token each: one forward per prompt serves every option; else one forward per (prompt, option)
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) == 1 for c in choices) == single
     prompts = [_prompt(tok, q) for q in QUESTIONS[:3]]  # different lengths: the batch is padded
-    scores = option_log_likelihoods(model, tok, prompts, CHOICES, batch_size=4)
+    scores = option_log_likelihoods(model, tok, prompts, choices, batch_size=4)
     assert len(scores) == 3 and all(len(s) == 3 for s in scores)
     for prompt, row in zip(prompts, scores):
-        for option, score in zip(CHOICES, row):
+        for option, score in zip(choices, row):
             option_ids = tok(option, add_special_tokens=False)["input_ids"]
             assert score == pytest.approx(_hand_option_log_likelihood(model, prompt, option_ids), abs=1e-5)
     assert len({round(s, 6) for row in scores for s in row}) > 3  # not all the same number
