@@ -344,7 +344,7 @@ def _fmt(value: Any, spread: Any = None, spec: str = ".3f") -> str:
         return "-"
     text = format(value, spec)
     if spread is not None and isinstance(spread, float) and math.isfinite(spread) and spread > 0:
-        text += f" ± {format(spread, spec)}"
+        text += f" ± {format(spread, spec.lstrip('+'))}"
     return text
 
 
@@ -408,10 +408,31 @@ def plot(report: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def _check_plan(plan: ComparePlan) -> None:
+    """Resume only the same comparison: ``OUTPUT/compare-plan.json`` holds the run config, sites,
+    seeds and settings; another plan in the same folder is refused."""
+    wanted = {"config": plan.config.to_flat(), "sites": [s.to_dict() for s in plan.sites], "seeds": plan.seeds,
+              "settings": list(plan.settings)}
+    path = plan.output / "compare-plan.json"
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = None
+        if found != json.loads(json.dumps(wanted)):
+            changed = sorted(k for k in wanted if not isinstance(found, dict) or found.get(k) != json.loads(
+                json.dumps(wanted[k])))
+            raise ConfigError(f"{plan.output} holds a fedllm compare with other settings ({', '.join(changed)} "
+                              "differ): resume it with the same arguments, or choose another --output")
+    else:
+        write_json_atomic(path, wanted)
+
+
 def run_compare(plan: ComparePlan, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, evaluate, write ``compare.json``, ``compare.md`` and ``compare.png``; the report."""
     if not plan.sites:
         raise FedLLMError("the scenario has no sites")
+    _check_plan(plan)
     # the model and every site's held-out records first: bad data or a bad model fails before any run
     evaluator = Evaluator(plan, _split_keys(plan))
     echo("  held-out records per site: " + ", ".join(f"{n} {len(e)}" for n, e in evaluator.held_out.items()))

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 def test_compare_runs_every_setting_on_the_same_held_out_records_and_resumes(tmp_path):
     out = tmp_path / "cmp"
-    res = fedllm("compare", "smoke", "--rounds", "1", "--output", str(out), timeout=1500)
+    tasks = ("--set", "evaluate.metrics=exact-match,rouge-l", "--set", "evaluate.max-new-tokens=4")
+    res = fedllm("compare", "smoke", "--rounds", "1", "--output", str(out), *tasks, timeout=1500)
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("compare.json", "compare.md", "compare.png"):
         assert (out / name).is_file()
@@ -33,6 +34,9 @@ def test_compare_runs_every_setting_on_the_same_held_out_records_and_resumes(tmp
     last, first = fed["rounds"][-1]["evaluate"]["sites"], fed["rounds"][0]["evaluate"]["sites"]
     for site in sites:
         assert rows[(site, "federated")]["eval-loss"] == pytest.approx(last[site]["eval-loss"], rel=1e-6)
+        for metric in ("exact-match", "rouge-l"):  # the task metrics too, as the sites computed them
+            assert rows[(site, "federated")][metric] == pytest.approx(last[site][metric], abs=1e-9)
+            assert 0.0 <= rows[(site, "base")][metric] <= 1.0
         assert rows[(site, "base")]["eval-loss"] == pytest.approx(first[site]["eval-loss"], rel=1e-6)
         local = json.loads((out / "local" / "seed-0" / site / "history.json").read_text())
         alone = local["rounds"][-1]["evaluate"]["sites"]
@@ -54,7 +58,10 @@ def test_compare_runs_every_setting_on_the_same_held_out_records_and_resumes(tmp
     # the non-private ceiling trains on the same records without noise: it fits them better than DP
     assert all(math.isfinite(rows[(s, "pooled-no-dp")]["eval-loss"]) for s in sites)
 
-    again = fedllm("compare", "smoke", "--rounds", "1", "--output", str(out), timeout=600)
+    assert "| site | setting | eval-loss | perplexity | exact-match | rouge-l | ε |" in res.stdout
+    again = fedllm("compare", "smoke", "--rounds", "1", "--output", str(out), *tasks, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("done already") == 1 + 3 + 2 and "training (" not in again.stdout
     assert json.loads((out / "compare.json").read_text())["rows"] == report["rows"]
+    other = fedllm("compare", "smoke", "--rounds", "2", "--output", str(out), *tasks, timeout=600)
+    assert other.returncode == 2 and "holds a fedllm compare with other settings (config differ)" in other.stderr
