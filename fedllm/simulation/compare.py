@@ -23,7 +23,8 @@ deviation) over the seeds, and the gain of federated over local per site, paired
 Resumable: every run writes to ``OUTPUT/<setting>/seed-<k>[/<site>]``; a run whose
 ``history.json`` says completed (and its evaluation, ``eval.json``) is kept when the command is
 run again with the same ``--output``; an unfinished one is removed and run again (each run has its
-own ledgers, so nothing is double-counted). The runs themselves go one after the other: the
+own ledgers, so nothing is double-counted). A resumed comparison must be the same plan
+(``compare-plan.json``); more ``--seeds`` is the same plan, so seeds can be added later. The runs themselves go one after the other: the
 simulation engine already runs a federation's sites in parallel, over ``simulation.client-cpus``.
 """
 
@@ -409,23 +410,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def _check_plan(plan: ComparePlan) -> None:
-    """Resume only the same comparison: ``OUTPUT/compare-plan.json`` holds the run config, sites,
-    seeds and settings; another plan in the same folder is refused."""
-    wanted = {"config": plan.config.to_flat(), "sites": [s.to_dict() for s in plan.sites], "seeds": plan.seeds,
-              "settings": list(plan.settings)}
+    """Resume only the same comparison: ``OUTPUT/compare-plan.json`` holds the run config, sites and
+    settings; another plan in the same folder is refused. More ``--seeds`` than before is the same
+    plan: the finished seeds are kept and the new ones run (seed k's runs do not depend on K)."""
+    wanted = json.loads(json.dumps({"config": plan.config.to_flat(), "sites": [s.to_dict() for s in plan.sites],
+                                    "settings": list(plan.settings)}))
     path = plan.output / "compare-plan.json"
+    found = None
     if path.is_file():
         try:
             found = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            found = None
-        if found != json.loads(json.dumps(wanted)):
-            changed = sorted(k for k in wanted if not isinstance(found, dict) or found.get(k) != json.loads(
-                json.dumps(wanted[k])))
+            found = {}
+        same = isinstance(found, dict) and all(found.get(k) == v for k, v in wanted.items())
+        if not same:
+            changed = sorted(k for k in wanted if not isinstance(found, dict) or found.get(k) != wanted[k])
             raise ConfigError(f"{plan.output} holds a fedllm compare with other settings ({', '.join(changed)} "
-                              "differ): resume it with the same arguments, or choose another --output")
-    else:
-        write_json_atomic(path, wanted)
+                              "differ): resume it with the same arguments (more --seeds is fine), or choose another "
+                              "--output")
+    seeds = max(plan.seeds, int(found.get("seeds", 0)) if isinstance(found, dict) else 0)
+    write_json_atomic(path, {**wanted, "seeds": seeds})
 
 
 def run_compare(plan: ComparePlan, *, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -51,3 +51,21 @@ def test_the_report_gives_means_spreads_and_the_gain_paired_by_seed(tmp_path):
     assert "| a | federated | 2.100 ± 0.141 |" in text and "| a | +0.400 ± 0.141 |" in text
     plot({**report, "sites": [{"site": "a"}, {"site": "b"}]}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_comparison_must_be_the_same_plan_but_may_add_seeds(tmp_path):
+    import dataclasses
+    import json
+
+    from fedllm.simulation.compare import _check_plan
+
+    plan = _plan(tmp_path)
+    _check_plan(plan)
+    more = dataclasses.replace(plan, seeds=3)
+    _check_plan(more)  # more seeds: the finished ones are kept, the new ones run
+    assert json.loads((tmp_path / "compare-plan.json").read_text())["seeds"] == 3
+    _check_plan(plan)  # fewer: a subset of what is there
+    with pytest.raises(ConfigError, match=r"other settings \(config differ\).*more --seeds is fine"):
+        _check_plan(dataclasses.replace(plan, config=plan.config.with_overrides({"num-server-rounds": 9})))
+    with pytest.raises(ConfigError, match=r"\(settings differ\)"):
+        _check_plan(dataclasses.replace(plan, settings=("federated", "local")))
