@@ -38,11 +38,14 @@ def _echo(text: str) -> None:
 
 
 def _preflight(site_file) -> None:
-    """The data loads and the ledger (if any) verifies against it: fail here, not mid-round."""
-    from fedllm.data.fingerprint import dataset_fingerprint
+    """The data loads and the ledger (if any) verifies against it: fail here, not mid-round. The
+    ledger is bound to the site's training subset (its own held-out split, with the split key beside
+    the ledger), as the site computes it before it trains (``fedllm.site.runtime``)."""
     from fedllm.data.loading import load_records
     from fedllm.privacy.ledger import verify_ledger
     from fedllm.privacy.signing import load_private_key
+    from fedllm.site.holdout import site_split_key
+    from fedllm.site.runtime import training_fingerprint
 
     site = site_file.site
     records = load_records(site.data_path, columns=site.data_columns)
@@ -50,7 +53,8 @@ def _preflight(site_file) -> None:
     ledger = Path(site.ledger_path)
     if ledger.is_file():  # the same checks the site makes before it trains: this data, and its own key if it signs
         public_key = load_private_key(site.signing_key).public_key() if site.signing_key else None
-        result = verify_ledger(ledger, public_key=public_key, dataset_fingerprint=dataset_fingerprint(records))
+        fingerprint = training_fingerprint(site, records, site_split_key(ledger, site.name))
+        result = verify_ledger(ledger, public_key=public_key, dataset_fingerprint=fingerprint)
         if not result.ok:
             raise FedLLMError(f"site {site.name}: privacy ledger {ledger} does not verify: "
                               f"{'; '.join(result.problems[:3])}; run fedllm ledger verify {ledger}")

@@ -110,8 +110,14 @@ def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(t
     write_jsonl(data, ({"text": f"record {i}"} for i in range(4)))
     mine, _ = generate_signing_key(tmp_path / "mine", site="a")
     other, _ = generate_signing_key(tmp_path / "other", site="a")
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", site="a",
-                                dataset_fingerprint=dataset_fingerprint(load_records(data)),
+    from fedllm.config import SiteConfig
+    from fedllm.site.holdout import site_split_key
+    from fedllm.site.runtime import training_fingerprint
+
+    site = SiteConfig(name="a", data_path=str(data), max_epsilon=8.0)  # the training subset, as the site binds it
+    fingerprint = training_fingerprint(site, load_records(data), site_split_key(tmp_path / "ledger.json", "a"))
+    assert fingerprint != dataset_fingerprint(load_records(data))  # one record is held out
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", site="a", dataset_fingerprint=fingerprint,
                                 signing_key=load_private_key(other))
     ledger.record(run_id="r", server_round=1, steps=1, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0,
                   target_delta=1e-5, num_examples=4)
@@ -122,6 +128,28 @@ def test_site_start_refuses_a_ledger_signed_with_another_key_before_connecting(t
     (tmp_path / "a.toml").write_text(f'site-name = "a"\ndata-path = "data.jsonl"\nmax-epsilon = 8.0\nledger-path = "ledger.json"\n'
                                      f'signing-key = "{other}"\n')
     _preflight(load_site_file(tmp_path / "a.toml"))  # its own key: fine
+    assert "1 releases" in capsys.readouterr().out
+
+
+def test_a_site_restarting_with_the_ledger_it_wrote_passes_its_own_start_checks(tmp_path, capsys):
+    # regression (CI): site start checked the ledger against all records, while the site binds it to its
+    # training subset (the held-out records excluded): a site could never restart once it had a ledger
+    from fedllm.config import RunConfig
+    from fedllm.deploy.site_commands import _preflight
+    from fedllm.deploy.site_file import load_site_file
+    from fedllm.model.lora import get_adapter_state
+    from fedllm.site.runtime import SiteRuntime
+
+    write_jsonl(tmp_path / "data.jsonl", ({"instruction": f"Say {i}.", "output": f"{i}."} for i in range(20)))
+    (tmp_path / "a.toml").write_text('site-name = "a"\ndata-path = "data.jsonl"\nmax-epsilon = 8.0\n'
+                                     'ledger-path = "ledger.json"\neval-fraction = 0.2\n')
+    site_file = load_site_file(tmp_path / "a.toml")
+    config = RunConfig.from_flat({"model.name": "tiny-random-llama", "data.max-length": 32, "train.local-steps": 1,
+                                  "train.batch-size": 2, "privacy.noise-multiplier": 1.0, "lora.r": 2})
+    runtime = SiteRuntime(config, site_file.site, ledger_path=tmp_path / "ledger.json", simulated=False)
+    assert runtime.eval_examples  # some records are held out: the training subset is not the whole file
+    runtime.train_round(run_id="r", server_round=1, adapter=get_adapter_state(runtime.model, trainable_only=True))
+    _preflight(site_file)
     assert "1 releases" in capsys.readouterr().out
 
 
