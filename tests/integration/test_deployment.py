@@ -155,9 +155,12 @@ def _start_server(fed: Federation, port: int, *, name: str = "server") -> None:
     assert proc.poll() is None, fed.log(name)
 
 
-def _ledger(fed: Federation, site: str) -> list[dict]:
+def _ledger(fed: Federation, site: str, release: str = "update") -> list[dict]:
+    """The site's ledger entries of one kind: "update" (a trained round) or "metrics" (a held-out release
+    under release-metrics = "dp", the sites' default here)."""
     path = fed.tmp / f"site-{site}" / "ledger.json"
-    return json.loads(path.read_text())["entries"] if path.is_file() else []
+    entries = json.loads(path.read_text())["entries"] if path.is_file() else []
+    return [e for e in entries if e.get("release", "update") == release]
 
 
 def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_the_adapter_leaves(federation):
@@ -236,6 +239,8 @@ def test_tls_federation_survives_a_site_crash_and_a_coordinator_crash_and_only_t
         if 2 in [e["server_round"] for e in spent_before[site]]:  # released round 2 before the crash:
             assert entries == spent_before[site]  # re-sent the same update, spent nothing more
     assert [e["server_round"] for e in _ledger(fed, "a")] == [1, 2]
+    for site in "ab":  # one held-out release per evaluated round (0, 1, 2), across the crash: never asked twice
+        assert [e["server_round"] for e in _ledger(fed, site, "metrics")] == [0, 1, 2]
     assert "re-sending the update" in fed.log("site-a")
 
     from peft import PeftModel
