@@ -20,9 +20,11 @@ def _echo(text: str) -> None:
     print(text, flush=True)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def _scenario_config(args: argparse.Namespace):
+    """(scenario, flat overrides, validated RunConfig) from SCENARIO, --rounds and --set, before
+    anything is written."""
     from fedllm.config import RunConfig, parse_set_option
-    from fedllm.simulation.scenario import load_scenario, materialise_sites
+    from fedllm.simulation.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
     overrides = dict(scenario.run_overrides)
@@ -31,7 +33,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, value = parse_set_option(item)
         overrides[key] = value
-    config = RunConfig.from_flat(overrides)  # validate before anything is written
+    return scenario, overrides, RunConfig.from_flat(overrides)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedllm.simulation.scenario import materialise_sites
+
+    scenario, overrides, config = _scenario_config(args)
     output = Path(args.output or Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if output.exists() and any(output.iterdir()):
         raise FedLLMError(f"output folder {output} is not empty; choose another --output (site ledgers can be kept "
@@ -60,18 +68,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedllm.config import RunConfig, parse_set_option
     from fedllm.simulation.compare import SETTINGS, ComparePlan, parse_settings, run_compare
-    from fedllm.simulation.scenario import load_scenario, materialise_sites
+    from fedllm.simulation.scenario import materialise_sites
 
-    scenario = load_scenario(args.scenario)
-    overrides = dict(scenario.run_overrides)
-    if args.rounds is not None:
-        overrides["num-server-rounds"] = args.rounds
-    for item in args.set or []:
-        key, value = parse_set_option(item)
-        overrides[key] = value
-    config = RunConfig.from_flat(overrides)  # validate before anything is written
+    scenario, _, config = _scenario_config(args)
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: give 1 or more")
     settings = parse_settings(args.settings) if args.settings else SETTINGS

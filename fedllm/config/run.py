@@ -357,7 +357,7 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
             lo_txt = f"{'>=' if inclusive else '>'} {low:g}"
             hi_txt = "" if high == math.inf else f" and <= {high:g}"
             problems.append(f"{key} = {v!r}: must be {lo_txt}{hi_txt}")
-    problems += _evaluate_problems(values)
+    problems += evaluate_problems(values)
     if not values["lora.target-modules"].strip():
         problems.append("lora.target-modules = '': give 'all-linear' or comma-separated module names")
     calibrating = values["privacy.enabled"] and values["privacy.noise-multiplier"] == 0.0
@@ -381,7 +381,7 @@ def _from_flat(flat: Mapping[str, Any]) -> RunConfig:
 LIST_KEYS = ("evaluate.metrics", "evaluate.choices", "lora.target-modules")
 
 
-def _evaluate_problems(values: Mapping[str, Any]) -> list[str]:
+def evaluate_problems(values: Mapping[str, Any]) -> list[str]:
     """The ``[evaluate]`` section: known metric names, no repeats, choices where ``choice`` needs them."""
     problems = []
     names = [m.strip() for m in str(values["evaluate.metrics"]).split(",") if m.strip()]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedllm.config.run import TASK_METRICS, EvaluateConfig
+from fedllm.config.run import EvaluateConfig, evaluate_problems
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedExample
 from fedllm.errors import ConfigError
 from fedllm.evaluation.generation import generate_texts, option_log_likelihoods
@@ -56,15 +56,11 @@ def task_items(examples: Sequence[TokenizedExample], tokenizer: Any) -> list[tup
 
 
 def check_settings(settings: EvaluateConfig) -> None:
-    """What ``score_task`` needs of ``[evaluate]`` (the config validator says the same with more
-    context); raises ``ConfigError``."""
-    unknown = [m for m in settings.metric_names if m not in TASK_METRICS]
-    if unknown:
-        raise ConfigError(f"evaluate.metrics: unknown {', '.join(map(repr, unknown))}; "
-                          f"allowed: {', '.join(TASK_METRICS)}")
-    if "choice" in settings.metric_names and len(set(settings.choice_list)) < 2:
-        raise ConfigError(f"evaluate.metrics has 'choice' but evaluate.choices = {settings.choices!r}; "
-                          "give at least 2 distinct options, e.g. \"yes,no,maybe\"")
+    """What ``score_task`` needs of ``[evaluate]``, checked by the config's own validator (a settings
+    object built in code skips the parse); raises ``ConfigError``."""
+    problems = evaluate_problems({"evaluate.metrics": settings.metrics, "evaluate.choices": settings.choices})
+    if problems:
+        raise ConfigError("Invalid [evaluate] settings:\n  - " + "\n  - ".join(problems))
 
 
 def score_task(model: Any, tokenizer: Any, examples: Sequence[TokenizedExample], settings: EvaluateConfig, *,

@@ -44,7 +44,7 @@ from typing import Any
 from fedllm import wire
 from fedllm.config import RunConfig, SiteConfig
 from fedllm.errors import ConfigError, FedLLMError
-from fedllm.files import write_json_atomic
+from fedllm.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +152,17 @@ def _pooled_site(plan: ComparePlan, keys: Path, *, dp: bool) -> SiteConfig:
             split = split_records(site_records, key=read_split_key(keys / f"{site.name}.split-key"),
                                   eval_fraction=site.eval_fraction, max_eval=site.max_eval_examples)
             records += [dict(site_records[i]) for i in split.train]
-        from fedllm.files import write_text_atomic
-
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return SiteConfig.from_dict({
         "site-name": POOLED_SITE, "data-path": str(path), "eval-fraction": 0.0, "release-metrics": "exact",
         "max-epsilon": min(s.max_epsilon for s in plan.sites), "require-dp": dp})
 
 
-def run_settings(plan: ComparePlan, *, echo: Callable[[str], None] = print) -> dict[str, dict[int, dict[str, Any]]]:
-    """Train every trained setting for every seed (or keep what a previous call finished); returns
-    setting -> seed -> {"runs": {name: run folder}, "epsilon": {site: ε}}."""
-    keys = _split_keys(plan)
+def run_settings(plan: ComparePlan, keys: Path, *,
+                 echo: Callable[[str], None] = print) -> dict[str, dict[int, dict[str, Any]]]:
+    """Train every trained setting for every seed (or keep what a previous call finished), each site
+    with its split key from ``keys``; returns setting -> seed -> {"runs": {name: run folder},
+    "epsilon": {site: ε}}."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     base_seed = plan.config.lora.seed
     for k in range(plan.seeds):
@@ -297,7 +296,8 @@ def _spread(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(plan: ComparePlan, trained: dict[str, dict[int, dict[str, Any]]],
-              results: dict[str, dict[int, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+              results: dict[str, dict[int, dict[str, dict[str, float]]]],
+              held_out: dict[str, int] | None = None) -> dict[str, Any]:
     """``compare.json``: per site and setting, mean and spread over seeds of every metric, ε, and
     the gain of federated over local (paired by seed)."""
     metrics = [wire.EVAL_LOSS, wire.PERPLEXITY, *plan.config.evaluate.metric_names]
@@ -335,7 +335,7 @@ def summarise(plan: ComparePlan, trained: dict[str, dict[int, dict[str, Any]]],
         "rounds": c.num_server_rounds, "local-steps": c.train.local_steps, "batch-size": c.train.batch_size,
         "target-epsilon": c.privacy.target_epsilon if c.privacy.enabled else None, "model": c.model.name,
         "task-metrics": list(c.evaluate.metric_names), "metrics": metrics,
-        "sites": [{"site": s.name, "held-out": None} for s in plan.sites],
+        "sites": [{"site": s.name, "held-out": (held_out or {}).get(s.name)} for s in plan.sites],
         "rows": rows, "gain-federated-over-local": gains,
     }
 
@@ -438,16 +438,13 @@ def run_compare(plan: ComparePlan, *, echo: Callable[[str], None] = print) -> di
         raise FedLLMError("the scenario has no sites")
     _check_plan(plan)
     # the model and every site's held-out records first: bad data or a bad model fails before any run
-    evaluator = Evaluator(plan, _split_keys(plan))
+    keys = _split_keys(plan)
+    evaluator = Evaluator(plan, keys)
     echo("  held-out records per site: " + ", ".join(f"{n} {len(e)}" for n, e in evaluator.held_out.items()))
-    trained = run_settings(plan, echo=echo)
+    trained = run_settings(plan, keys, echo=echo)
     results = evaluate_settings(plan, trained, evaluator, echo=echo)
-    report = summarise(plan, trained, results)
-    for site in report["sites"]:
-        site["held-out"] = len(evaluator.held_out[site["site"]])
+    report = summarise(plan, trained, results, {name: len(e) for name, e in evaluator.held_out.items()})
     write_json_atomic(plan.output / "compare.json", report)
-    from fedllm.files import write_text_atomic
-
     write_text_atomic(plan.output / "compare.md", markdown(report))
     plot(report, plan.output / "compare.png")
     return report
