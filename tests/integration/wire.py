@@ -173,3 +173,16 @@ def pushed_objects(requests: list[Request]) -> dict[str, bytes]:
             msg.ParseFromString(req.body)
             objects[msg.object_id] = msg.object_content
     return objects
+
+
+def pushed_messages(requests: list[Request]) -> list:
+    """The protobuf Message (metadata; content travels as objects) of every reply the client pushed."""
+    from flwr.proto.fleet_pb2 import PushMessagesRequest
+
+    out = []
+    for req in requests:
+        if req.path.endswith("/push-messages"):
+            msg = PushMessagesRequest()
+            msg.ParseFromString(req.body)
+            out += list(msg.messages_list)
+    return out
