@@ -2,8 +2,8 @@
 
 * ``lean_llama_attention_forward``: Llama's attention forward with the rotary embedding as one
   ``Rotary`` function (written-out backward pass).
-* ``choose_attention`` / ``grouped_eager_attention``: eager attention for short sequences on a
-  CPU, query heads grouped per key/value head.
+* ``choose_attention`` / ``grouped_eager_attention``: on a CPU, eager attention (query heads
+  grouped per key/value head) where it is faster than SDPA on this machine, timed once per shape.
 
 Part of the fast path (``fedllm.fastpath``): ``fedllm.fastpath.enable`` installs the lean forward
 and chooses the attention kernel; with ``train.fast-path = false`` the model keeps its own
@@ -89,35 +89,98 @@ def use_lean_attention(model: Any) -> int:
     return count
 
 
-EAGER_ATTENTION_MAX_LENGTH = 256
+# eager attention keeps each layer's attention weights (rows x heads x length² values) for the backward
+# pass; beyond this length they would dominate a site's memory, and SDPA is chosen without timing
+EAGER_ATTENTION_MAX_LENGTH = 1024
+TIMING_ROWS = 4  # sequences in the timed pass (the ratio of the two kernels hardly depends on it)
 GROUPED_ATTENTION = "fedllm_grouped_eager"
 # model types whose attention modules call transformers' generic eager attention (the same function,
 # copied per model) through the attention interface; others keep "eager" (tested per family)
 _GROUPED_ATTENTION_TYPES = {"llama", "mistral", "mixtral", "qwen2", "phi3", "cohere", "gemma"}
+_eager_faster: dict[tuple, bool] = {}
 
 
 def choose_attention(model: Any, *, device: str, max_length: int) -> str:
     """The attention kernel for training on ``device`` with sequences of at most ``max_length``.
 
-    On a CPU, PyTorch's fused (flash) SDPA kernel has a slow backward pass: for short sequences
-    the plain ("eager") attention is faster (SmolLM2-135M, 8 x 128 tokens, bf16: a DP step 14%
-    faster, bench/bench_speed.py). Eager attention keeps the attention weights for the backward
-    pass (batch x heads x length² values a layer), so only sequences up to
-    ``EAGER_ATTENTION_MAX_LENGTH`` tokens use it; GPUs keep SDPA. Models whose eager attention is
+    On a CPU, which is faster depends on the CPU, the dtype and the length: measured on 2 threads,
+    fwd + bwd of one layer (4 sequences, 9 heads, 3 key/value heads, head dim 64), AMD EPYC with
+    AVX-512 BF16 and no AMX: at 384 tokens bf16 grouped eager 17 ms against SDPA's 39 ms, fp32 35
+    against 38; at 768 tokens bf16 128 against SDPA's 113; fp32 at 256 tokens 18 against 16. So
+    for sequences up to ``EAGER_ATTENTION_MAX_LENGTH`` both are timed once per shape and dtype on
+    this machine (``eager_attention_is_faster``), and the faster one is kept (SDPA: the model's own
+    choice, which some models make eager for their values); longer sequences and GPUs keep the
+    model's own. Eager attention keeps the attention weights for the backward pass (batch x
+    heads x length² values a layer), hence the length limit. Models whose eager attention is
     transformers' generic one get ``grouped_eager_attention``, the same function with fewer
-    passes over memory."""
+    passes over memory. Both give the model's values (tested per family)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = getattr(base.config, "_attn_implementation", None)
     original = base.__dict__.setdefault("_fedllm_original_attention", current)
     wanted = original
-    if device == "cpu" and max_length <= EAGER_ATTENTION_MAX_LENGTH:
+    if (device == "cpu" and max_length <= EAGER_ATTENTION_MAX_LENGTH and original in ("eager", "sdpa")
+            and eager_attention_is_faster(base, max_length, grouped=_grouped(base))):
         wanted = "eager"
-        if getattr(base.config, "model_type", None) in _GROUPED_ATTENTION_TYPES:
+        if _grouped(base):
             _register_grouped_attention()
             wanted = GROUPED_ATTENTION
     if current != wanted and original in ("eager", "sdpa") and base._can_set_attn_implementation():
         base.set_attn_implementation(wanted)
     return base.config._attn_implementation
+
+
+def _grouped(base: Any) -> bool:
+    return getattr(base.config, "model_type", None) in _GROUPED_ATTENTION_TYPES
+
+
+def eager_attention_is_faster(base: Any, length: int, *, grouped: bool) -> bool:
+    """Whether (grouped) eager attention's forward and backward pass beats SDPA's on this machine for
+    ``base``'s attention shape at ``length`` tokens in its dtype: each timed on random inputs with a
+    causal mask, once untimed, then the shorter of two runs; cached per shape."""
+    config = base.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = next(base.parameters()).dtype
+    key = (heads, kv_heads, head_dim, length, dtype, grouped, torch.get_num_threads())
+    if key not in _eager_faster:
+        _eager_faster[key] = _time_attention(heads, kv_heads, head_dim, length, dtype, grouped)
+    return _eager_faster[key]
+
+
+def _time_attention(heads: int, kv_heads: int, head_dim: int, length: int, dtype: torch.dtype, grouped: bool) -> bool:
+    import time
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if heads % kv_heads:
+        return False
+    module = torch.nn.Module()  # what the two functions read of an attention module
+    for name, value in (("num_key_value_groups", heads // kv_heads), ("is_causal", True)):
+        setattr(module, name, value)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    bool_mask = causal.expand(TIMING_ROWS, 1, length, length)
+    additive = torch.zeros(TIMING_ROWS, 1, length, length, dtype=dtype).masked_fill(~bool_mask, torch.finfo(dtype).min)
+    eager = grouped_eager_attention if grouped else eager_attention_forward
+    g = torch.Generator().manual_seed(0)
+    shapes = ((TIMING_ROWS, heads, length, head_dim), (TIMING_ROWS, kv_heads, length, head_dim))
+    q, k, v = (torch.randn(shapes[min(i, 1)], generator=g).to(dtype).requires_grad_() for i in range(3))
+    grad = torch.randn(shapes[0], generator=g).to(dtype)
+    scaling = head_dim ** -0.5
+
+    def seconds(run) -> float:
+        best = float("inf")
+        for attempt in range(3):
+            start = time.perf_counter()
+            out = run()[0]
+            out.transpose(1, 2).backward(grad)
+            if attempt:  # the first builds kernels: untimed
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    sdpa = seconds(lambda: sdpa_attention_forward(module, q, k, v, bool_mask, scaling=scaling))
+    return seconds(lambda: eager(module, q, k, v, additive, scaling=scaling)) < sdpa
 
 
 def _register_grouped_attention() -> None:

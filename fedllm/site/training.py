@@ -165,6 +165,45 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     return total / keep.sum(1).clamp(min=1)
 
 
+# length-bucketed chunks (fast path): a chunk of fewer padded tokens than this is not split off on its own
+# (small products run below the kernel's rate), and each extra chunk costs about this many tokens of work
+MIN_CHUNK_TOKENS = 512
+CHUNK_COST_TOKENS = 32
+
+
+def plan_chunks(lengths: Sequence[int], max_rows: int = 0) -> list[list[int]]:
+    """The passes through the model for one sampled batch: positions into ``lengths`` (the sampled
+    records' token counts), grouped so that records of similar length share a pass (each pass is
+    right-padded to its longest record, so mixing lengths wastes the padding's compute).
+
+    The records are ordered by length and cut into consecutive groups of at most ``max_rows``
+    (0: no limit) that minimise padded tokens + ``CHUNK_COST_TOKENS`` per group, each group
+    holding at least ``MIN_CHUNK_TOKENS`` padded tokens unless it has ``max_rows`` records or is
+    the last (shortest) one. Every sampled
+    record is in exactly one group: the step's sampled set, what DP sees, is unchanged; only the
+    order of the sums inside the step differs."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    limit = max_rows if max_rows > 0 else n
+    # best[i]: least cost of the first i records (longest first); cut[i]: where its last group starts
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - limit), end):
+            padded = lengths[order[start]] * (end - start)  # the group's longest is its first
+            if padded < MIN_CHUNK_TOKENS and end - start < limit and end < n:
+                continue  # too small to stand alone; a group at the row limit, or the last (shortest) one, may
+            cost = best[start] + padded + CHUNK_COST_TOKENS
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups: list[list[int]] = []
+    end = n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def _poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> list[int]:
     return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().tolist()
 
@@ -249,8 +288,12 @@ def train_local(
             batch = _poisson_batch(len(examples), sample_rate, sampler)
             optim.zero_grad(set_to_none=True)
             if batch:
-                size = physical_batch_size if physical_batch_size > 0 else len(batch)
-                chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+                if fast is not None:  # length-bucketed passes: less padding, the same sampled set
+                    chunks = [[batch[i] for i in group] for group in
+                              plan_chunks([len(examples[i].input_ids) for i in batch], physical_batch_size)]
+                else:
+                    size = physical_batch_size if physical_batch_size > 0 else len(batch)
+                    chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
                 total = 0.0
                 for k, chunk in enumerate(chunks):
                     ids, mask, labels = collate([examples[i] for i in chunk], pad_id, device)

@@ -271,13 +271,18 @@ def test_family_fused_ffa_lora_layer_gives_peft_s_outputs_gradients_and_opacus_p
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attention_s_values(family):
-    """On a CPU with short sequences ``choose_attention`` picks fedllm's grouped eager attention for
-    the families whose attention is transformers' generic one (not for the others): the
-    logits and the per-example gradients equal those of eager attention, with padding in the
-    batch; on a bf16 base they agree to bf16 precision."""
+def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attention_s_values(family, monkeypatch):
+    """On a CPU where eager attention times faster (forced here: the timing is the machine's),
+    ``choose_attention`` picks fedllm's grouped eager attention for the families whose attention is
+    transformers' generic one (not for the others): the logits and the per-example gradients equal
+    those of eager attention, with padding in the batch; on a bf16 base they agree to bf16
+    precision. Where SDPA times faster, SDPA is kept; GPUs and long sequences are not timed."""
+    from fedllm.fastpath import attention
     from fedllm.fastpath.attention import GROUPED_ATTENTION, choose_attention
 
+    timed = []
+    monkeypatch.setattr(attention, "_time_attention", lambda *shape: timed.append(shape) or True)
+    monkeypatch.setattr(attention, "_eager_faster", {})
     ids, mask = _batch_with_padding()
     for dtype, tolerance in DTYPE_TOLERANCES:
         model = _random_lora(family, dtype)
@@ -287,6 +292,15 @@ def test_family_attention_chosen_for_short_sequences_on_a_cpu_gives_eager_attent
         model.get_base_model().set_attn_implementation("eager")
         _assert_same_outputs(chosen_outputs, _outputs(model, ids, mask), tolerance)
     assert choose_attention(model, device="cuda", max_length=64) == model.get_base_model()._fedllm_original_attention
+    count = len(timed)
+    original = model.get_base_model()._fedllm_original_attention
+    assert choose_attention(model, device="cpu", max_length=attention.EAGER_ATTENTION_MAX_LENGTH + 1) == original
+    assert len(timed) == count  # too long for eager attention's memory: not timed
+    monkeypatch.setattr(attention, "_eager_faster", {})
+    monkeypatch.setattr(attention, "_time_attention", lambda *shape: False)  # SDPA faster: the model's own
+    model = _random_lora(family)
+    original = model.get_base_model().config._attn_implementation
+    assert choose_attention(model, device="cpu", max_length=64) == original
 
 
 @pytest.mark.parametrize("family", FAMILIES)

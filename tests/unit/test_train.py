@@ -303,3 +303,43 @@ def test_training_without_dp_lowers_held_out_loss(setup):
     assert after.perplexity == pytest.approx(math.exp(after.loss))
     set_adapter_state(model, start)
 
+
+
+def test_chunk_plan_keeps_every_sampled_record_once_and_groups_similar_lengths():
+    """Length-bucketed passes (fast path): the sampled set is unchanged (each record in exactly one
+    pass), passes respect the physical limit and the minimum size, and padding falls."""
+    from fedllm.site.training import MIN_CHUNK_TOKENS, plan_chunks
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        lengths = torch.randint(20, 385, (n,), generator=g).tolist()
+        for limit in (0, 1, 3, 4, 8):
+            groups = plan_chunks(lengths, limit)
+            assert sorted(i for grp in groups for i in grp) == list(range(n))
+            assert all(grp for grp in groups) and (limit == 0 or all(len(grp) <= limit for grp in groups))
+            flat = [lengths[i] for grp in groups for i in grp]
+            assert flat == sorted(flat, reverse=True)  # consecutive groups of the records by length
+            for grp in groups[:-1]:
+                assert max(lengths[i] for i in grp) * len(grp) >= MIN_CHUNK_TOKENS or len(grp) == limit
+            padded = sum(max(lengths[i] for i in grp) * len(grp) for grp in groups)
+            size = limit or n
+            in_order = sum(max(lengths[i:i + size]) * len(lengths[i:i + size]) for i in range(0, n, size))
+            assert padded <= in_order + 32 * len(groups)
+    assert plan_chunks([384] * 8) == [list(range(8))]  # equal lengths, no limit: one pass
+    assert plan_chunks([300, 100, 290, 90, 310, 80, 95, 85]) == [[4, 0, 2], [1, 6, 3, 7, 5]]  # 930 + 500 vs 2480
+    assert plan_chunks([]) == []
+
+
+def test_length_bucketed_passes_give_the_same_clipped_sum(ffa, monkeypatch):
+    """Forced into one pass per length group (no minimum size), the FFA-LoRA DP step is still exactly
+    the clipped sum of the sampled records' per-example gradients over the expected batch."""
+    import fedllm.site.training as training
+
+    monkeypatch.setattr(training, "MIN_CHUNK_TOKENS", 0)
+    monkeypatch.setattr(training, "CHUNK_COST_TOKENS", 0)
+    model, tok, _ = ffa
+    examples = tokenize_records(RECORDS, tok, max_length=512)  # untruncated: lengths differ
+    batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
+    assert len(training.plan_chunks([len(examples[i].input_ids) for i in batch])) > 1
+    _assert_step_is_the_clipped_sum(model, tok, examples)
