@@ -270,7 +270,7 @@ def _run(config: Any, site: Any, *, canaries: int, k: int, no_noise: bool, outpu
     result = train_local(model, train, steps=steps, batch_size=config.train.batch_size,
                          learning_rate=config.train.learning_rate, weight_decay=config.train.weight_decay,
                          optimizer=config.train.optimizer, pad_id=tokenizer.pad_token_id, dp=dp, device=device,
-                         physical_batch_size=config.train.physical_batch_size,
+                         physical_batch_size=config.train.physical_batch_size, pass_tokens=config.train.pass_tokens,
                          gradient_checkpointing=config.train.gradient_checkpointing, fast_path=config.train.fast_path,
                          planned_examples=planned)
     ledger.record(run_id=run_id, server_round=1, steps=steps, sample_rate=sample_rate, noise_multiplier=sigma,

@@ -103,6 +103,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     threads: int = 0
     physical_batch_size: int = 0
+    pass_tokens: int = 0
     gradient_checkpointing: bool = False
     fast_path: bool = True
 
@@ -246,6 +247,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("train.eval-batch-size", 1, math.inf, True),
     ("train.threads", 0, 1024, True),
     ("train.physical-batch-size", 0, math.inf, True),
+    ("train.pass-tokens", 0, math.inf, True),
     ("privacy.noise-multiplier", 0.0, 1e4, True),
     ("privacy.target-epsilon", 0.0, 1e4, False),
     ("privacy.target-delta", 0.0, 1.0, False),

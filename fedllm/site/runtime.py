@@ -191,6 +191,7 @@ class SiteRuntime:
         result = train_local(self.model, self.train_examples, steps=steps, batch_size=cfg.train.batch_size,
                              learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                              optimizer=cfg.train.optimizer, physical_batch_size=cfg.train.physical_batch_size,
+                             pass_tokens=cfg.train.pass_tokens,
                              gradient_checkpointing=cfg.train.gradient_checkpointing,
                              pad_id=self.tokenizer.pad_token_id, dp=dp, proximal_mu=proximal_mu,
                              device=self.site.device, on_step=show, fast_path=cfg.train.fast_path)

@@ -169,17 +169,30 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
 # (small products run below the kernel's rate), and each extra chunk costs about this many tokens of work
 MIN_CHUNK_TOKENS = 512
 CHUNK_COST_TOKENS = 32
+# train.pass-tokens = 0 on a CPU: at most this many padded tokens a pass. The base's products run at full
+# rate from about 768 rows (bench/bench_real.py), and a pass's activations are what a site's memory
+# holds: SmolLM2-135M at 384 tokens peaked at 2.14 GB with 4 x 384 tokens a pass, 1.7 GB with 2 x 384.
+CPU_PASS_TOKENS = 1024
 
 
-def plan_chunks(lengths: Sequence[int], max_rows: int = 0) -> list[list[int]]:
+def pass_token_limit(pass_tokens: int, device: torch.device | str) -> int:
+    """``train.pass-tokens`` for ``device``: as set; 0 (automatic) is ``CPU_PASS_TOKENS`` on a CPU and
+    no limit (0) elsewhere."""
+    if pass_tokens:
+        return pass_tokens
+    return CPU_PASS_TOKENS if torch.device(device).type == "cpu" else 0
+
+
+def plan_chunks(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) -> list[list[int]]:
     """The passes through the model for one sampled batch: positions into ``lengths`` (the sampled
     records' token counts), grouped so that records of similar length share a pass (each pass is
     right-padded to its longest record, so mixing lengths wastes the padding's compute).
 
     The records are ordered by length and cut into consecutive groups of at most ``max_rows``
-    (0: no limit) that minimise padded tokens + ``CHUNK_COST_TOKENS`` per group, each group
-    holding at least ``MIN_CHUNK_TOKENS`` padded tokens unless it has ``max_rows`` records or is
-    the last (shortest) one. Every sampled
+    (0: no limit) and at most ``max_tokens`` padded tokens (0: no limit; a longer record runs
+    alone) that minimise padded tokens + ``CHUNK_COST_TOKENS`` per group, each group holding at
+    least ``MIN_CHUNK_TOKENS`` padded tokens unless it has ``max_rows`` records or is the last
+    (shortest) one. Every sampled
     record is in exactly one group: the step's sampled set, what DP sees, is unchanged; only the
     order of the sums inside the step differs."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -191,11 +204,15 @@ def plan_chunks(lengths: Sequence[int], max_rows: int = 0) -> list[list[int]]:
     for end in range(1, n + 1):
         for start in range(max(0, end - limit), end):
             padded = lengths[order[start]] * (end - start)  # the group's longest is its first
+            if max_tokens and padded > max_tokens and end - start > 1:
+                continue  # over the pass's token limit: records only alone
             if padded < MIN_CHUNK_TOKENS and end - start < limit and end < n:
                 continue  # too small to stand alone; a group at the row limit, or the last (shortest) one, may
             cost = best[start] + padded + CHUNK_COST_TOKENS
             if cost < best[end]:
                 best[end], cut[end] = cost, start
+    if best[n] == math.inf:  # the limits leave no grouping: each record alone
+        return [[i] for i in order]
     groups: list[list[int]] = []
     end = n
     while end > 0:
@@ -228,6 +245,7 @@ def train_local(
     gradient_checkpointing: bool = False,
     fast_path: bool = True,
     planned_examples: int = 0,
+    pass_tokens: int = 0,
 ) -> TrainResult:
     """Run ``steps`` local steps on ``model``'s trainable (adapter) parameters, in place.
 
@@ -251,6 +269,11 @@ def train_local(
     head, fused per-example gradients and allocator setting; off, the plain reference (``model``
     must not have the fast path's layers). Both compute the same update (tested per family).
 
+    ``pass_tokens`` (``train.pass-tokens``; fast path): at most that many padded tokens through the
+    model at once (``pass_token_limit``: 0 is automatic). With the fast path each sampled batch runs
+    in length-bucketed passes (``plan_chunks``), within ``physical_batch_size`` records and
+    ``pass_tokens`` tokens a pass; under DP exactly as chunks above.
+
     ``planned_examples`` > 0 sets q = ``batch_size / planned_examples`` (and the expected batch)
     from a planned dataset size instead of ``len(examples)``, which it must not be below: the
     canary audit plans for every canary, so that q does not depend on which were included."""
@@ -261,6 +284,7 @@ def train_local(
     fast = _fast_path(model, fast_path)
     if fast is not None:
         fast.keep_freed_memory()
+    max_pass = pass_token_limit(pass_tokens, device)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     planned = planned_examples or len(examples)
@@ -290,7 +314,7 @@ def train_local(
             if batch:
                 if fast is not None:  # length-bucketed passes: less padding, the same sampled set
                     chunks = [[batch[i] for i in group] for group in
-                              plan_chunks([len(examples[i].input_ids) for i in batch], physical_batch_size)]
+                              plan_chunks([len(examples[i].input_ids) for i in batch], physical_batch_size, max_pass)]
                 else:
                     size = physical_batch_size if physical_batch_size > 0 else len(batch)
                     chunks = [batch[i:i + size] for i in range(0, len(batch), size)]

@@ -314,10 +314,13 @@ def test_chunk_plan_keeps_every_sampled_record_once_and_groups_similar_lengths()
     for _ in range(200):
         n = int(torch.randint(1, 30, (1,), generator=g))
         lengths = torch.randint(20, 385, (n,), generator=g).tolist()
-        for limit in (0, 1, 3, 4, 8):
-            groups = plan_chunks(lengths, limit)
+        for limit, max_tokens in ((0, 0), (1, 0), (3, 0), (4, 0), (8, 0), (0, 1024), (4, 1024), (0, 300)):
+            groups = plan_chunks(lengths, limit, max_tokens)
             assert sorted(i for grp in groups for i in grp) == list(range(n))
             assert all(grp for grp in groups) and (limit == 0 or all(len(grp) <= limit for grp in groups))
+            assert not max_tokens or all(len(g) == 1 or max(lengths[i] for i in g) * len(g) <= max_tokens for g in groups)
+            if max_tokens:
+                continue  # the token limit may cost padding: the checks below are of the row limit alone
             flat = [lengths[i] for grp in groups for i in grp]
             assert flat == sorted(flat, reverse=True)  # consecutive groups of the records by length
             for grp in groups[:-1]:
@@ -329,6 +332,8 @@ def test_chunk_plan_keeps_every_sampled_record_once_and_groups_similar_lengths()
     assert plan_chunks([384] * 8) == [list(range(8))]  # equal lengths, no limit: one pass
     assert plan_chunks([300, 100, 290, 90, 310, 80, 95, 85]) == [[4, 0, 2], [1, 6, 3, 7, 5]]  # 930 + 500 vs 2480
     assert plan_chunks([]) == []
+    assert plan_chunks([384] * 8, 4, 1024) == [[0, 1], [2, 3], [4, 5], [6, 7]]  # 2 x 384 a pass
+    assert plan_chunks([2000, 384, 100], 0, 1024) == [[0], [1, 2]]  # a record over the limit runs alone
 
 
 def test_length_bucketed_passes_give_the_same_clipped_sum(ffa, monkeypatch):
