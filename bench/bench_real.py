@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -363,21 +364,22 @@ def _peak_one(workload: str, steps: int) -> dict:
     return {"rss-after-load-mb": round(loaded), "peak-mb": round(_status_mb("VmHWM"))}
 
 
-def bench_simulate(threads: int) -> dict:
-    """``fedllm simulate demo`` for one round (the sites in parallel, as the engine places them) beside one
+def bench_simulate(threads: int, extra: Sequence[str] = ()) -> dict:
+    """``fedllm simulate demo`` for two rounds, the second timed (the sites in parallel, as the engine places them; the
+    first loads the models) beside one
     process with every core training the same sites' records, the same steps and batch size."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "fedllm.cli.main", "simulate", "demo", "--rounds", "1",
-                               "--output", str(Path(tmp) / "run")], capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-m", "fedllm.cli.main", "simulate", "demo", "--rounds", "2",
+                               "--output", str(Path(tmp) / "run"), *extra], capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if proc.returncode:
             raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
         history = json.loads((Path(tmp) / "run" / "history.json").read_text())
         config = (Path(tmp) / "run" / "config.toml").read_text()
-    train = next(r for r in history["rounds"] if "train" in r)
+    train = [r for r in history["rounds"] if "train" in r][-1]  # the last round: the sites' models are loaded
     sites = train["train"]["sites"]
     tokens = sum(int(m["tokens"]) for m in sites.values())
     out: dict = {"wall-s": round(wall, 1), "round-train-seconds": round(train["train-seconds"], 1),

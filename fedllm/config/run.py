@@ -179,7 +179,7 @@ class FederationConfig:
 class SimulationConfig:
     """Simulation engine settings (ignored in deployment)."""
 
-    client_cpus: int = 1
+    client_cpus: int = 0  # 0: automatic (fedllm.simulation.runner.client_cpus_for)
     sites_file: str = ""
 
 
@@ -270,7 +270,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("federation.min-completed-sites", 1, math.inf, True),
     ("federation.connect-timeout", 0.0, math.inf, True),
     ("federation.max-update-norm", 0.0, math.inf, True),
-    ("simulation.client-cpus", 1, 1024, True),
+    ("simulation.client-cpus", 0, 1024, True),
     ("evaluate.max-new-tokens", 1, 4096, True),
     ("evaluate.max-examples", 0, math.inf, True),
     ("evaluate.batch-size", 1, math.inf, True),

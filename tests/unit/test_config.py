@@ -318,3 +318,17 @@ def test_a_bad_evaluate_section_names_the_file_key_and_fix(tmp_path, section, ex
     with pytest.raises(ConfigError) as err:
         load_run_overrides(run)
     assert str(run) in str(err.value) and expected in str(err.value)
+
+
+def test_automatic_client_cpus_share_the_cores_among_the_sites_of_a_round():
+    from fedllm.simulation.runner import client_cpus_for
+
+    auto = RunConfig.from_flat({})
+    assert auto.simulation.client_cpus == 0
+    assert client_cpus_for(auto, 3, cores=2) == 1  # more sites than cores: one thread each
+    assert client_cpus_for(auto, 1, cores=2) == 2  # a lone site uses every core
+    assert client_cpus_for(auto, 4, cores=16) == 4
+    sampled = RunConfig.from_flat({"strategy.fraction-train": 0.1, "strategy.min-train-sites": 2})
+    assert client_cpus_for(sampled, 100, cores=16) == 1  # 10 sites a round
+    assert client_cpus_for(sampled, 10, cores=16) == 8  # 2 sites a round (min-train-sites)
+    assert client_cpus_for(RunConfig.from_flat({"simulation.client-cpus": 3}), 1, cores=2) == 3  # as set
