@@ -15,7 +15,7 @@ real (unpadded) tokens of the batches over the sum of the step times, after one 
 
 * ``fedllm-dp`` / ``fedllm-no-dp``: ``fedllm.site.training.train_local`` as a site runs it, the
   scenario's settings, ``model.dtype = "auto"`` (what a user gets on this CPU);
-* ``fedllm-dp-no-fast-path``: the same with ``train.fast-path = false``;
+* ``fedllm-dp-no-fast-path``: the same with ``train.fast-path = false`` (not run by default: ``--variants``);
 * ``plain-dp``: the plain recipe a user writes from the PEFT and Opacus docs: fp32,
   ``LoraConfig(r=8, target_modules="all-linear")``, ``PrivacyEngine.make_private`` (hooks), the
   loss from ``model(..., labels=labels).loss``, each batch whole, padded to its longest record.
@@ -36,7 +36,7 @@ Other parts:
 It prints the CPU model and ISA (AVX2, AVX-512, AVX-512 BF16, AMX) first; a variant the CPU cannot
 run natively (a bf16 base without native bf16) is not run.
 
-    python bench/bench_real.py [--steps 4] [--rounds 2] [--threads 2] [--parts step,gemm,profile,memory,simulate] [--json]
+    python bench/bench_real.py [--steps 3] [--rounds 1] [--threads 2] [--parts step,gemm,profile,memory,simulate] [--json]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ WORKLOADS = {  # name: (site, max-length, batch size, physical batch size)
     "demo": ("northbridge-pediatrics", 160, 8, 0),
 }
 VARIANTS = ("fedllm-dp", "fedllm-no-dp", "plain-dp", "fedllm-dp-no-fast-path")
+DEFAULT_VARIANTS = ("fedllm-dp", "fedllm-no-dp", "plain-dp")
 
 
 def cpu_info() -> dict:
@@ -78,7 +79,9 @@ def cpu_info() -> dict:
                 break
     isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"),
                                    ("amx_bf16", "AMX")) if flag in flags]
-    return {"cpu": model, "isa": isa, "cores": os.cpu_count(), "torch": torch.__version__}
+    limits = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+              if k in os.environ}  # the ISA held lower than the CPU's (an AVX2-only machine's kernels)
+    return {"cpu": model, "isa": isa, "isa-limits": limits, "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def _config(workload: str, *, fast_path: bool = True):
@@ -427,12 +430,12 @@ def _single_all_demo_sites() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parts", default="step,gemm,profile,memory,simulate")
     parser.add_argument("--workloads", default="pubmedqa,demo")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--time-one", help=argparse.SUPPRESS)
     parser.add_argument("--profile-one", action="store_true", help=argparse.SUPPRESS)

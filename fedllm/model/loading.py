@@ -160,11 +160,18 @@ def base_dtype(config: ModelConfig, device: str | None) -> str:
     return "bfloat16" if native_bf16(device or "cpu") else "float32"
 
 
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below which its kernels have no bf16 instructions
+_NO_BF16_ISA_LIMITS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def native_bf16(device: str) -> bool:
-    """Whether ``device`` multiplies bf16 matrices natively."""
+    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU with bf16, a CPU with AMX or
+    AVX-512 BF16, unless oneDNN is held below those instructions (``ONEDNN_MAX_CPU_ISA``)."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device != "cpu":
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISA_LIMITS:
         return False
     try:
         with open("/proc/cpuinfo") as fh:

@@ -91,6 +91,8 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it_natively(monkeyp
     monkeypatch.undo()
     assert model.native_bf16("mps") is False
     assert model.native_bf16("cuda:0") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN held to AVX2: bf16 would be emulated
+    assert model.native_bf16("cpu") is False
 
 
 def test_rotary_function_matches_llamas_rotary_embedding_and_its_gradient():
