@@ -36,6 +36,7 @@ test-unit: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/security
 
 bench: install
+	$(BIN)/python bench/bench_real.py
 	$(BIN)/python bench/bench_foundation.py
 	$(BIN)/python bench/bench_speed.py --parts speed,memory,startup,quality,gemm
 	$(BIN)/python bench/bench_scale.py

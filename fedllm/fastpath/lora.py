@@ -109,27 +109,28 @@ class FrozenBaseLoRA(torch.autograd.Function):
                 b: torch.Tensor, scaling: float, per_example_rule: Any) -> torch.Tensor:
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        u = torch.mm(x2, a.to(dtype).t())  # x Aᵀ; the scaling s is applied inside the products below
-        b_low = b.to(dtype)
+        a_low = frozen_in(a, dtype)
+        u = torch.mm(x2, a_low.t())  # x Aᵀ; the scaling s is applied inside the products below
+        b_low = b.to(dtype)  # B in the base's dtype once a call: the backward pass reuses it
         out = x.new_empty(*x.shape[:-1], weight.shape[0])  # returned whole: autograd forbids returning a view
         out2 = out.view(-1, weight.shape[0])
         # s·u Bᵀ (+ bias); beta = 0 ignores out2's uninitialised values
         torch.addmm(out2 if bias is None else bias.to(dtype), u, b_low.t(), beta=0 if bias is None else 1,
                     alpha=scaling, out=out2)
         products.accumulate_product(out2, x2, weight.to(dtype).t())  # in place: addmm would first copy the LoRA term
-        ctx.save_for_backward(u, weight, a, b)
+        ctx.save_for_backward(u, weight, a_low, b_low, b)
         ctx.scaling, ctx.per_example_rule, ctx.batch_shape = scaling, per_example_rule, x.shape[:-1]
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        u, weight, a, b = ctx.saved_tensors
+        u, weight, a_low, b_low, b = ctx.saved_tensors
         dtype = u.dtype
         g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            gu = torch.mm(g2, b.to(dtype)).mul_(ctx.scaling)  # rank r: a small tensor
-            grad_x = products.accumulate_product(torch.mm(gu, a.to(dtype)), g2, weight.to(dtype)).view(*ctx.batch_shape, -1)
+            gu = torch.mm(g2, b_low).mul_(ctx.scaling)  # rank r: a small tensor
+            grad_x = products.accumulate_product(torch.mm(gu, a_low), g2, weight.to(dtype)).view(*ctx.batch_shape, -1)
         if ctx.per_example_rule is not None:
             rows = ctx.batch_shape[0]  # batch first; a 2-d input has one example per row
             ctx.per_example_rule(b, u.view(rows, -1, u.shape[-1]), g2.view(rows, -1, g2.shape[-1]), ctx.scaling)
@@ -137,6 +138,18 @@ class FrozenBaseLoRA(torch.autograd.Function):
             grad_b = torch.addmm(g2.new_empty(g2.shape[-1], u.shape[-1]), g2.t(), u, beta=0,
                                  alpha=ctx.scaling).to(b.dtype)
         return grad_x, None, None, None, grad_b, None, None
+
+
+def frozen_in(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen factor in ``dtype``, cast once and kept on the factor until its values change (its
+    version counter moves: an adapter loaded into it) rather than cast in every call."""
+    if a.dtype == dtype:
+        return a
+    cached = getattr(a, "_fedllm_cast", None)
+    if cached is None or cached[0] != (dtype, a._version, a.data_ptr()):
+        cached = ((dtype, a._version, a.data_ptr()), a.detach().to(dtype))
+        a._fedllm_cast = cached  # type: ignore[attr-defined]  # a tensor attribute, dropped with the factor
+    return cached[1]
 
 
 def use_lean_lora(model: Any) -> int:

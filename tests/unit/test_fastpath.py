@@ -212,3 +212,17 @@ def test_a_model_with_the_fast_path_is_refused_by_a_plain_reference_run():
     assert not fastpath.is_enabled(plain)
     assert train_local(plain, examples, fast_path=False, **kw).steps == 1
     assert not fastpath.is_enabled(plain)
+
+
+def test_a_frozen_factor_is_cast_once_and_again_when_its_values_change():
+    from fedllm.fastpath.lora import frozen_in
+
+    a = torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)
+    first = frozen_in(a, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, a.detach().to(torch.bfloat16))
+    assert frozen_in(a, torch.bfloat16) is first  # cached
+    assert frozen_in(a, torch.float32) is a  # already in that dtype
+    with torch.no_grad():
+        a.copy_(torch.randn(4, 8))  # an adapter loaded into it
+    again = frozen_in(a, torch.bfloat16)
+    assert again is not first and torch.equal(again, a.detach().to(torch.bfloat16))
