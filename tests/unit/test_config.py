@@ -332,3 +332,14 @@ def test_automatic_client_cpus_share_the_cores_among_the_sites_of_a_round():
     assert client_cpus_for(sampled, 100, cores=16) == 1  # 10 sites a round
     assert client_cpus_for(sampled, 10, cores=16) == 8  # 2 sites a round (min-train-sites)
     assert client_cpus_for(RunConfig.from_flat({"simulation.client-cpus": 3}), 1, cores=2) == 3  # as set
+
+
+def test_automatic_simulation_runs_a_round_s_sites_at_once_rather_than_leave_a_core_idle():
+    from fedllm.simulation.runner import simulation_cpus
+
+    auto = RunConfig.from_flat({})
+    assert simulation_cpus(auto, 3, cores=2) == 3  # 3 sites on 2 cores: all at once, not 2 + 1
+    assert simulation_cpus(auto, 4, cores=2) == 2  # two even waves
+    assert simulation_cpus(auto, 5, cores=2) == 2  # more than twice the cores: waves
+    assert simulation_cpus(auto, 1, cores=2) == 2
+    assert simulation_cpus(RunConfig.from_flat({"simulation.client-cpus": 1}), 3, cores=2) == 2  # as set: cores
