@@ -25,7 +25,7 @@ def seeded_randomness(monkeypatch):
 
     seeds = itertools.count(1)
     monkeypatch.setattr(canaries, "os_entropy_rng", lambda: np.random.default_rng(next(seeds)))
-    monkeypatch.setattr(train, "fresh_generator", lambda: torch.Generator().manual_seed(next(seeds)))
+    monkeypatch.setattr(train, "fresh_generator", lambda device="cpu": torch.Generator(device=device).manual_seed(next(seeds)))
     monkeypatch.setattr(strategy, "os_entropy_seed", lambda: next(seeds))
     monkeypatch.setattr(holdout, "fresh_split_key", lambda: bytes(range(32)))  # the same held-out split
 

@@ -141,3 +141,32 @@ class FakeNodes:
 
     def node_ids(self) -> list[int]:
         return list(self.nodes)
+
+
+def devices_of_a_dp_step(model: Any, examples: list, *, pad_id: int, device: str, fast_path: bool = True) -> dict:
+    """One DP-SGD step of ``train_local`` on ``model`` (already on ``device``), every operation's
+    floating-point outputs recorded by a dispatch mode: device -> how many. Device-agnostic: on a
+    GPU everything the step computes (batches' activations, per-example gradients, clipping, the
+    noise, the fused head's chunks, the optimizer) must be on the GPU. The Poisson sampling (a
+    draw of integers on the CPU, by design) and the batches' token ids built before their move
+    are not floating point and not counted."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fedllm.site.training import DPSettings, train_local
+
+    seen: dict[str, int] = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    seen[t.device.type] = seen.get(t.device.type, 0) + 1
+            return out
+
+    with Record():
+        train_local(model, examples, steps=2, batch_size=4, learning_rate=0.1, pad_id=pad_id,
+                    dp=DPSettings(1.0, 1.0), device=device, fast_path=fast_path,
+                    sampling_generator=torch.Generator().manual_seed(0))
+    return seen

@@ -89,9 +89,11 @@ class EvalResult:
     record_losses: tuple[float, ...] = ()
 
 
-def fresh_generator() -> torch.Generator:
-    """A CPU generator seeded from the OS entropy pool."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the OS entropy pool. The noise is drawn on the
+    parameters' device (Opacus draws it there, and torch refuses a generator of another device);
+    the Poisson sampling on the CPU."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,7 +304,8 @@ def train_local(
     if dp is not None:
         optim = dp_optimizer_class()(optim, noise_multiplier=dp.noise_multiplier,
                                           max_grad_norm=dp.max_grad_norm, expected_batch_size=expected_batch,
-                                          loss_reduction="mean", generator=noise_generator or fresh_generator())
+                                          loss_reduction="mean",
+                                          generator=noise_generator or fresh_generator(params[0].device))
     if gradient_checkpointing:
         set_gradient_checkpointing(model, True)
     model.train()

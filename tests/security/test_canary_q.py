@@ -40,7 +40,7 @@ def _mechanism_for_draw(scenario, tmp_path, monkeypatch, seed: int) -> dict:  # 
         raise _Stop
 
     monkeypatch.setattr(audit, "os_entropy_rng", lambda: np.random.default_rng(seed))
-    monkeypatch.setattr(training, "fresh_generator", lambda: __import__("torch").Generator().manual_seed(seed))
+    monkeypatch.setattr(training, "fresh_generator", lambda device="cpu": __import__("torch").Generator(device=device).manual_seed(seed))
     monkeypatch.setattr(training, "train_local", capture)
     # one split key for both runs: the real records' train/held-out split is the site's, not part of the draw
     monkeypatch.setattr(holdout, "fresh_split_key", lambda: bytes(range(32)))

@@ -365,7 +365,7 @@ def test_family_dp_step_is_the_same_with_the_fast_path_on_and_off(family, tmp_pa
     leaves most examples unclipped (clipping is scale-invariant) and clips some (gemma2)."""
     import fedllm.site.training as training
 
-    monkeypatch.setattr(training, "fresh_generator", lambda: torch.Generator().manual_seed(7))
+    monkeypatch.setattr(training, "fresh_generator", lambda device="cpu": torch.Generator(device=device).manual_seed(7))
     start, fast, fast_site = _dp_step_at_a_site(family, tmp_path / "on", fast_path=True)
     assert fastpath.is_enabled(fast_site.model)
     _, plain, plain_site = _dp_step_at_a_site(family, tmp_path / "off", fast_path=False, start=start)

@@ -348,3 +348,40 @@ def test_length_bucketed_passes_give_the_same_clipped_sum(ffa, monkeypatch):
     batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
     assert len(training.plan_chunks([len(examples[i].input_ids) for i in batch])) > 1
     _assert_step_is_the_clipped_sum(model, tok, examples)
+
+
+
+def _device_check(device: str) -> None:
+    from tests.helpers import devices_of_a_dp_step
+
+    for fast_path in (True, False):
+        base, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"), device=device)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        model = apply_lora(base, LoraConfig(r=4, alpha=8), fast_path=fast_path).to(device)
+        examples = tokenize_records(RECORDS, tokenizer, max_length=64)
+        seen = devices_of_a_dp_step(model, examples, pad_id=tokenizer.pad_token_id, device=device, fast_path=fast_path)
+        assert set(seen) == {torch.device(device).type} and sum(seen.values()) > 100, seen
+
+
+def test_every_tensor_a_dp_step_computes_is_on_the_model_s_device(monkeypatch):
+    """The device check of issue 17, device-agnostic (here on the CPU; the ``gpu`` test below on
+    CUDA): every floating-point tensor a DP step builds is on the model's device, and the noise
+    generator is created on the parameters' device (torch refuses a generator of another device)."""
+    import fedllm.site.training as training
+
+    _device_check("cpu")
+    asked = []
+    real = training.fresh_generator
+    monkeypatch.setattr(training, "fresh_generator", lambda device="cpu": asked.append(torch.device(device)) or real(device))
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny-random-llama"))
+    model = with_random_lora(model, LoraConfig(r=4, alpha=8))
+    train_local(model, tokenize_records(RECORDS, tokenizer, max_length=64), steps=1, batch_size=8, learning_rate=0.1,
+                pad_id=tokenizer.pad_token_id, dp=DPSettings(1.0, 1.0))
+    assert asked == [torch.device("cpu"), next(model.parameters()).device]  # the sampling, then the noise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_tensor_a_dp_step_computes_is_on_the_gpu():
+    _device_check("cuda")
