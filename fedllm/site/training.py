@@ -194,9 +194,8 @@ def plan_chunks(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) 
     (0: no limit) and at most ``max_tokens`` padded tokens (0: no limit; a longer record runs
     alone) that minimise padded tokens + ``CHUNK_COST_TOKENS`` per group, each group holding at
     least ``MIN_CHUNK_TOKENS`` padded tokens unless it has ``max_rows`` records or is the last
-    (shortest) one. Every sampled
-    record is in exactly one group: the step's sampled set, what DP sees, is unchanged; only the
-    order of the sums inside the step differs."""
+    (shortest) one. Every sampled record is in exactly one group: the step's sampled set, what DP
+    sees, is unchanged; only the order of the sums inside the step differs."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     limit = max_rows if max_rows > 0 else n
