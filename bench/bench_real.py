@@ -349,16 +349,10 @@ def bench_gemm() -> dict:
 
 # ---- memory and the simulation ------------------------------------------------------------------
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _peak_one(workload: str, steps: int) -> dict:
     """In this (fresh) process, as a site worker: the model loaded, ``steps`` DP steps; peak RSS."""
+    from bench_speed import _status_mb  # the speed benchmark's reader of /proc/self/status
+
     runner = Fedllm(workload, dp=True)
     batches = _batches(workload, runner.tokenizer, steps)
     loaded = _status_mb("VmRSS")
@@ -401,25 +395,22 @@ def bench_simulate(threads: int, extra: Sequence[str] = ()) -> dict:
 
 def _single_all_demo_sites() -> dict:
     """One process, every core: each demo site's training records for the demo's steps and batch size."""
-    from fedllm.config import RunConfig
+    from fedllm import fastpath
+    from fedllm.config import RunConfig, SiteConfig
     from fedllm.config.run import load_run_overrides
     from fedllm.model.loading import load_model_and_tokenizer
     from fedllm.model.lora import apply_lora
+    from fedllm.site.runtime import load_site_examples
     from fedllm.site.training import DPSettings, train_local
 
     config = RunConfig.from_flat(load_run_overrides(ROOT / "simulations" / "demo" / "run.toml"))
     base, tok = load_model_and_tokenizer(config.model)
     for p in base.parameters():
         p.requires_grad_(False)
-    from fedllm import fastpath
-
     model = apply_lora(base, config.lora)
     fastpath.enable(model, device="cpu", max_length=config.data.max_length)
     tokens = seconds = 0.0
     for site in sorted((ROOT / "simulations" / "demo" / "data").glob("*.jsonl")):
-        from fedllm.config import SiteConfig
-        from fedllm.site.runtime import load_site_examples
-
         train, _ = load_site_examples(config, SiteConfig(name=site.stem, data_path=str(site), max_epsilon=10.0), tok, split_key=bytes(32))
         result = train_local(model, train, steps=config.train.local_steps, batch_size=config.train.batch_size,
                              learning_rate=1e-3, pad_id=tok.pad_token_id, dp=DPSettings(1.0, 1.0))

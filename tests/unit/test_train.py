@@ -336,6 +336,14 @@ def test_chunk_plan_keeps_every_sampled_record_once_and_groups_similar_lengths()
     assert plan_chunks([2000, 384, 100], 0, 1024) == [[0], [1, 2]]  # a record over the limit runs alone
 
 
+def test_automatic_pass_tokens_limit_a_cpu_pass_and_leave_a_gpu_unlimited():
+    from fedllm.site.training import CPU_PASS_TOKENS, pass_token_limit
+
+    assert pass_token_limit(0, "cpu") == CPU_PASS_TOKENS == 1024
+    assert pass_token_limit(0, "cuda:0") == 0 and pass_token_limit(0, torch.device("cuda")) == 0
+    assert pass_token_limit(512, "cpu") == 512 and pass_token_limit(4096, "cuda") == 4096  # as set
+
+
 def test_length_bucketed_passes_give_the_same_clipped_sum(ffa, monkeypatch):
     """Forced into one pass per length group (no minimum size), the FFA-LoRA DP step is still exactly
     the clipped sum of the sampled records' per-example gradients over the expected batch."""
