@@ -93,6 +93,11 @@ def use_lean_attention(model: Any) -> int:
 # pass; beyond this length they would dominate a site's memory, and SDPA is chosen without timing
 EAGER_ATTENTION_MAX_LENGTH = 1024
 TIMING_ROWS = 4  # sequences in the timed pass (the ratio of the two kernels hardly depends on it)
+# eager attention is chosen only when it takes at most this share of SDPA's time: it costs memory (the
+# attention weights), and on a shared machine single timings are off by 10-20%, so a near tie (fp32 at
+# 384 tokens: 35 ms against 38) would flip from run to run; the SmolLM2 pubmedqa site worker with an
+# fp32 base peaked at 3.1-3.2 GB with eager attention and 2.3 GB with SDPA, 2 x 384 tokens a pass
+EAGER_TIME_SHARE = 0.85
 GROUPED_ATTENTION = "fedllm_grouped_eager"
 # model types whose attention modules call transformers' generic eager attention (the same function,
 # copied per model) through the attention interface; others keep "eager" (tested per family)
@@ -108,7 +113,8 @@ def choose_attention(model: Any, *, device: str, max_length: int) -> str:
     AVX-512 BF16 and no AMX: at 384 tokens bf16 grouped eager 17 ms against SDPA's 39 ms, fp32 35
     against 38; at 768 tokens bf16 128 against SDPA's 113; fp32 at 256 tokens 18 against 16. So
     for sequences up to ``EAGER_ATTENTION_MAX_LENGTH`` both are timed once per shape and dtype on
-    this machine (``eager_attention_is_faster``), and the faster one is kept (SDPA: the model's own
+    this machine (``eager_attention_is_faster``), and eager is kept only when clearly faster (at
+    most ``EAGER_TIME_SHARE`` of SDPA's time; otherwise SDPA, the model's own
     choice, which some models make eager for their values); longer sequences and GPUs keep the
     model's own. Eager attention keeps the attention weights for the backward pass (batch x
     heads x length² values a layer), hence the length limit. Models whose eager attention is
@@ -134,9 +140,10 @@ def _grouped(base: Any) -> bool:
 
 
 def eager_attention_is_faster(base: Any, length: int, *, grouped: bool) -> bool:
-    """Whether (grouped) eager attention's forward and backward pass beats SDPA's on this machine for
-    ``base``'s attention shape at ``length`` tokens in its dtype: each timed on random inputs with a
-    causal mask, once untimed, then the shorter of two runs; cached per shape."""
+    """Whether (grouped) eager attention's forward and backward pass takes at most
+    ``EAGER_TIME_SHARE`` of SDPA's time on this machine for ``base``'s attention shape at ``length``
+    tokens in its dtype: each timed on random inputs with a causal mask, once untimed, then the
+    shorter of two runs; cached per shape."""
     config = base.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -180,7 +187,7 @@ def _time_attention(heads: int, kv_heads: int, head_dim: int, length: int, dtype
         return best
 
     sdpa = seconds(lambda: sdpa_attention_forward(module, q, k, v, bool_mask, scaling=scaling))
-    return seconds(lambda: eager(module, q, k, v, additive, scaling=scaling)) < sdpa
+    return seconds(lambda: eager(module, q, k, v, additive, scaling=scaling)) <= EAGER_TIME_SHARE * sdpa
 
 
 def _register_grouped_attention() -> None:
