@@ -16,6 +16,7 @@ real (unpadded) tokens of the batches over the sum of the step times, after one 
 * ``fedllm-dp`` / ``fedllm-no-dp``: ``fedllm.site.training.train_local`` as a site runs it, the
   scenario's settings, ``model.dtype = "auto"`` (what a user gets on this CPU);
 * ``fedllm-dp-no-fast-path``: the same with ``train.fast-path = false`` (not run by default: ``--variants``);
+* ``fedllm-dp-pass-N``: ``fedllm-dp`` with ``train.pass-tokens = N`` (not run by default: ``--variants``);
 * ``plain-dp``: the plain recipe a user writes from the PEFT and Opacus docs: fp32,
   ``LoraConfig(r=8, target_modules="all-linear")``, ``PrivacyEngine.make_private`` (hooks), the
   loss from ``model(..., labels=labels).loss``, each batch whole, padded to its longest record.
@@ -64,7 +65,7 @@ WORKLOADS = {  # name: (site, max-length, batch size, physical batch size)
     "pubmedqa": ("geriatric", 384, 8, 4),
     "demo": ("northbridge-pediatrics", 160, 8, 0),
 }
-VARIANTS = ("fedllm-dp", "fedllm-no-dp", "plain-dp", "fedllm-dp-no-fast-path")
+VARIANTS = ("fedllm-dp", "fedllm-no-dp", "plain-dp", "fedllm-dp-no-fast-path", "fedllm-dp-pass-N")
 DEFAULT_VARIANTS = ("fedllm-dp", "fedllm-no-dp", "plain-dp")
 
 
@@ -157,7 +158,7 @@ class PlainRecipe:
 class Fedllm:
     """``train_local`` on exactly the given batch (q = 1 over it), as the site runs it."""
 
-    def __init__(self, workload: str, *, dp: bool, fast_path: bool = True) -> None:
+    def __init__(self, workload: str, *, dp: bool, fast_path: bool = True, pass_tokens: int = 0) -> None:
         from fedllm import fastpath
         from fedllm.model.loading import load_model_and_tokenizer
         from fedllm.model.lora import apply_lora
@@ -169,7 +170,7 @@ class Fedllm:
         self.model = apply_lora(base, self.config.lora, fast_path=fast_path)
         if fast_path:  # as SiteRuntime does
             fastpath.enable(self.model, device="cpu", max_length=self.config.data.max_length)
-        self.dp = dp
+        self.dp, self.pass_tokens = dp, pass_tokens
         self.dtype = str(base.get_input_embeddings().weight.dtype)
 
     def step(self, examples: list) -> None:
@@ -177,13 +178,15 @@ class Fedllm:
 
         train_local(self.model, examples, steps=1, batch_size=len(examples), learning_rate=1e-3,
                     pad_id=self.tokenizer.pad_token_id, dp=DPSettings(1.0, 1.0) if self.dp else None,
-                    physical_batch_size=self.config.train.physical_batch_size, fast_path=self.config.train.fast_path)
+                    physical_batch_size=self.config.train.physical_batch_size, fast_path=self.config.train.fast_path,
+                    pass_tokens=self.pass_tokens)
 
 
 def build(variant: str, workload: str):
     if variant == "plain-dp":
         return PlainRecipe(workload)
-    return Fedllm(workload, dp="no-dp" not in variant, fast_path=not variant.endswith("no-fast-path"))
+    pass_tokens = int(variant.rsplit("-", 1)[1]) if variant.startswith("fedllm-dp-pass-") else 0
+    return Fedllm(workload, dp="no-dp" not in variant, fast_path=not variant.endswith("no-fast-path"), pass_tokens=pass_tokens)
 
 
 def _batches(workload: str, tokenizer, steps: int) -> list[list]:
@@ -233,6 +236,9 @@ def bench_steps(workload: str, variants: tuple[str, ...], steps: int, rounds: in
         ratios["dp-step-vs-no-dp-step-time"] = round(tps["fedllm-no-dp"] / tps["fedllm-dp"], 3)
     if "fedllm-dp-no-fast-path" in tps:
         ratios["fedllm-dp-vs-no-fast-path"] = round(tps["fedllm-dp"] / tps["fedllm-dp-no-fast-path"], 2)
+    for v in tps:
+        if v.startswith("fedllm-dp-pass-") and "fedllm-dp" in tps:
+            ratios[f"fedllm-dp-vs-{v[len('fedllm-'):]}"] = round(tps["fedllm-dp"] / tps[v], 2)
     out["ratios"] = ratios
     return out
 

@@ -171,18 +171,23 @@ def sequence_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
 # (small products run below the kernel's rate), and each extra chunk costs about this many tokens of work
 MIN_CHUNK_TOKENS = 512
 CHUNK_COST_TOKENS = 32
-# train.pass-tokens = 0 on a CPU: at most this many padded tokens a pass. The base's products run at full
-# rate from about 768 rows (bench/bench_real.py), and a pass's activations are what a site's memory
-# holds: SmolLM2-135M at 384 tokens peaked at 2.14 GB with 4 x 384 tokens a pass, 1.7 GB with 2 x 384.
+# train.pass-tokens = 0 on a CPU: at most this many padded tokens a pass with a 16-bit base, and as many
+# bytes' worth with a wider one (512 tokens with fp32). A pass's activations are what a site's memory holds.
+# SmolLM2-135M, pubmedqa at 384 tokens, batch 8 (bench/bench_real.py, 2026-12-07): bf16 peaked at 2.14 GB
+# with 4 x 384 tokens a pass and 1.66 GB with 2 x 384; fp32 (SDPA) at 2.35 GB with 2 x 384 and 1.71 GB with
+# 1 x 384, for about 10% fewer tokens/s. The base's products run at about full rate from 768 rows in bf16.
 CPU_PASS_TOKENS = 1024
 
 
-def pass_token_limit(pass_tokens: int, device: torch.device | str) -> int:
-    """``train.pass-tokens`` for ``device``: as set; 0 (automatic) is ``CPU_PASS_TOKENS`` on a CPU and
-    no limit (0) elsewhere."""
+def pass_token_limit(pass_tokens: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """``train.pass-tokens`` for a base of ``dtype`` on ``device``: as set; 0 (automatic) is
+    ``CPU_PASS_TOKENS`` on a CPU for a 16-bit base (fewer for a wider one: the same bytes of
+    activations a pass) and no limit (0) elsewhere."""
     if pass_tokens:
         return pass_tokens
-    return CPU_PASS_TOKENS if torch.device(device).type == "cpu" else 0
+    if torch.device(device).type != "cpu":
+        return 0
+    return CPU_PASS_TOKENS * 2 // max(2, dtype.itemsize)
 
 
 def plan_chunks(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) -> list[list[int]]:
@@ -285,7 +290,7 @@ def train_local(
     fast = _fast_path(model, fast_path)
     if fast is not None:
         fast.keep_freed_memory()
-    max_pass = pass_token_limit(pass_tokens, device)
+    max_pass = pass_token_limit(pass_tokens, device, _base_dtype(model))
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     planned = planned_examples or len(examples)
@@ -375,6 +380,13 @@ def _fast_path(model: torch.nn.Module, fast_path: bool) -> FastPath | None:
         raise ValueError("train.fast-path = false, but this model runs the fast path's layers (fedllm.fastpath.enable "
                          "ran on it): build it with apply_lora(..., fast_path=False)")
     return None
+
+
+def _base_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the base model computes in: its input embeddings' (fp32 without them)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
 
 def _step(optimizer, params, anchor, proximal_mu: float, private: bool) -> None:
