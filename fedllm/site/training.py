@@ -384,8 +384,8 @@ def _fast_path(model: torch.nn.Module, fast_path: bool) -> FastPath | None:
 
 def _base_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the base model computes in: its input embeddings' (fp32 without them)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
 
