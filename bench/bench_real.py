@@ -231,10 +231,12 @@ def bench_steps(workload: str, variants: tuple[str, ...], steps: int, rounds: in
     tps = {v: out[v]["tokens-per-s"] for v in variants}
     ratios = {}
     if "plain-dp" in tps:
-        ratios["fedllm-dp-vs-plain-dp"] = round(tps["fedllm-dp"] / tps["plain-dp"], 2)
-    if "fedllm-no-dp" in tps:
+        for v in tps:
+            if v.startswith("fedllm-dp"):
+                ratios[f"{v}-vs-plain-dp"] = round(tps[v] / tps["plain-dp"], 2)
+    if "fedllm-no-dp" in tps and "fedllm-dp" in tps:
         ratios["dp-step-vs-no-dp-step-time"] = round(tps["fedllm-no-dp"] / tps["fedllm-dp"], 3)
-    if "fedllm-dp-no-fast-path" in tps:
+    if "fedllm-dp-no-fast-path" in tps and "fedllm-dp" in tps:
         ratios["fedllm-dp-vs-no-fast-path"] = round(tps["fedllm-dp"] / tps["fedllm-dp-no-fast-path"], 2)
     for v in tps:
         if v.startswith("fedllm-dp-pass-") and "fedllm-dp" in tps:

@@ -198,9 +198,10 @@ def plan_chunks(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) 
     The records are ordered by length and cut into consecutive groups of at most ``max_rows``
     (0: no limit) and at most ``max_tokens`` padded tokens (0: no limit; a longer record runs
     alone) that minimise padded tokens + ``CHUNK_COST_TOKENS`` per group, each group holding at
-    least ``MIN_CHUNK_TOKENS`` padded tokens unless it has ``max_rows`` records or is the last
-    (shortest) one. Every sampled record is in exactly one group: the step's sampled set, what DP
-    sees, is unchanged; only the order of the sums inside the step differs."""
+    least ``MIN_CHUNK_TOKENS`` padded tokens unless it cannot take one more record (``max_rows``
+    records, or ``max_tokens`` reached) or is the last (shortest) one. Every sampled record is in
+    exactly one group: the step's sampled set, what DP sees, is unchanged; only the order of the
+    sums inside the step differs."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     limit = max_rows if max_rows > 0 else n
@@ -212,8 +213,10 @@ def plan_chunks(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) 
             padded = lengths[order[start]] * (end - start)  # the group's longest is its first
             if max_tokens and padded > max_tokens and end - start > 1:
                 continue  # over the pass's token limit: records only alone
-            if padded < MIN_CHUNK_TOKENS and end - start < limit and end < n:
-                continue  # too small to stand alone; a group at the row limit, or the last (shortest) one, may
+            full = (end - start >= limit or end == n  # at the row limit, or the last (shortest) group
+                    or (max_tokens and padded + lengths[order[start]] > max_tokens))  # one more record: over the limit
+            if padded < MIN_CHUNK_TOKENS and not full:
+                continue  # too small to stand alone, and it could grow
             cost = best[start] + padded + CHUNK_COST_TOKENS
             if cost < best[end]:
                 best[end], cut[end] = cost, start

@@ -334,6 +334,9 @@ def test_chunk_plan_keeps_every_sampled_record_once_and_groups_similar_lengths()
     assert plan_chunks([]) == []
     assert plan_chunks([384] * 8, 4, 1024) == [[0, 1], [2, 3], [4, 5], [6, 7]]  # 2 x 384 a pass
     assert plan_chunks([2000, 384, 100], 0, 1024) == [[0], [1, 2]]  # a record over the limit runs alone
+    # a token limit at or below the minimum pass size: as many records a pass as fit, not one each
+    assert [len(g) for g in plan_chunks([160] * 8, 0, 512)] == [3, 3, 2]
+    assert [len(g) for g in plan_chunks([150, 140, 130, 120, 60, 50], 0, 300)] == [2, 2, 2]
 
 
 def test_automatic_pass_tokens_limit_a_cpu_pass_and_leave_a_gpu_unlimited():
