@@ -14,6 +14,7 @@ Llama's module code (transformers 5).
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -151,18 +152,22 @@ def eager_attention_is_faster(base: Any, length: int, *, grouped: bool) -> bool:
     dtype = next(base.parameters()).dtype
     key = (heads, kv_heads, head_dim, length, dtype, grouped, torch.get_num_threads())
     if key not in _eager_faster:
-        _eager_faster[key] = _time_attention(heads, kv_heads, head_dim, length, dtype, grouped)
+        eager, sdpa = _time_attention(heads, kv_heads, head_dim, length, dtype, grouped)
+        _eager_faster[key] = eager <= EAGER_TIME_SHARE * sdpa
     return _eager_faster[key]
 
 
-def _time_attention(heads: int, kv_heads: int, head_dim: int, length: int, dtype: torch.dtype, grouped: bool) -> bool:
+def _time_attention(heads: int, kv_heads: int, head_dim: int, length: int, dtype: torch.dtype,
+                    grouped: bool) -> tuple[float, float]:
+    """Seconds of (grouped) eager attention's and of SDPA's forward and backward pass (eager's
+    infinite where the heads do not group)."""
     import time
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     if heads % kv_heads:
-        return False
+        return math.inf, 0.0
     module = torch.nn.Module()  # what the two functions read of an attention module
     for name, value in (("num_key_value_groups", heads // kv_heads), ("is_causal", True)):
         setattr(module, name, value)
@@ -187,7 +192,7 @@ def _time_attention(heads: int, kv_heads: int, head_dim: int, length: int, dtype
         return best
 
     sdpa = seconds(lambda: sdpa_attention_forward(module, q, k, v, bool_mask, scaling=scaling))
-    return seconds(lambda: eager(module, q, k, v, additive, scaling=scaling)) <= EAGER_TIME_SHARE * sdpa
+    return seconds(lambda: eager(module, q, k, v, additive, scaling=scaling)), sdpa
 
 
 def _register_grouped_attention() -> None:

@@ -350,8 +350,9 @@ def test_automatic_pass_tokens_limit_a_cpu_pass_and_leave_a_gpu_unlimited():
 
 
 def test_a_step_plans_its_passes_with_the_automatic_limit_of_the_base_s_dtype(monkeypatch):
-    """train.pass-tokens = 0 on a CPU: an fp32 base's passes hold at most 512 padded tokens, a bf16
-    base's 1024 (the same bytes of activations)."""
+    """train.pass-tokens = 0 on a CPU: a step on an fp32 base plans passes of at most 512 padded
+    tokens (the limit read from the base's dtype; the limits per dtype are tested above), a value
+    set is used as set."""
     import fedllm.site.training as training
 
     model, tok, examples = _tiny_lora(freeze_a=True)
@@ -377,7 +378,6 @@ def test_length_bucketed_passes_give_the_same_clipped_sum(ffa, monkeypatch):
     batch = _poisson_batch(len(examples), 8 / len(examples), torch.Generator().manual_seed(3))
     assert len(training.plan_chunks([len(examples[i].input_ids) for i in batch])) > 1
     _assert_step_is_the_clipped_sum(model, tok, examples)
-
 
 
 def _device_check(device: str) -> None:
