@@ -179,7 +179,7 @@ CHUNK_COST_TOKENS = 32
 CPU_PASS_TOKENS = 1024
 
 
-def pass_token_limit(pass_tokens: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> int:
+def pass_token_limit(pass_tokens: int, device: torch.device | str, dtype: torch.dtype) -> int:
     """``train.pass-tokens`` for a base of ``dtype`` on ``device``: as set; 0 (automatic) is
     ``CPU_PASS_TOKENS`` on a CPU for a 16-bit base (fewer for a wider one: the same bytes of
     activations a pass) and no limit (0) elsewhere."""

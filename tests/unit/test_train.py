@@ -342,11 +342,11 @@ def test_chunk_plan_keeps_every_sampled_record_once_and_groups_similar_lengths()
 def test_automatic_pass_tokens_limit_a_cpu_pass_and_leave_a_gpu_unlimited():
     from fedllm.site.training import CPU_PASS_TOKENS, pass_token_limit
 
-    assert pass_token_limit(0, "cpu") == CPU_PASS_TOKENS == 1024  # a bf16 base (the default)
+    assert pass_token_limit(0, "cpu", torch.bfloat16) == CPU_PASS_TOKENS == 1024
     assert pass_token_limit(0, "cpu", torch.float16) == 1024
     assert pass_token_limit(0, "cpu", torch.float32) == 512  # the same bytes of activations a pass
-    assert pass_token_limit(0, "cuda:0") == 0 and pass_token_limit(0, torch.device("cuda"), torch.float32) == 0
-    assert pass_token_limit(512, "cpu") == 512 and pass_token_limit(4096, "cuda") == 4096  # as set
+    assert pass_token_limit(0, "cuda:0", torch.bfloat16) == 0 and pass_token_limit(0, torch.device("cuda"), torch.float32) == 0
+    assert pass_token_limit(512, "cpu", torch.float32) == 512 and pass_token_limit(4096, "cuda", torch.bfloat16) == 4096  # as set
 
 
 def test_a_step_plans_its_passes_with_the_automatic_limit_of_the_base_s_dtype(monkeypatch):
@@ -360,10 +360,12 @@ def test_a_step_plans_its_passes_with_the_automatic_limit_of_the_base_s_dtype(mo
     real = training.plan_chunks
     monkeypatch.setattr(training, "plan_chunks", lambda lengths, rows, tokens: limits.append(tokens) or real(lengths, rows, tokens))
     assert model.get_input_embeddings().weight.dtype == torch.float32
-    train_local(model, examples, steps=1, batch_size=4, learning_rate=1e-3, pad_id=tok.pad_token_id, dp=DPSettings(1.0, 1.0))
-    train_local(model, examples, steps=1, batch_size=4, learning_rate=1e-3, pad_id=tok.pad_token_id, dp=DPSettings(1.0, 1.0),
-                pass_tokens=300)
-    assert limits and set(limits[:-1]) == {512} and limits[-1] == 300, limits
+    every = len(examples)  # sample rate 1: every step has a batch to plan (a Poisson batch can be empty)
+    train_local(model, examples, steps=1, batch_size=every, learning_rate=1e-3, pad_id=tok.pad_token_id,
+                dp=DPSettings(1.0, 1.0))
+    train_local(model, examples, steps=1, batch_size=every, learning_rate=1e-3, pad_id=tok.pad_token_id,
+                dp=DPSettings(1.0, 1.0), pass_tokens=300)
+    assert limits == [512, 300], limits
 
 
 def test_length_bucketed_passes_give_the_same_clipped_sum(ffa, monkeypatch):
